@@ -1,0 +1,41 @@
+# Sourced by the other scripts: finds a Python >= 3.12 and keeps .venv in step with pyproject.toml.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+find_python() {
+    local candidates=() v
+    [ -n "${CQRS_PYTHON:-}" ] && candidates+=("$CQRS_PYTHON")
+    candidates+=(python3.13 python3.12 python3)
+    if command -v pyenv >/dev/null 2>&1; then
+        for v in $(pyenv versions --bare 2>/dev/null | sort -rV); do
+            candidates+=("$(pyenv root)/versions/$v/bin/python3")
+        done
+    fi
+    for p in "${candidates[@]}"; do
+        if command -v "$p" >/dev/null 2>&1 &&
+            "$p" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then
+            command -v "$p"
+            return 0
+        fi
+    done
+    echo "moleculerpy-cqrs needs Python >= 3.12; none found (set CQRS_PYTHON to one)." >&2
+    return 1
+}
+
+ensure_venv() {
+    local stamp="$VENV/.installed" want
+    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        py="$(PYENV_VERSION= find_python)"
+        echo "Creating $VENV with $py" >&2
+        "$py" -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]" >&2
+    echo "$want" >"$stamp"
+}

@@ -1,0 +1,107 @@
+"""Store adapters and the factories that make them.
+
+``stores.memory()``, ``stores.sqlite(path_or_uri, fields=...)`` and ``stores.postgres(dsn,
+fields=...)`` answer a factory of the seed's shape ``(name, cqrs_fields, settings) -> Adapter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
+from moleculerpy_cqrs.stores.fields import FieldType, Record, declare_fields
+from moleculerpy_cqrs.stores.query import Query, parse_find
+
+
+def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
+    """Tables in this process's memory; they live as long as the factory (the reference)."""
+    from moleculerpy_cqrs.stores.memory import MemoryDatabase
+
+    database = MemoryDatabase()
+    user_fields = declare_fields(fields)
+
+    def factory(
+        name: str,
+        cqrs_fields: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        return database.adapter(name, {**declare_fields(cqrs_fields), **user_fields})
+
+    return factory
+
+
+def sqlite(
+    path_or_uri: str | Path = "data",
+    fields: Mapping[str, str] | None = None,
+    **options: Any,
+) -> StoreFactory:
+    """SQLite, the embedded default (WAL, stdlib ``sqlite3``).
+
+    ``path_or_uri`` is a folder (one database file per store name inside it: ``data`` gives
+    ``data/<name>.sqlite3``), a file ending in ``.db``/``.sqlite``/``.sqlite3`` (every store in
+    that one file), ``":memory:"`` (a private in-memory database per factory), or a
+    ``file:`` URI.
+    """
+    from moleculerpy_cqrs.stores.sqlite import SqliteAdapter
+
+    user_fields = declare_fields(fields)
+    location = str(path_or_uri)
+    memory_key = f"cqrs-mem-{id(object())}"
+
+    def factory(
+        name: str,
+        cqrs_fields: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        return SqliteAdapter(
+            name,
+            {**declare_fields(cqrs_fields), **user_fields},
+            location=location,
+            memory_key=memory_key,
+            options={**options, **(settings or {})},
+        )
+
+    return factory
+
+
+def postgres(
+    dsn: str,
+    fields: Mapping[str, str] | None = None,
+    **options: Any,
+) -> StoreFactory:
+    """PostgreSQL through psycopg 3 with a connection pool; one table per store name.
+
+    ``options``: ``schema`` (default ``public``), ``min_size``/``max_size`` of the pool.
+    """
+    from moleculerpy_cqrs.stores.postgres import PostgresAdapter
+
+    user_fields = declare_fields(fields)
+
+    def factory(
+        name: str,
+        cqrs_fields: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        return PostgresAdapter(
+            name,
+            {**declare_fields(cqrs_fields), **user_fields},
+            dsn=dsn,
+            options={**options, **(settings or {})},
+        )
+
+    return factory
+
+
+__all__ = [
+    "Adapter",
+    "FieldType",
+    "Query",
+    "Record",
+    "StoreFactory",
+    "memory",
+    "parse_find",
+    "postgres",
+    "sqlite",
+]

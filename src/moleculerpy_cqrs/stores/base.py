@@ -1,0 +1,235 @@
+"""The store contract: one :class:`Adapter` per table, async, for every backend.
+
+The public methods check their input (field names, value types, ids) and then call the
+backend's protected methods, so a backend only does I/O and never sees unchecked values.
+Everything a backend must guarantee is written on the abstract methods; the conformance suite
+in :mod:`moleculerpy_cqrs.testing.conformance` checks it.
+
+Transactions: ``async with adapter.transaction():`` opens a unit of work. Calls made inside it
+from the same task, or from tasks and broker calls it starts in this process (a
+``contextvars.ContextVar`` carries it), join it; a nested ``transaction()`` joins the outer one.
+An exception rolls back everything. Outside the transaction, readers see only committed data
+and writers wait until it ends. Sibling tables (:meth:`Adapter.sibling`) share it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    FieldType,
+    Record,
+    check_id,
+    check_record,
+    declare_fields,
+)
+from moleculerpy_cqrs.stores.query import ALL, Query
+
+
+class StoreFactory(Protocol):
+    """The seed's factory shape: ``(name, cqrs_fields, settings) -> Adapter``.
+
+    ``cqrs_fields`` are the columns the toolkit itself needs (merged with the user's fields);
+    ``settings`` are free-form options for the backend.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        cqrs_fields: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Adapter: ...
+
+
+class Adapter(ABC):
+    """One table of declared fields plus the implicit integer primary key ``id``."""
+
+    def __init__(self, name: str, fields: Mapping[str, str] | None = None) -> None:
+        if not name.isidentifier() or not name.isascii():
+            raise InvalidInput(f"store name {name!r} must be an identifier")
+        self.name = name
+        self.fields: dict[str, FieldType] = declare_fields(fields)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections and create the table (and the meta table) if missing.
+
+        Idempotent: connecting twice, or connecting to an existing table, is fine.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release every connection, thread and task; idempotent. Siblings close with it."""
+
+    async def __aenter__(self) -> Adapter:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> Adapter:
+        """Another table in the same database, sharing connections and transactions.
+
+        Used for dead letters and shadow tables. It must be connected before use (which
+        creates its table); closing it does not close the parent.
+        """
+
+    @abstractmethod
+    async def drop(self) -> None:
+        """Remove the table and its meta entries (joins a current transaction)."""
+
+    # ------------------------------------------------------------------ reads
+
+    async def find(self, query: Query = ALL) -> list[Record]:
+        return await self._find(query)
+
+    async def count(self, query: Query = ALL) -> int:
+        return await self._count(query)
+
+    async def get(self, entity_id: Any) -> Record | None:
+        return await self._get(check_id(entity_id))
+
+    async def get_many(self, ids: Sequence[Any]) -> list[Record]:
+        """The rows with these ids, in the order asked; missing ids are left out."""
+        checked = [check_id(i) for i in ids]
+        return await self._get_many(checked) if checked else []
+
+    @abstractmethod
+    async def _find(self, query: Query) -> list[Record]:
+        """Rows matching ``query.where`` in ``query.sort`` order (ascending puts NULLs first,
+        descending last; ``id`` ascending breaks ties), after ``offset``, at most ``limit``,
+        with only ``query.fields`` when given. Values come back as the type written."""
+
+    @abstractmethod
+    async def _count(self, query: Query) -> int:
+        """How many rows match ``query.where`` (sort, limit, offset, fields ignored)."""
+
+    @abstractmethod
+    async def _get(self, entity_id: int) -> Record | None: ...
+
+    @abstractmethod
+    async def _get_many(self, ids: list[int]) -> list[Record]: ...
+
+    # ------------------------------------------------------------------ writes
+
+    async def insert(self, record: Mapping[str, Any]) -> Record:
+        """Store one record; answers it as stored, with its new ``id``."""
+        return (await self._insert_many([check_record(self.fields, record)]))[0]
+
+    async def insert_many(self, records: Sequence[Mapping[str, Any]]) -> list[Record]:
+        """Store records all-or-nothing (one transaction); answers them with their ids."""
+        if not isinstance(records, Sequence) or isinstance(records, str | bytes):
+            raise InvalidInput("insert_many takes a list of records")
+        checked = [check_record(self.fields, r) for r in records]
+        return await self._insert_many(checked) if checked else []
+
+    async def update(self, entity_id: Any, changes: Mapping[str, Any]) -> Record | None:
+        """Change the given fields of one row; answers the row re-read, None if missing."""
+        checked = check_record(self.fields, changes, partial=True)
+        return await self._update(check_id(entity_id), checked)
+
+    async def update_many(self, query: Query, changes: Mapping[str, Any]) -> int:
+        """Change the given fields of every row matching ``query.where``; answers how many."""
+        checked = check_record(self.fields, changes, partial=True)
+        if not checked:
+            raise InvalidInput("update_many needs at least one field to change")
+        return await self._update_many(query, checked)
+
+    async def remove(self, entity_id: Any) -> Record | None:
+        """Delete one row; answers the row as it was, None if missing."""
+        return await self._remove(check_id(entity_id))
+
+    async def remove_many(self, query: Query) -> int:
+        """Delete every row matching ``query.where`` (all rows for ``ALL``); answers how many."""
+        return await self._remove_many(query)
+
+    @abstractmethod
+    async def _insert_many(self, records: list[Record]) -> list[Record]: ...
+
+    @abstractmethod
+    async def _update(self, entity_id: int, changes: Record) -> Record | None: ...
+
+    @abstractmethod
+    async def _update_many(self, query: Query, changes: Record) -> int: ...
+
+    @abstractmethod
+    async def _remove(self, entity_id: int) -> Record | None: ...
+
+    @abstractmethod
+    async def _remove_many(self, query: Query) -> int: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """A unit of work (see the module docstring): joins an enclosing one, rolls back on
+        error, isolates uncommitted changes from outside readers."""
+
+    # ------------------------------------------------------------------ event log
+
+    async def append(self, records: Sequence[Mapping[str, Any]]) -> list[Record]:
+        """Append a batch to this table used as a log; answers the rows with their positions.
+
+        Positions are the ids: unique and strictly increasing in commit order, so a reader
+        that has seen position ``p`` never later sees a new row with a position below ``p``
+        commit (no "gap" problem, also with concurrent writers on a server database).
+        Joins a current transaction.
+        """
+        checked = [check_record(self.fields, r) for r in records]
+        return await self._append(checked) if checked else []
+
+    @abstractmethod
+    async def _append(self, records: list[Record]) -> list[Record]: ...
+
+    @abstractmethod
+    async def read_after(self, position: int, limit: int) -> list[Record]:
+        """Committed rows with ``id > position`` in id order, at most ``limit``."""
+
+    @abstractmethod
+    async def head(self) -> int:
+        """The highest committed id, 0 when the table is empty."""
+
+    # ------------------------------------------------------------------ meta (checkpoints)
+
+    @abstractmethod
+    async def get_meta(self, key: str) -> Any:
+        """A JSON value kept for this table under ``key`` (None if unset).
+
+        Meta lives in the same database and joins transactions, so a checkpoint can be saved
+        atomically with the rows it accounts for. It is backed up and restored with the table.
+        """
+
+    @abstractmethod
+    async def set_meta(self, key: str, value: Any) -> None:
+        """Set (or with None, delete) a meta value; joins a current transaction."""
+
+    # ------------------------------------------------------------------ backup
+
+    @abstractmethod
+    async def backup(self, location: str) -> int:
+        """Write a consistent copy of the table (rows with their ids, and its meta) into the
+        directory ``location`` (created if missing); answers the bytes written. The table
+        stays readable and writable meanwhile."""
+
+    @abstractmethod
+    async def restore(self, location: str) -> None:
+        """Replace the table's rows and meta with the backup in ``location``, atomically:
+        a reader sees the old table or the restored one, never a mix or an empty table.
+        A missing or damaged backup raises and changes nothing."""
+
+    @abstractmethod
+    async def replace_with(self, shadow: Adapter) -> None:
+        """Atomically make this table hold what the sibling ``shadow`` holds (rows, ids and
+        meta); ``shadow`` is left empty. Readers see old or new, never a mix."""
+
+
+def describe(adapter: Adapter) -> dict[str, Any]:
+    """The declared fields as the user wrote them, with ``id`` (for status answers)."""
+    return {ID: "integer", **adapter.fields}

@@ -1,0 +1,158 @@
+"""Declared field types, and how values of each are checked and normalised.
+
+Every store table has an integer primary key ``id`` that the store assigns; the declared fields
+are the other columns. Values are read back as the type they were written: an integer as int, a
+float as float, a boolean as bool, json as dict/list/scalar, a datetime as an aware
+``datetime`` (UTC when written naive).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, get_args
+
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
+
+FieldType = Literal["string", "integer", "float", "boolean", "json", "datetime"]
+FIELD_TYPES: Final[frozenset[str]] = frozenset(get_args(FieldType))
+ID: Final = "id"
+
+Record = dict[str, Any]
+Fields = Mapping[str, FieldType]
+
+# Type names accepted from users (the Go library's column types included) and what they mean.
+_ALIASES: Final[dict[str, FieldType]] = {
+    "string": "string",
+    "str": "string",
+    "text": "string",
+    "integer": "integer",
+    "int": "integer",
+    "float": "float",
+    "number": "float",
+    "real": "float",
+    "boolean": "boolean",
+    "bool": "boolean",
+    "json": "json",
+    "object": "json",
+    "array": "json",
+    "map": "json",
+    "datetime": "datetime",
+    "timestamp": "datetime",
+}
+
+_MAX_INT: Final = 2**63 - 1
+
+
+def declare_fields(*declarations: Mapping[str, str] | None) -> dict[str, FieldType]:
+    """Merge field declarations (later ones win) into a checked ``{name: FieldType}``.
+
+    Names must be identifiers (letters, digits, underscore; not starting with a digit), so they
+    can be quoted safely as SQL identifiers; ``id`` is implicit and may not be declared.
+    """
+    out: dict[str, FieldType] = {}
+    for decl in declarations:
+        for name, kind in (decl or {}).items():
+            if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+                raise ConfigurationError(
+                    f"field name {name!r} is not allowed: use letters, digits and underscores"
+                )
+            if name == ID:
+                raise ConfigurationError("field 'id' is implicit (the store assigns it)")
+            canonical = _ALIASES.get(str(kind).lower())
+            if canonical is None:
+                raise ConfigurationError(
+                    f"field {name!r} has unknown type {kind!r}; use one of {sorted(FIELD_TYPES)}"
+                )
+            out[name] = canonical
+    return out
+
+
+def check_value(field: str, kind: FieldType, value: Any) -> Any:
+    """Check one value against its field type and answer it normalised; ``None`` is allowed.
+
+    Raises :class:`InvalidInput` naming the field and what was expected.
+    """
+    if value is None:
+        return None
+    match kind:
+        case "string":
+            if isinstance(value, str):
+                if "\x00" in value:
+                    raise InvalidInput(f"field {field!r} may not hold a NUL character", field=field)
+                return value
+        case "integer":
+            if isinstance(value, int) and not isinstance(value, bool):
+                if -_MAX_INT - 1 <= value <= _MAX_INT:
+                    return value
+                raise InvalidInput(f"field {field!r} is out of the 64-bit range", field=field)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        case "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if math.isfinite(value):
+                    return float(value)
+                raise InvalidInput(f"field {field!r} must be a finite number", field=field)
+        case "boolean":
+            if isinstance(value, bool):
+                return value
+        case "json":
+            if isinstance(value, dict | list | str | int | float | bool):
+                return value
+        case "datetime":
+            if isinstance(value, datetime):
+                return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+            if isinstance(value, str):
+                try:
+                    parsed = datetime.fromisoformat(value)
+                except ValueError:
+                    pass
+                else:
+                    aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+                    return aware.astimezone(UTC)
+    raise InvalidInput(
+        f"field {field!r} must be {_DESCRIBE[kind]}, got {type(value).__name__}",
+        field=field,
+        got=value,
+    )
+
+
+def check_id(value: Any) -> int:
+    """An id as given by a caller (int, or a string of digits as the Go examples send)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT:
+        return value
+    if isinstance(value, str) and value.isdigit() and 0 < int(value) <= _MAX_INT:
+        return int(value)
+    raise InvalidInput(f"id must be a positive integer, got {value!r}", field=ID, got=value)
+
+
+def check_record(fields: Fields, record: Mapping[str, Any], *, partial: bool = False) -> Record:
+    """Check a record to write: every key a declared field, every value of its type.
+
+    With ``partial`` (an update) only the given keys are checked; otherwise missing declared
+    fields are stored as ``None``. ``id`` is never accepted here.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidInput(f"a record must be an object, got {type(record).__name__}")
+    unknown = [k for k in record if k not in fields]
+    if unknown:
+        raise InvalidInput(
+            f"unknown field {unknown[0]!r}; declared fields are {sorted(fields)}",
+            field=str(unknown[0]),
+        )
+    out = {k: check_value(k, fields[k], v) for k, v in record.items()}
+    if not partial:
+        for name in fields:
+            out.setdefault(name, None)
+    return out
+
+
+_DESCRIBE: Final[dict[FieldType, str]] = {
+    "string": "a string",
+    "integer": "an integer",
+    "float": "a number",
+    "boolean": "true or false",
+    "json": "JSON (object, array or scalar)",
+    "datetime": "an ISO-8601 datetime",
+}

@@ -1,0 +1,428 @@
+"""The query language of the store actions: parsed once, checked against declared fields.
+
+A query arrives as moleculer-db / moleculer-go/store params and leaves as a typed :class:`Query`
+that every backend executes: the memory backend evaluates it with :func:`matches` (the reference
+semantics), the SQL backends compile it to bound parameters. Anything not understood is an
+:class:`InvalidInput` that says what to write instead; nothing is ever ignored.
+
+Conditions (``query`` and top-level declared fields, ANDed)::
+
+    {"country": "NZ"}                          equality (a declared field, or "id")
+    {"country": None}                          IS NULL
+    {"total": {">": 3, "<=": 10}}              = != <> > >= < <= (or $eq $ne $gt $gte $lt $lte)
+    {"name": {"like": "Jo%"}}                  SQL LIKE, case-sensitive, "\\" escapes % and _
+    {"name": {"not like": "%x"}}               also $like / $nlike
+    {"id": {"in": [1, 2]}}                     also "not in", $in, $nin
+    {"total": {"between": [1, 5]}}             inclusive; also "not between"
+    {"country": {"!=": None}}                  IS NOT NULL
+    {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely
+
+NULL behaves as in SQL: a comparison with a NULL column is never true (only IS NULL matches).
+``search`` matches a case-insensitive (ASCII) substring in ``searchFields`` (default: every
+string field). ``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
+descending last, and ``id`` breaks ties so paging is stable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.stores.fields import ID, Fields, FieldType, check_id, check_value
+
+CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    field: str
+    op: CompareOp
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Like:
+    field: str
+    pattern: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class In:
+    field: str
+    values: tuple[Any, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Between:
+    field: str
+    low: Any
+    high: Any
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IsNull:
+    field: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    text: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    items: tuple[Condition, ...]
+
+
+Condition = Compare | Like | In | Between | IsNull | Search | And | Or
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A checked query. ``fields`` is a projection (None: every column, ``id`` included)."""
+
+    where: Condition | None = None
+    sort: tuple[tuple[str, bool], ...] = ()  # (field, descending)
+    limit: int | None = None
+    offset: int = 0
+    fields: tuple[str, ...] | None = None
+
+
+ALL: Final = Query()
+
+_COMPARE: Final[dict[str, CompareOp]] = {
+    "=": "=", "==": "=", "$eq": "=", "eq": "=",
+    "!=": "!=", "<>": "!=", "$ne": "!=", "ne": "!=",
+    "<": "<", "$lt": "<", "lt": "<",
+    "<=": "<=", "$lte": "<=", "lte": "<=",
+    ">": ">", "$gt": ">", "gt": ">",
+    ">=": ">=", "$gte": ">=", "gte": ">=",
+}  # fmt: skip
+_LIKE: Final = {"like": False, "$like": False, "not like": True, "$nlike": True}
+_IN: Final = {"in": False, "$in": False, "not in": True, "$nin": True}
+_BETWEEN: Final = {"between": False, "$between": False, "not between": True, "$nbetween": True}
+_OR: Final = frozenset({"or", "$or"})
+_AND: Final = frozenset({"and", "$and"})
+_ORDERED: Final = frozenset({"string", "integer", "float", "datetime"})
+FIND_PARAMS: Final = frozenset(
+    {"query", "sort", "limit", "offset", "fields", "search", "searchFields"}
+)
+MAX_DEPTH: Final = 32
+
+
+def parse_find(
+    fields: Fields, params: Mapping[str, Any], *, extra: frozenset[str] = frozenset()
+) -> Query:
+    """Parse the params of ``find`` (and ``count``/``list``: pass their own keys as ``extra``).
+
+    Top-level keys that are declared fields (or ``id``) are equality filters; keys in ``extra``
+    are left to the caller; any other key is an error.
+    """
+    if not isinstance(params, Mapping):
+        raise InvalidInput(f"params must be an object, got {type(params).__name__}")
+    conditions: list[Condition] = []
+    top_level: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in FIND_PARAMS or key in extra:
+            continue
+        if key == ID or key in fields:
+            top_level[key] = value
+            continue
+        raise InvalidInput(
+            f"unknown parameter {key!r}: use query, sort, limit, offset, fields, search, "
+            f"searchFields, or a declared field {sorted(fields)}",
+            field=str(key),
+        )
+    if top_level:
+        conditions.append(parse_condition(fields, top_level))
+    raw_query = params.get("query")
+    if raw_query is not None:
+        conditions.append(parse_condition(fields, raw_query))
+    search = params.get("search")
+    if search is not None and search != "":
+        conditions.append(_parse_search(fields, search, params.get("searchFields")))
+    elif params.get("searchFields") is not None:
+        _search_fields(fields, params["searchFields"])  # still checked
+    where = _and(conditions)
+    return Query(
+        where=where,
+        sort=parse_sort(fields, params.get("sort")),
+        limit=_non_negative("limit", params.get("limit")),
+        offset=_non_negative("offset", params.get("offset")) or 0,
+        fields=parse_projection(fields, params.get("fields")),
+    )
+
+
+def parse_condition(fields: Fields, raw: Any, depth: int = 0) -> Condition:
+    """Parse a query object (the ``query`` param) into a condition."""
+    if depth > MAX_DEPTH:
+        raise InvalidInput(f"query nests deeper than {MAX_DEPTH} levels")
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"a query must be an object, got {type(raw).__name__}", got=raw)
+    items: list[Condition] = []
+    for key, value in raw.items():
+        if key in _OR or key in _AND:
+            if not isinstance(value, list) or not value:
+                raise InvalidInput(f"{key!r} takes a non-empty list of queries", got=value)
+            parts = tuple(parse_condition(fields, v, depth + 1) for v in value)
+            items.append(Or(parts) if key in _OR else And(parts))
+            continue
+        kind = _field_type(fields, key)
+        if isinstance(value, Mapping):
+            if not value:
+                raise InvalidInput(f"operators for {key!r} are empty", field=key)
+            items.extend(_parse_operator(key, kind, str(op), arg) for op, arg in value.items())
+        else:
+            items.append(_parse_operator(key, kind, "=", value))
+    if not items:
+        raise InvalidInput("a query object must not be empty")
+    cond = _and(items)
+    assert cond is not None
+    return cond
+
+
+def parse_sort(fields: Fields, raw: Any) -> tuple[tuple[str, bool], ...]:
+    if raw is None or raw == "":
+        return ()
+    if isinstance(raw, str):
+        names = [s for s in re.split(r"[\s,]+", raw) if s]
+    elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        names = list(raw)
+    else:
+        raise InvalidInput("sort must be a string like '-total country' or a list", got=raw)
+    out: list[tuple[str, bool]] = []
+    for name in names:
+        descending = name.startswith("-")
+        bare = name.lstrip("-+")
+        kind = _field_type(fields, bare)
+        if kind == "json":
+            raise InvalidInput(f"cannot sort by json field {bare!r}", field=bare)
+        out.append((bare, descending))
+    return tuple(out)
+
+
+def parse_projection(fields: Fields, raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        names = [s for s in re.split(r"[\s,]+", raw) if s]
+    elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        names = list(raw)
+    else:
+        raise InvalidInput("fields must be a list of field names or a string", got=raw)
+    for name in names:
+        _field_type(fields, name)
+    return tuple(dict.fromkeys(names))
+
+
+def _parse_search(fields: Fields, text: Any, raw_fields: Any) -> Search:
+    if not isinstance(text, str):
+        raise InvalidInput("search must be a string", field="search", got=text)
+    names = _search_fields(fields, raw_fields)
+    return Search(text, names)
+
+
+def _search_fields(fields: Fields, raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        names = tuple(n for n, k in fields.items() if k == "string")
+    else:
+        projected = parse_projection(fields, raw)
+        names = projected or ()
+    for name in names:
+        if name == ID or fields[name] != "string":
+            raise InvalidInput(f"searchFields must be string fields; {name!r} is not", field=name)
+    if not names:
+        raise InvalidInput("search needs searchFields: this store has no string fields")
+    return names
+
+
+def _parse_operator(name: str, kind: FieldType | None, op: str, arg: Any) -> Condition:
+    if op in _COMPARE:
+        cop = _COMPARE[op]
+        if arg is None:
+            if cop not in ("=", "!="):
+                raise InvalidInput(f"{name!r}: {op!r} cannot compare with null", field=name)
+            return IsNull(name, negate=cop == "!=")
+        if kind == "json":
+            raise InvalidInput(f"json field {name!r} supports only null checks", field=name)
+        if cop not in ("=", "!=") and kind not in _ORDERED and kind is not None:
+            raise InvalidInput(f"{name!r} ({kind}) supports only = and !=", field=name)
+        return Compare(name, cop, _operand(name, kind, arg))
+    if op in _LIKE:
+        if kind != "string":
+            raise InvalidInput(f"like needs a string field; {name!r} is not", field=name)
+        if not isinstance(arg, str):
+            raise InvalidInput(f"{name!r}: like takes a string pattern", field=name, got=arg)
+        return Like(name, arg, negate=_LIKE[op])
+    if op in _IN:
+        if not isinstance(arg, list):
+            raise InvalidInput(f"{name!r}: {op!r} takes a list", field=name, got=arg)
+        if kind == "json":
+            raise InvalidInput(f"json field {name!r} supports only null checks", field=name)
+        values = tuple(_operand(name, kind, v) for v in arg if v is not None)
+        if len(values) != len(arg):
+            raise InvalidInput(f"{name!r}: {op!r} list may not hold null", field=name)
+        return In(name, values, negate=_IN[op])
+    if op in _BETWEEN:
+        if not isinstance(arg, list) or len(arg) != 2 or None in arg:
+            raise InvalidInput(f"{name!r}: {op!r} takes [low, high]", field=name, got=arg)
+        if kind not in _ORDERED and kind is not None:
+            raise InvalidInput(f"{name!r} ({kind}) cannot be compared by range", field=name)
+        low, high = (_operand(name, kind, v) for v in arg)
+        return Between(name, low, high, negate=_BETWEEN[op])
+    raise InvalidInput(
+        f"unknown operator {op!r} for {name!r}: use = != > >= < <= like 'not like' in "
+        "'not in' between 'not between' (or their $ forms)",
+        field=name,
+    )
+
+
+def _operand(name: str, kind: FieldType | None, value: Any) -> Any:
+    if isinstance(value, list | dict):
+        raise InvalidInput(f"{name!r}: a list or object is not a value here", field=name)
+    if kind is None:
+        return check_id(value)
+    return check_value(name, kind, value)
+
+
+def _field_type(fields: Fields, name: Any) -> FieldType | None:
+    """The declared type, None for ``id``; an unknown name is an error."""
+    if name == ID:
+        return None
+    if isinstance(name, str) and name in fields:
+        return fields[name]
+    raise InvalidInput(
+        f"unknown field {name!r}; declared fields are {sorted(fields)} and id", field=str(name)
+    )
+
+
+def _and(items: Sequence[Condition]) -> Condition | None:
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else And(tuple(items))
+
+
+def _non_negative(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise InvalidInput(f"{name} must be a non-negative integer", field=name, got=value)
+
+
+# --- reference semantics (the memory backend uses these; SQL backends must agree) ---
+
+
+def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` satisfies ``cond``, with SQL's NULL rules."""
+    if cond is None:
+        return True
+    match cond:
+        case And(items):
+            return all(matches(c, record) for c in items)
+        case Or(items):
+            return any(matches(c, record) for c in items)
+        case IsNull(name, negate):
+            return (record.get(name) is None) != negate
+        case Compare(name, op, value):
+            got = record.get(name)
+            return got is not None and _COMPARATORS[op](got, value)
+        case Like(name, pattern, negate):
+            got = record.get(name)
+            return got is not None and (like_regex(pattern).fullmatch(got) is not None) != negate
+        case In(name, values, negate):
+            got = record.get(name)
+            return got is not None and (got in values) != negate
+        case Between(name, low, high, negate):
+            got = record.get(name)
+            return got is not None and (low <= got <= high) != negate
+        case Search(text, names):
+            needle = ascii_lower(text)
+            return any(
+                isinstance(record.get(n), str) and needle in ascii_lower(record[n]) for n in names
+            )
+    raise AssertionError(f"unknown condition {cond!r}")
+
+
+def sort_key(sort: tuple[tuple[str, bool], ...]) -> Any:
+    """A key for ``list.sort`` giving the documented order (NULLs first ascending; id last)."""
+
+    class _Key:
+        __slots__ = ("record",)
+
+        def __init__(self, record: Mapping[str, Any]) -> None:
+            self.record = record
+
+        def __lt__(self, other: _Key) -> bool:
+            for name, descending in (*sort, (ID, False)):
+                a, b = self.record.get(name), other.record.get(name)
+                if a == b:
+                    continue
+                less = a is None if a is None or b is None else bool(a < b)
+                return less != descending
+            return False
+
+    return _Key
+
+
+def like_regex(pattern: str) -> re.Pattern[str]:
+    out: list[str] = []
+    escaped = False
+    for ch in pattern:
+        if escaped:
+            out.append(re.escape(ch))
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "%":
+            out.append(".*")
+        elif ch == "_":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+    if escaped:
+        out.append(re.escape("\\"))
+    return re.compile("".join(out), re.DOTALL)
+
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+def escape_like(text: str) -> str:
+    """Escape ``\\``, ``%`` and ``_`` so ``text`` matches literally in a LIKE pattern."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+_COMPARATORS: Final = {
+    "=": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+__all__ = [
+    "ALL", "And", "Between", "Compare", "Condition", "In", "IsNull", "Like", "Or", "Query",
+    "Search", "ascii_lower", "escape_like", "like_regex", "matches",
+    "parse_condition", "parse_find", "parse_projection", "parse_sort", "sort_key",
+]  # fmt: skip

@@ -1,0 +1,149 @@
+"""Compiling a checked :class:`Query` to SQL for the SQL backends.
+
+Only identifiers that passed :func:`declare_fields` (or ``id``) are ever written into SQL, always
+double-quoted; every value travels as a bound parameter. A :class:`Dialect` says how each
+backend spells placeholders, case-sensitive LIKE and values.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from moleculerpy_cqrs.stores.fields import ID, FieldType
+from moleculerpy_cqrs.stores.query import (
+    And,
+    Between,
+    Compare,
+    Condition,
+    In,
+    IsNull,
+    Like,
+    Or,
+    Query,
+    Search,
+    ascii_lower,
+    escape_like,
+)
+
+Params = list[Any]
+
+
+class Dialect(ABC):
+    placeholder: str = "?"
+
+    @abstractmethod
+    def encode(self, kind: FieldType | None, value: Any) -> Any:
+        """A checked Python value as the driver should bind it (``kind`` None is ``id``)."""
+
+    @abstractmethod
+    def like(self, column: str, negate: bool) -> str:
+        """SQL for a case-sensitive LIKE of ``column`` against one placeholder pattern that
+        uses ``\\`` as its escape character."""
+
+    def contains_ci(self, column: str) -> str:
+        """SQL for an ASCII-case-insensitive LIKE of ``column`` (the pattern is lowercased)."""
+        return f"lower({column}) LIKE {self.placeholder} ESCAPE '\\'"
+
+    def order(self, column: str, descending: bool) -> str:
+        return f"{column} DESC NULLS LAST" if descending else f"{column} ASC NULLS FIRST"
+
+
+def quote(name: str) -> str:
+    """A checked identifier, double-quoted. Refuses anything that is not an identifier."""
+    if not name.isidentifier() or not name.isascii():
+        raise ValueError(f"not an identifier: {name!r}")
+    return f'"{name}"'
+
+
+class Compiler:
+    """SQL for one table of declared ``fields`` in one ``dialect``."""
+
+    def __init__(self, table: str, fields: Mapping[str, FieldType], dialect: Dialect) -> None:
+        self.table = quote(table)
+        self.fields = fields
+        self.dialect = dialect
+        self.columns = [ID, *fields]
+
+    def kind(self, name: str) -> FieldType | None:
+        return None if name == ID else self.fields[name]
+
+    def where(self, cond: Condition | None) -> tuple[str, Params]:
+        if cond is None:
+            return "", []
+        params: Params = []
+        return " WHERE " + self._cond(cond, params), params
+
+    def select(self, query: Query) -> tuple[str, Params]:
+        cols = ", ".join(quote(c) for c in (query.fields or self.columns))
+        where, params = self.where(query.where)
+        order = ", ".join(
+            self.dialect.order(quote(n), desc) for n, desc in (*query.sort, (ID, False))
+        )
+        sql = f"SELECT {cols} FROM {self.table}{where} ORDER BY {order}"
+        p = self.dialect.placeholder
+        if query.limit is not None:
+            sql += f" LIMIT {p}"
+            params.append(query.limit)
+        elif query.offset:
+            sql += " LIMIT -1" if p == "?" else " LIMIT ALL"
+        if query.offset:
+            sql += f" OFFSET {p}"
+            params.append(query.offset)
+        return sql, params
+
+    def count(self, query: Query) -> tuple[str, Params]:
+        where, params = self.where(query.where)
+        return f"SELECT count(*) FROM {self.table}{where}", params
+
+    def update(self, query: Query, changes: Mapping[str, Any]) -> tuple[str, Params]:
+        p = self.dialect.placeholder
+        sets = ", ".join(f"{quote(k)} = {p}" for k in changes)
+        params: Params = [self.dialect.encode(self.kind(k), v) for k, v in changes.items()]
+        where, wparams = self.where(query.where)
+        return f"UPDATE {self.table} SET {sets}{where}", params + wparams
+
+    def delete(self, query: Query) -> tuple[str, Params]:
+        where, params = self.where(query.where)
+        return f"DELETE FROM {self.table}{where}", params
+
+    def insert(self, names: list[str]) -> str:
+        p = self.dialect.placeholder
+        cols = ", ".join(quote(n) for n in names)
+        return f"INSERT INTO {self.table} ({cols}) VALUES ({', '.join(p for _ in names)})"
+
+    def _cond(self, cond: Condition, params: Params) -> str:
+        p = self.dialect.placeholder
+        enc = self.dialect.encode
+        match cond:
+            case And(items):
+                return "(" + " AND ".join(self._cond(c, params) for c in items) + ")"
+            case Or(items):
+                return "(" + " OR ".join(self._cond(c, params) for c in items) + ")"
+            case IsNull(name, negate):
+                return f"({quote(name)} IS {'NOT ' if negate else ''}NULL)"
+            case Compare(name, op, value):
+                params.append(enc(self.kind(name), value))
+                sql_op = "<>" if op == "!=" else op
+                return f"({quote(name)} {sql_op} {p})"
+            case Like(name, pattern, negate):
+                params.append(pattern)
+                return "(" + self.dialect.like(quote(name), negate) + ")"
+            case In(name, values, negate):
+                if not values:
+                    return f"({quote(name)} IS NOT NULL)" if negate else "(1 = 0)"
+                params.extend(enc(self.kind(name), v) for v in values)
+                marks = ", ".join(p for _ in values)
+                return f"({quote(name)} {'NOT ' if negate else ''}IN ({marks}))"
+            case Between(name, low, high, negate):
+                params.extend([enc(self.kind(name), low), enc(self.kind(name), high)])
+                return f"({quote(name)} {'NOT ' if negate else ''}BETWEEN {p} AND {p})"
+            case Search(text, names):
+                pattern = "%" + escape_like(ascii_lower(text)) + "%"
+                parts = []
+                for name in names:
+                    params.append(pattern)
+                    parts.append(self.dialect.contains_ci(quote(name)))
+                return "(" + " OR ".join(parts) + ")"
+        raise AssertionError(f"unknown condition {cond!r}")
