@@ -6,10 +6,14 @@ fields=...)`` answer a factory of the seed's shape ``(name, cqrs_fields, setting
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moleculerpy_cqrs.stores.backends import memory as _memory_backend
+from moleculerpy_cqrs.stores.backends import postgres as _postgres_backend
+from moleculerpy_cqrs.stores.backends import sqlite as _sqlite_backend
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import FieldType, Record, declare_fields
 from moleculerpy_cqrs.stores.query import Query, parse_find
@@ -17,9 +21,7 @@ from moleculerpy_cqrs.stores.query import Query, parse_find
 
 def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
     """Tables in this process's memory; they live as long as the factory (the reference)."""
-    from moleculerpy_cqrs.stores.memory import MemoryDatabase
-
-    database = MemoryDatabase()
+    database = _memory_backend.MemoryDatabase()
     user_fields = declare_fields(fields)
 
     def factory(
@@ -44,18 +46,16 @@ def sqlite(
     that one file), ``":memory:"`` (a private in-memory database per factory), or a
     ``file:`` URI.
     """
-    from moleculerpy_cqrs.stores.sqlite import SqliteAdapter
-
     user_fields = declare_fields(fields)
     location = str(path_or_uri)
-    memory_key = f"cqrs-mem-{id(object())}"
+    memory_key = f"cqrs-mem-{uuid.uuid4().hex}"
 
     def factory(
         name: str,
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return SqliteAdapter(
+        return _sqlite_backend.SqliteAdapter(
             name,
             {**declare_fields(cqrs_fields), **user_fields},
             location=location,
@@ -75,8 +75,6 @@ def postgres(
 
     ``options``: ``schema`` (default ``public``), ``min_size``/``max_size`` of the pool.
     """
-    from moleculerpy_cqrs.stores.postgres import PostgresAdapter
-
     user_fields = declare_fields(fields)
 
     def factory(
@@ -84,7 +82,7 @@ def postgres(
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return PostgresAdapter(
+        return _postgres_backend.PostgresAdapter(
             name,
             {**declare_fields(cqrs_fields), **user_fields},
             dsn=dsn,
@@ -92,6 +90,20 @@ def postgres(
         )
 
     return factory
+
+
+def with_fields(factory: StoreFactory, fields: Mapping[str, str]) -> StoreFactory:
+    """The same stores with more declared fields (the Go README's ``storeFactory(fields)``)."""
+    extra = declare_fields(fields)
+
+    def with_more(
+        name: str,
+        cqrs_fields: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        return factory(name, {**declare_fields(cqrs_fields), **extra}, settings)
+
+    return with_more
 
 
 __all__ = [
@@ -104,4 +116,5 @@ __all__ = [
     "parse_find",
     "postgres",
     "sqlite",
+    "with_fields",
 ]

@@ -8,7 +8,9 @@ float as float, a boolean as bool, json as dict/list/scalar, a datetime as an aw
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
@@ -43,6 +45,8 @@ _ALIASES: Final[dict[str, FieldType]] = {
 }
 
 _MAX_INT: Final = 2**63 - 1
+_MAX_JSON_DEPTH: Final = 200
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def declare_fields(*declarations: Mapping[str, str] | None) -> dict[str, FieldType]:
@@ -79,16 +83,14 @@ def check_value(field: str, kind: FieldType, value: Any) -> Any:
     match kind:
         case "string":
             if isinstance(value, str):
-                if "\x00" in value:
-                    raise InvalidInput(f"field {field!r} may not hold a NUL character", field=field)
-                return value
+                return _check_text(field, value)
         case "integer":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
             if isinstance(value, int) and not isinstance(value, bool):
                 if -_MAX_INT - 1 <= value <= _MAX_INT:
                     return value
                 raise InvalidInput(f"field {field!r} is out of the 64-bit range", field=field)
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
         case "float":
             if isinstance(value, int | float) and not isinstance(value, bool):
                 if math.isfinite(value):
@@ -98,24 +100,85 @@ def check_value(field: str, kind: FieldType, value: Any) -> Any:
             if isinstance(value, bool):
                 return value
         case "json":
-            if isinstance(value, dict | list | str | int | float | bool):
-                return value
+            return check_json(field, value)
         case "datetime":
-            if isinstance(value, datetime):
-                return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
             if isinstance(value, str):
                 try:
-                    parsed = datetime.fromisoformat(value)
+                    value = datetime.fromisoformat(value)
                 except ValueError:
                     pass
-                else:
-                    aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-                    return aware.astimezone(UTC)
+            if isinstance(value, datetime):
+                try:
+                    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+                except OverflowError:
+                    raise InvalidInput(
+                        f"field {field!r} is outside the datetime range in UTC", field=field
+                    ) from None
     raise InvalidInput(
         f"field {field!r} must be {_DESCRIBE[kind]}, got {type(value).__name__}",
         field=field,
         got=value,
     )
+
+
+def check_json(field: str, value: Any) -> Any:
+    """Check a JSON value: objects with string keys, arrays (lists), strings, finite numbers,
+    booleans and (inside containers) null. Anything a JSON round trip would change is refused,
+    so every backend reads back exactly what was written."""
+    _check_json(field, value, 0)
+    return value
+
+
+def _check_json(field: str, value: Any, depth: int) -> None:
+    if depth > _MAX_JSON_DEPTH:
+        raise InvalidInput(f"field {field!r} nests deeper than {_MAX_JSON_DEPTH}", field=field)
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check_text(field, value)
+    elif isinstance(value, int):
+        return
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(f"field {field!r} must hold finite numbers only", field=field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInput(
+                    f"field {field!r}: JSON object keys must be strings, got {key!r}",
+                    field=field,
+                )
+            _check_text(field, key)
+            _check_json(field, item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(field, item, depth + 1)
+    else:
+        raise InvalidInput(
+            f"field {field!r} must be {_DESCRIBE['json']}, got {type(value).__name__} inside",
+            field=field,
+            got=value,
+        )
+
+
+def _check_text(field: str, value: str) -> str:
+    # NUL and lone surrogates cannot be stored as UTF-8 text by every backend.
+    if "\x00" in value:
+        raise InvalidInput(f"field {field!r} may not hold a NUL character", field=field)
+    if not value.isascii() and _SURROGATE.search(value):
+        raise InvalidInput(f"field {field!r} may not hold a lone surrogate", field=field)
+    return value
+
+
+def check_meta(key: Any, value: Any) -> str | None:
+    """Check a meta entry; answers the value as compact JSON text (None: delete the key)."""
+    if not isinstance(key, str) or not key:
+        raise InvalidInput(f"a meta key must be a non-empty string, got {key!r}", got=key)
+    _check_text("meta key", key)
+    if value is None:
+        return None
+    check_json(f"meta {key}", value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def check_id(value: Any) -> int:

@@ -149,7 +149,8 @@ def parse_find(
     if top_level:
         conditions.append(parse_condition(fields, top_level))
     raw_query = params.get("query")
-    if raw_query is not None:
+    # moleculer-db clients send ``query: {}`` for "every row".
+    if raw_query is not None and not (isinstance(raw_query, Mapping) and not raw_query):
         conditions.append(parse_condition(fields, raw_query))
     search = params.get("search")
     if search is not None and search != "":
@@ -225,7 +226,8 @@ def parse_projection(fields: Fields, raw: Any) -> tuple[str, ...] | None:
         raise InvalidInput("fields must be a list of field names or a string", got=raw)
     for name in names:
         _field_type(fields, name)
-    return tuple(dict.fromkeys(names))
+    # An empty projection means every column, as no projection does.
+    return tuple(dict.fromkeys(names)) or None
 
 
 def _parse_search(fields: Fields, text: Any, raw_fields: Any) -> Search:
@@ -238,14 +240,15 @@ def _parse_search(fields: Fields, text: Any, raw_fields: Any) -> Search:
 def _search_fields(fields: Fields, raw: Any) -> tuple[str, ...]:
     if raw is None:
         names = tuple(n for n, k in fields.items() if k == "string")
+        if not names:
+            raise InvalidInput("search needs searchFields: this store has no string fields")
     else:
-        projected = parse_projection(fields, raw)
-        names = projected or ()
+        names = parse_projection(fields, raw) or ()
+        if not names:
+            raise InvalidInput("searchFields must name at least one string field", got=raw)
     for name in names:
         if name == ID or fields[name] != "string":
             raise InvalidInput(f"searchFields must be string fields; {name!r} is not", field=name)
-    if not names:
-        raise InvalidInput("search needs searchFields: this store has no string fields")
     return names
 
 

@@ -42,6 +42,13 @@ class Dialect(ABC):
         """SQL for a case-sensitive LIKE of ``column`` against one placeholder pattern that
         uses ``\\`` as its escape character."""
 
+    def like_pattern(self, pattern: str) -> Any:
+        """The parameter bound for :meth:`like`. By default the pattern itself, except that a
+        trailing lone ``\\`` is doubled: it means a literal backslash (as in :func:`matches`),
+        where SQL would reject it or never match."""
+        trailing = len(pattern) - len(pattern.rstrip("\\"))
+        return pattern + "\\" if trailing % 2 else pattern
+
     def contains_ci(self, column: str) -> str:
         """SQL for an ASCII-case-insensitive LIKE of ``column`` (the pattern is lowercased)."""
         return f"lower({column}) LIKE {self.placeholder} ESCAPE '\\'"
@@ -109,6 +116,8 @@ class Compiler:
         return f"DELETE FROM {self.table}{where}", params
 
     def insert(self, names: list[str]) -> str:
+        if not names:
+            return f"INSERT INTO {self.table} DEFAULT VALUES"
         p = self.dialect.placeholder
         cols = ", ".join(quote(n) for n in names)
         return f"INSERT INTO {self.table} ({cols}) VALUES ({', '.join(p for _ in names)})"
@@ -128,7 +137,7 @@ class Compiler:
                 sql_op = "<>" if op == "!=" else op
                 return f"({quote(name)} {sql_op} {p})"
             case Like(name, pattern, negate):
-                params.append(pattern)
+                params.append(self.dialect.like_pattern(pattern))
                 return "(" + self.dialect.like(quote(name), negate) + ")"
             case In(name, values, negate):
                 if not values:

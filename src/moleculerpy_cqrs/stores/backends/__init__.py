@@ -1,0 +1,1 @@
+"""One module per storage backend; each implements the Adapter contract of ``stores.base``."""

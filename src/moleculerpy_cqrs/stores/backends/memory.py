@@ -1,0 +1,529 @@
+"""The reference backend: tables in this process's memory, queried with :func:`matches`.
+
+A transaction collects its changes in an overlay per table and applies them on commit, so
+outside readers (who read the committed tables without waiting) never see them. One
+``asyncio.Lock`` per database serialises units of work; a context variable carries the
+current transaction so calls from the same task and the tasks it starts join it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import copy
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from moleculerpy_cqrs.errors import ConfigurationError, StoreError
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
+from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
+
+_FORMAT: Final = "moleculerpy-cqrs memory backup"
+_VERSION: Final = 1
+
+
+class _Data:
+    """A committed table: rows in id order, the last id handed out, and meta as JSON text."""
+
+    __slots__ = ("ids", "meta", "rows", "seq")
+
+    def __init__(
+        self,
+        rows: dict[int, Record] | None = None,
+        seq: int = 0,
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        self.rows = rows if rows is not None else {}
+        self.ids = list(self.rows)
+        self.seq = max(seq, self.ids[-1] if self.ids else 0)
+        self.meta = meta if meta is not None else {}
+
+
+class _Work:
+    """A table as one unit of work sees it: the committed data plus its own changes."""
+
+    __slots__ = ("base", "changes", "dropped", "meta", "name", "replaced", "seq")
+
+    def __init__(self, name: str, base: _Data | None) -> None:
+        self.name = name
+        self.base = base if base is not None else _Data()
+        self.dropped = base is None
+        self.changes: dict[int, Record | None] = {}
+        self.meta: dict[str, str | None] = {}
+        self.seq = self.base.seq
+        self.replaced = False
+
+    def _live(self) -> _Data:
+        if self.dropped:
+            raise StoreError(f"table {self.name!r} does not exist", store=self.name)
+        return self.base
+
+    def scan(self) -> Iterator[Record]:
+        base = self._live().rows
+        if not self.changes:
+            yield from base.values()
+            return
+        for entity_id, row in base.items():
+            if entity_id in self.changes:
+                changed = self.changes[entity_id]
+                if changed is not None:
+                    yield changed
+            else:
+                yield row
+        for entity_id, changed in self.changes.items():
+            if changed is not None and entity_id not in base:
+                yield changed
+
+    def get(self, entity_id: int) -> Record | None:
+        if entity_id in self.changes:
+            return self.changes[entity_id]
+        return self._live().rows.get(entity_id)
+
+    def after(self, position: int, limit: int) -> list[Record]:
+        data = self._live()
+        if self.changes:
+            return [r for r in self.scan() if r[ID] > position][:limit]
+        start = bisect.bisect_right(data.ids, position)
+        return [data.rows[i] for i in data.ids[start : start + limit]]
+
+    def head(self) -> int:
+        if self.changes:
+            return max((r[ID] for r in self.scan()), default=0)
+        ids = self._live().ids
+        return ids[-1] if ids else 0
+
+    def insert(self, record: Record) -> Record:
+        self._live()
+        self.seq += 1
+        row = {ID: self.seq, **record}
+        self.changes[self.seq] = row
+        return row
+
+    def put(self, row: Record) -> None:
+        self.changes[row[ID]] = row
+
+    def delete(self, entity_id: int) -> None:
+        self.changes[entity_id] = None
+
+    def get_meta(self, key: str) -> str | None:
+        if key in self.meta:
+            return self.meta[key]
+        return self._live().meta.get(key)
+
+    def all_meta(self) -> dict[str, str]:
+        merged: dict[str, str | None] = {**self._live().meta, **self.meta}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    def set_meta(self, key: str, text: str | None) -> None:
+        self._live()
+        self.meta[key] = text
+
+    def replace(self, data: _Data) -> None:
+        self.base, self.changes, self.meta = data, {}, {}
+        self.seq = max(self.seq, data.seq)
+        self.replaced, self.dropped = True, False
+
+    def drop(self) -> None:
+        self.base, self.changes, self.meta = _Data(), {}, {}
+        self.replaced, self.dropped = False, True
+
+    def commit(self, tables: dict[str, _Data]) -> None:
+        if self.dropped:
+            tables.pop(self.name, None)
+            return
+        data = self.base
+        deleted: set[int] = set()
+        for entity_id, row in self.changes.items():
+            if row is None:
+                if data.rows.pop(entity_id, None) is not None:
+                    deleted.add(entity_id)
+            elif entity_id in data.rows:
+                data.rows[entity_id] = row
+            else:
+                data.rows[entity_id] = row  # new ids exceed every committed id: order holds
+                data.ids.append(entity_id)
+        if deleted:
+            data.ids = [i for i in data.ids if i not in deleted]
+        data.seq = self.seq
+        for key, text in self.meta.items():
+            if text is None:
+                data.meta.pop(key, None)
+            else:
+                data.meta[key] = text
+        if self.replaced:
+            tables[self.name] = data
+
+
+class _Transaction:
+    __slots__ = ("active", "database", "works")
+
+    def __init__(self, database: MemoryDatabase) -> None:
+        self.database = database
+        self.works: dict[str, _Work] = {}
+        self.active = True
+
+    def work(self, name: str) -> _Work:
+        work = self.works.get(name)
+        if work is None:
+            work = self.works[name] = _Work(name, self.database.tables.get(name))
+        return work
+
+    def commit(self) -> None:
+        for work in self.works.values():
+            work.commit(self.database.tables)
+
+
+# One variable for every database: ContextVars are meant to be created once, at module level.
+_CURRENT: ContextVar[Mapping[MemoryDatabase, _Transaction]] = ContextVar(
+    "moleculerpy_cqrs_memory_transaction", default=MappingProxyType({})
+)
+
+
+class MemoryDatabase:
+    """Tables that live as long as this object; ``adapter(name)`` twice shares one table."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, _Data] = {}
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        # The tables may outlive an event loop (a factory made at import time, used by one
+        # test after another); an asyncio.Lock may not.
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._lock, self._loop = asyncio.Lock(), loop
+        return self._lock
+
+    def adapter(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+        return MemoryAdapter(self, name, fields)
+
+    def current(self) -> _Transaction | None:
+        tx = _CURRENT.get().get(self)
+        # A task started inside a transaction may outlive it; it must not join a finished one.
+        return tx if tx is not None and tx.active else None
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[_Transaction]:
+        """The current transaction, or a new one committed at the end (under the lock)."""
+        tx = self.current()
+        if tx is not None:
+            yield tx
+            return
+        async with self.lock:
+            tx = _Transaction(self)
+            yield tx
+            tx.commit()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        if self.current() is not None:
+            yield
+            return
+        async with self.lock:
+            tx = _Transaction(self)
+            token = _CURRENT.set({**_CURRENT.get(), self: tx})
+            try:
+                yield
+            finally:
+                tx.active = False
+                _CURRENT.reset(token)
+            tx.commit()
+
+
+class MemoryAdapter(Adapter):
+    def __init__(
+        self,
+        database: MemoryDatabase,
+        name: str,
+        fields: Mapping[str, str] | None = None,
+        *,
+        parent: MemoryAdapter | None = None,
+    ) -> None:
+        super().__init__(name, fields)
+        self._database = database
+        self._parent = parent
+        self._siblings: list[MemoryAdapter] = []
+        self._closed = False
+        self._json = frozenset(n for n, k in self.fields.items() if k == "json")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        self._open()
+        self._database.tables.setdefault(self.name, _Data())
+
+    async def close(self) -> None:
+        self._closed = True
+        for sibling in self._siblings:
+            sibling._closed = True
+
+    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+        root = self._parent or self
+        adapter = MemoryAdapter(self._database, name, fields, parent=root)
+        root._siblings.append(adapter)
+        return adapter
+
+    async def drop(self) -> None:
+        async with self._unit() as tx:
+            tx.work(self.name).drop()
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        self._open()
+        return self._database.transaction()
+
+    # ------------------------------------------------------------------ reads
+
+    async def _find(self, query: Query) -> list[Record]:
+        rows = [r for r in _candidates(self._view(), query.where) if matches(query.where, r)]
+        rows.sort(key=sort_key(query.sort))
+        end = None if query.limit is None else query.offset + query.limit
+        return [self._out(r, query.fields) for r in rows[query.offset : end]]
+
+    async def _count(self, query: Query) -> int:
+        return sum(1 for r in _candidates(self._view(), query.where) if matches(query.where, r))
+
+    async def _get(self, entity_id: int) -> Record | None:
+        row = self._view().get(entity_id)
+        return None if row is None else self._out(row)
+
+    async def _get_many(self, ids: list[int]) -> list[Record]:
+        view = self._view()
+        rows = (view.get(i) for i in ids)
+        return [self._out(r) for r in rows if r is not None]
+
+    async def read_after(self, position: int, limit: int) -> list[Record]:
+        return [self._out(r) for r in self._view().after(position, max(limit, 0))]
+
+    async def head(self) -> int:
+        return self._view().head()
+
+    # ------------------------------------------------------------------ writes
+
+    async def _insert_many(self, records: list[Record]) -> list[Record]:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            return [self._out(work.insert(self._own(r))) for r in records]
+
+    async def _append(self, records: list[Record]) -> list[Record]:
+        return await self._insert_many(records)
+
+    async def _update(self, entity_id: int, changes: Record) -> Record | None:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            row = work.get(entity_id)
+            if row is None:
+                return None
+            if changes:
+                row = {**row, **self._own(changes)}
+                work.put(row)
+            return self._out(row)
+
+    async def _update_many(self, query: Query, changes: Record) -> int:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            hits = [r for r in _candidates(work, query.where) if matches(query.where, r)]
+            for row in hits:
+                work.put({**row, **self._own(changes)})
+            return len(hits)
+
+    async def _remove(self, entity_id: int) -> Record | None:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            row = work.get(entity_id)
+            if row is not None:
+                work.delete(entity_id)
+            return None if row is None else self._out(row)
+
+    async def _remove_many(self, query: Query) -> int:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            hits = [r[ID] for r in _candidates(work, query.where) if matches(query.where, r)]
+            for entity_id in hits:
+                work.delete(entity_id)
+            return len(hits)
+
+    # ------------------------------------------------------------------ meta
+
+    async def get_meta(self, key: str) -> Any:
+        text = self._view().get_meta(key)
+        return None if text is None else json.loads(text)
+
+    async def set_meta(self, key: str, value: Any) -> None:
+        text = check_meta(key, value)
+        async with self._unit() as tx:
+            tx.work(self.name).set_meta(key, text)
+
+    # ------------------------------------------------------------------ backup
+
+    async def backup(self, location: str) -> int:
+        view = self._view()
+        kinds = {ID: "integer", **self.fields}
+        document = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "table": self.name,
+            "fields": self.fields,
+            "seq": view.seq,
+            "meta": view.all_meta(),
+            "rows": [[_encode(kinds[c], r.get(c)) for c in kinds] for r in view.scan()],
+        }
+        data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        path = Path(location) / f"{self.name}.json"
+        await asyncio.to_thread(_write_atomically, path, data)
+        return len(data)
+
+    async def restore(self, location: str) -> None:
+        path = Path(location) / f"{self.name}.json"
+        try:
+            raw = await asyncio.to_thread(path.read_bytes)
+        except OSError as e:
+            raise StoreError(
+                f"no backup of {self.name!r} in {location!r}: {e.strerror}", store=self.name
+            ) from e
+        try:
+            data = self._load(json.loads(raw))
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise StoreError(
+                f"the backup of {self.name!r} in {location!r} is damaged: {e}", store=self.name
+            ) from e
+        async with self._unit() as tx:
+            tx.work(self.name).replace(data)
+
+    async def replace_with(self, shadow: Adapter) -> None:
+        if (
+            not isinstance(shadow, MemoryAdapter)
+            or shadow._database is not self._database
+            or shadow.name == self.name
+        ):
+            raise ConfigurationError("replace_with takes another table of the same database")
+        if shadow.fields != self.fields:
+            raise ConfigurationError(
+                f"cannot replace {self.name!r} with {shadow.name!r}: their fields differ"
+            )
+        shadow._open()
+        async with self._unit() as tx:
+            source, target = tx.work(shadow.name), tx.work(self.name)
+            rows = {r[ID]: r for r in source.scan()}
+            target.replace(_Data(rows, max(target.seq, source.seq), source.all_meta()))
+            source.replace(_Data(seq=source.seq))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.name!r} is closed", store=self.name)
+
+    def _view(self) -> _Work:
+        self._open()
+        tx = self._database.current()
+        if tx is not None:
+            return tx.work(self.name)
+        return _Work(self.name, self._database.tables.get(self.name))
+
+    @asynccontextmanager
+    async def _unit(self) -> AsyncIterator[_Transaction]:
+        self._open()
+        async with self._database.unit() as tx:
+            yield tx
+
+    def _own(self, record: Record) -> Record:
+        """A copy the caller cannot change from outside (json values are mutable)."""
+        return {k: copy.deepcopy(v) if k in self._json else v for k, v in record.items()}
+
+    def _out(self, row: Record, names: tuple[str, ...] | None = None) -> Record:
+        out = {n: row.get(n) for n in (names or (ID, *self.fields))}
+        return self._own(out) if self._json else out
+
+    def _load(self, document: Any) -> _Data:
+        if not isinstance(document, dict) or document.get("format") != _FORMAT:
+            raise ValueError("not a memory-store backup")
+        if document["version"] != _VERSION:
+            raise ValueError(f"unknown backup version {document['version']!r}")
+        saved = declare_fields(document["fields"])
+        for name, kind in saved.items():
+            if self.fields.get(name) != kind:
+                raise ValueError(f"field {name!r} ({kind}) is not declared so in this store")
+        rows: dict[int, Record] = {}
+        last = 0
+        for values in document["rows"]:
+            if len(values) != len(saved) + 1:
+                raise ValueError("a row has the wrong number of values")
+            entity_id = values[0]
+            if not isinstance(entity_id, int) or entity_id <= last:
+                raise ValueError("row ids are not increasing integers")
+            last = entity_id
+            row: Record = {ID: entity_id}
+            for (name, kind), value in zip(saved.items(), values[1:], strict=True):
+                row[name] = check_value(name, kind, value)
+            rows[entity_id] = row
+        meta = document["meta"]
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("meta is not a map of JSON texts")
+        for text in meta.values():
+            json.loads(text)
+        seq = document["seq"]
+        if not isinstance(seq, int):
+            raise ValueError("seq is not an integer")
+        return _Data(rows, seq, dict(meta))
+
+
+def _encode(kind: str, value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) and kind == "datetime" else value
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+__all__ = ["MemoryAdapter", "MemoryDatabase"]
+
+
+def _candidates(work: _Work, where: Condition | None) -> Iterator[Record]:
+    """The rows that can match: looked up by id when ``where`` pins the ids, else all rows.
+
+    ``matches`` still decides; this only spares a scan of the table (the dispatcher marks
+    events by id on every batch).
+    """
+    ids = _pinned_ids(where)
+    if ids is None:
+        yield from work.scan()
+        return
+    for entity_id in sorted(set(ids)):
+        row = work.get(entity_id)
+        if row is not None:
+            yield row
+
+
+def _pinned_ids(where: Condition | None) -> tuple[Any, ...] | None:
+    match where:
+        case In(field, values, False) if field == ID:
+            return values
+        case Compare(field, "=", value) if field == ID:
+            return (value,)
+        case And(items):
+            for item in items:
+                ids = _pinned_ids(item)
+                if ids is not None:
+                    return ids
+    return None

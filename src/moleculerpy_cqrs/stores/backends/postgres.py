@@ -1,0 +1,817 @@
+"""PostgreSQL backend: psycopg 3 async, one connection pool per event loop, DSN and schema.
+
+Every adapter (and sibling) on the same database and schema in one event loop shares one pool
+and its transactions; the pool closes with the last adapter. Tables are
+``id bigint PRIMARY KEY DEFAULT nextval(<name>$seq)`` plus the declared columns; the sequence
+is a separate object so a restored or replayed table can be swapped in by renaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Buffer, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, Final
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool
+
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
+from moleculerpy_cqrs.stores.query import Compare, Query
+from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
+
+Conn = psycopg.AsyncConnection[Any]
+
+META_TABLE: Final = "cqrs_meta"
+BACKUP_FORMAT: Final = "moleculerpy-cqrs/postgres-copy"
+BACKUP_VERSION: Final = 1
+_MAX_IDENTIFIER: Final = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
+_CHUNK: Final = 1 << 20
+_OPTIONS: Final = frozenset({"schema", "min_size", "max_size", "timeout"})
+
+_COLUMN_TYPES: Final[dict[FieldType, str]] = {
+    # COLLATE "C" compares code points, as the reference (Python str) does.
+    "string": 'text COLLATE "C"',
+    "integer": "bigint",
+    "float": "double precision",
+    "boolean": "boolean",
+    "json": "json",  # json, not jsonb: keeps the document as written (key order, numbers)
+    "datetime": "timestamptz",
+}
+_UPPER: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+_LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
+
+
+def _dump_json(value: Any) -> str:
+    # Values were checked (fields.check_json): they are JSON, finite, with string keys.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _PgDialect(Dialect):
+    placeholder = "%s"
+
+    def encode(self, kind: FieldType | None, value: Any) -> Any:
+        # json goes as text of unknown type; the server casts it to the column's json.
+        return _dump_json(value) if kind == "json" and value is not None else value
+
+    def like(self, column: str, negate: bool) -> str:
+        return f"{column} {'NOT ' if negate else ''}LIKE %s ESCAPE '\\'"
+
+    def contains_ci(self, column: str) -> str:
+        # ASCII-only folding, exactly as query.ascii_lower (lower() would fold more).
+        return f"translate({column}, '{_UPPER}', '{_UPPER.lower()}') LIKE %s ESCAPE '\\'"
+
+
+_DIALECT: Final = _PgDialect()
+
+
+def _internal(table: str, tag: str) -> str:
+    """The quoted name of an object that belongs to ``table`` (its sequence, index, shadow).
+
+    ``$`` cannot appear in a store name, so these never collide with a store's table.
+    """
+    name = f"{table}${tag}"
+    if len(name) > _MAX_IDENTIFIER:
+        digest = hashlib.blake2b(table.encode(), digest_size=6).hexdigest()
+        name = f"{table[: _MAX_IDENTIFIER - len(tag) - 14]}${digest}${tag}"
+    if not _INTERNAL_NAME.fullmatch(name):
+        raise ValueError(f"not an identifier: {name!r}")
+    return f'"{name}"'
+
+
+def _lock_key(*parts: str) -> int:
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _q(sql: str) -> bytes:
+    # psycopg types queries as LiteralString; ours are composed only of quoted identifiers
+    # and placeholders, never of values.
+    return sql.encode()
+
+
+# ---------------------------------------------------------------------- shared pools
+
+
+@dataclass(eq=False)
+class _Tx:
+    conn: Conn
+    open: bool = True
+    locked: set[int] = field(default_factory=set)
+
+
+class _Database:
+    """One pool, shared by every adapter on it (and so are its transactions)."""
+
+    def __init__(self, key: _Key, dsn: str, options: Mapping[str, Any]) -> None:
+        self.key = key
+        self.schema = key[2]
+        self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            dsn,
+            min_size=options.get("min_size", 1),
+            max_size=max(options.get("max_size", 10), options.get("min_size", 1)),
+            timeout=float(options.get("timeout", 30.0)),
+            kwargs={"autocommit": True},
+            configure=_configure,
+            open=False,
+            name=f"cqrs-{self.schema}",
+        )
+        self.refs = 0
+        self._opening = asyncio.Lock()
+        self._opened = False
+
+    async def open(self) -> None:
+        async with self._opening:
+            if self._opened:
+                return
+            await self.pool.open(wait=True)
+            meta = f"{quote(self.schema)}.{quote(META_TABLE)}"
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT to_regclass(%s)", [meta])
+                if (await cur.fetchone()) == (None,):
+                    async with conn.transaction():
+                        # Concurrent CREATE ... IF NOT EXISTS can still clash: serialise.
+                        await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
+                        await conn.execute(_q(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}"))
+                        await conn.execute(
+                            _q(
+                                f"CREATE TABLE IF NOT EXISTS {meta} ("
+                                'tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, '
+                                "value json NOT NULL, PRIMARY KEY (tbl, key))"
+                            )
+                        )
+            self._opened = True
+
+    def transaction(self) -> _Tx | None:
+        tx = _CURRENT.get().get(self)
+        # A task started inside a transaction may outlive it; it must not join a finished one.
+        return tx if tx is not None and tx.open else None
+
+
+_Key = tuple[asyncio.AbstractEventLoop, str, str]
+_DATABASES: dict[_Key, _Database] = {}
+# The open transaction of each database, for this task and the tasks it starts.
+_CURRENT: ContextVar[Mapping[_Database, _Tx]] = ContextVar(
+    "moleculerpy_cqrs_postgres_transaction", default=MappingProxyType({})
+)
+
+
+async def _configure(conn: Conn) -> None:
+    # UTC datetimes, ISO text and exact floats in COPY output (backups).
+    await conn.execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3"
+    )
+
+
+async def _acquire(dsn: str, schema: str, options: Mapping[str, Any]) -> _Database:
+    key: _Key = (asyncio.get_running_loop(), dsn, schema)
+    db = _DATABASES.get(key)
+    if db is None:
+        db = _DATABASES[key] = _Database(key, dsn, options)
+    db.refs += 1
+    try:
+        await db.open()
+    except BaseException:
+        await _release(db)
+        raise
+    return db
+
+
+async def _release(db: _Database) -> None:
+    db.refs -= 1
+    if db.refs == 0:
+        if _DATABASES.get(db.key) is db:
+            del _DATABASES[db.key]
+        await db.pool.close()
+
+
+# ---------------------------------------------------------------------- the adapter
+
+
+class PostgresAdapter(Adapter):
+    def __init__(
+        self,
+        name: str,
+        fields: Mapping[str, str] | None = None,
+        *,
+        dsn: str,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, fields)
+        options = dict(options or {})
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown PostgreSQL store option {unknown[0]!r}; use {sorted(_OPTIONS)}"
+            )
+        for size in ("min_size", "max_size"):
+            value = options.get(size, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"PostgreSQL store option {size} must be an integer >= 1")
+        timeout = options.get("timeout", 1.0)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise ConfigurationError("PostgreSQL store option timeout must be seconds > 0")
+        schema = str(options.get("schema", "public"))
+        for what, ident in (("store name", name), ("schema", schema)):
+            if not ident.isidentifier() or not ident.isascii():
+                raise ConfigurationError(f"{what} {ident!r} must be an identifier")
+            if len(ident) > _MAX_IDENTIFIER:
+                raise ConfigurationError(
+                    f"{what} {ident!r} is longer than PostgreSQL's {_MAX_IDENTIFIER} characters"
+                )
+        if name == META_TABLE:
+            raise ConfigurationError(f"{META_TABLE!r} is reserved for the stores' meta table")
+        self.dsn = dsn
+        self.schema = schema
+        self._options = options
+        self._table = f"{quote(schema)}.{quote(name)}"
+        self._seq = f"{quote(schema)}.{_internal(name, 'seq')}"
+        self._pkey = _internal(name, "pkey")
+        self._write_key = _lock_key("write", schema, name)
+        self._meta = f"{quote(schema)}.{quote(META_TABLE)}"
+        self._compiler = Compiler(name, self.fields, _DIALECT)
+        self._compiler.table = self._table
+        self._columns = ", ".join(quote(c) for c in self._compiler.columns)
+        self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
+        self._db: _Database | None = None
+        self._closed = False
+        self._siblings: list[PostgresAdapter] = []
+        self._parent: PostgresAdapter | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.name!r} is closed", store=self.name)
+        try:
+            if self._db is None:
+                db = await _acquire(self.dsn, self.schema, self._options)
+                if self._db is None:
+                    self._db = db
+                else:  # a concurrent connect() won
+                    await _release(db)
+            await self._create_table()
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    async def _create_table(self) -> None:
+        db = self._require()
+        async with db.pool.connection() as conn:
+            if await self._missing_columns(conn) == []:
+                return  # the usual case: nothing to create, no lock needed
+            async with conn.transaction():
+                await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
+                missing = await self._missing_columns(conn)
+                if missing is None:
+                    await conn.execute(_q(f"CREATE SEQUENCE IF NOT EXISTS {self._seq}"))
+                    await conn.execute(_q(self._create_sql(self._table, self._pkey)))
+                else:
+                    for column in missing:
+                        await conn.execute(
+                            _q(
+                                f"ALTER TABLE {self._table} ADD COLUMN {quote(column)} "
+                                f"{_COLUMN_TYPES[self.fields[column]]}"
+                            )
+                        )
+
+    async def _missing_columns(self, conn: Conn) -> list[str] | None:
+        """Declared columns the table lacks; None when the table does not exist."""
+        cur = await conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attnum > 0 AND NOT attisdropped",
+            [self._table],
+        )
+        have = {row[0] for row in await cur.fetchall()}
+        if not have:
+            return None
+        return [name for name in self.fields if name not in have]
+
+    def _create_sql(self, table: str, pkey: str) -> str:
+        """CREATE TABLE for this store's columns under the qualified name ``table``, ids
+        drawn from this store's sequence (a regclass literal made of quoted identifiers)."""
+        columns = "".join(f", {quote(n)} {_COLUMN_TYPES[k]}" for n, k in self.fields.items())
+        return (
+            f"CREATE TABLE {table} ("
+            f"{quote(ID)} bigint NOT NULL DEFAULT nextval('{self._seq}'::regclass){columns}, "
+            f"CONSTRAINT {pkey} PRIMARY KEY ({quote(ID)}))"
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sibling in self._siblings:
+            await sibling.close()
+        db, self._db = self._db, None
+        if db is not None:
+            await _release(db)
+
+    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> PostgresAdapter:
+        root = self._parent or self
+        child = PostgresAdapter(name, fields, dsn=self.dsn, options=self._options)
+        child._parent = root
+        root._siblings.append(child)
+        return child
+
+    async def drop(self) -> None:
+        async with self._session(write=True) as conn:
+            await conn.execute(_q(f"DROP TABLE IF EXISTS {self._table}"))
+            await conn.execute(_q(f"DROP SEQUENCE IF EXISTS {self._seq}"))
+            await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
+
+    def _require(self) -> _Database:
+        if self._closed:
+            raise StoreError(f"store {self.name!r} is closed", store=self.name)
+        if self._db is None:
+            raise StoreError(f"store {self.name!r} is not connected", store=self.name)
+        return self._db
+
+    # ------------------------------------------------------------------ the funnel
+
+    @asynccontextmanager
+    async def _session(self, *, write: bool = False, atomic: bool = False) -> AsyncIterator[Conn]:
+        """The connection of the current transaction, else a pool connection; with ``write``
+        or ``atomic``, in a transaction of its own. Driver errors become :class:`StoreError`
+        here only.
+
+        ``write`` takes this table's write lock, held until the transaction ends: writers of
+        a table wait for one another's commit (the contract's "writers wait"), so ids are
+        handed out in commit order and a reader past id p never sees a later commit below p
+        (the gap problem). Readers never take it.
+        """
+        db = self._require()
+        tx = db.transaction()
+        try:
+            if tx is not None:
+                if write and self._write_key not in tx.locked:
+                    await tx.conn.execute(_LOCK, [self._write_key])
+                    tx.locked.add(self._write_key)
+                yield tx.conn
+            elif write or atomic:
+                async with db.pool.connection() as conn, conn.transaction():
+                    if write:
+                        await conn.execute(_LOCK, [self._write_key])
+                    yield conn
+            else:
+                async with db.pool.connection() as conn:
+                    yield conn
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    def _error(self, e: psycopg.Error) -> StoreError:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return StoreError(f"PostgreSQL store {self.name!r}: {detail}", store=self.name)
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        db = self._require()
+        if db.transaction() is not None:
+            yield  # join the enclosing unit of work
+            return
+        try:
+            async with db.pool.connection() as conn:
+                tx = _Tx(conn)
+                token = _CURRENT.set({**_CURRENT.get(), db: tx})
+                try:
+                    async with conn.transaction():
+                        yield
+                        if conn.info.transaction_status == TransactionStatus.INERROR:
+                            # A statement failed and its error was caught: COMMIT would
+                            # silently roll back, so say so.
+                            raise StoreError(
+                                "the transaction failed earlier and was rolled back",
+                                store=self.name,
+                            )
+                finally:
+                    tx.open = False
+                    _CURRENT.reset(token)
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    def _record(self, names: list[str], row: tuple[Any, ...]) -> Record:
+        out = dict(zip(names, row, strict=True))
+        for name in self._datetimes:
+            value = out.get(name)
+            if isinstance(value, datetime) and value.tzinfo is not UTC:
+                out[name] = value.astimezone(UTC)
+        return out
+
+    async def _select(
+        self, sql: str, params: list[Any], names: list[str], *, write: bool = False
+    ) -> list[Record]:
+        async with self._session(write=write) as conn:
+            cur = await conn.execute(_q(sql), params)
+            rows = await cur.fetchall()
+        return [self._record(names, row) for row in rows]
+
+    async def _scalar(self, sql: str, params: list[Any]) -> Any:
+        async with self._session() as conn:
+            cur = await conn.execute(_q(sql), params)
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------------ reads
+
+    async def _find(self, query: Query) -> list[Record]:
+        sql, params = self._compiler.select(query)
+        return await self._select(sql, params, list(query.fields or self._compiler.columns))
+
+    async def _count(self, query: Query) -> int:
+        sql, params = self._compiler.count(query)
+        return int(await self._scalar(sql, params))
+
+    async def _get(self, entity_id: int) -> Record | None:
+        rows = await self._select(
+            f"SELECT {self._columns} FROM {self._table} WHERE id = %s",
+            [entity_id],
+            self._compiler.columns,
+        )
+        return rows[0] if rows else None
+
+    async def _get_many(self, ids: list[int]) -> list[Record]:
+        rows = await self._select(
+            f"SELECT {self._columns} FROM {self._table} WHERE id = ANY(%s::bigint[])",
+            [ids],
+            self._compiler.columns,
+        )
+        by_id = {row[ID]: row for row in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    # ------------------------------------------------------------------ writes
+
+    async def _insert_many(self, records: list[Record]) -> list[Record]:
+        async with self._session(write=True) as conn:
+            return await self._insert_rows(conn, records)
+
+    async def _insert_rows(self, conn: Conn, records: list[Record]) -> list[Record]:
+        names = list(self.fields)
+        if names:
+            sql = self._compiler.insert(names) + " RETURNING id"
+        else:
+            sql = f"INSERT INTO {self._table} DEFAULT VALUES RETURNING id"
+        params = [[_DIALECT.encode(self.fields[n], r[n]) for n in names] for r in records]
+        ids: list[int] = []
+        async with conn.cursor() as cur:
+            if len(params) == 1:
+                await cur.execute(_q(sql), params[0])
+                ids.append((await _one(cur))[0])
+            else:
+                await cur.executemany(_q(sql), params, returning=True)
+                async for result in cur.results():
+                    ids.append((await _one(result))[0])
+        return [{ID: i, **r} for i, r in zip(ids, records, strict=True)]
+
+    async def _update(self, entity_id: int, changes: Record) -> Record | None:
+        if not changes:
+            return await self._get(entity_id)
+        sql, params = self._compiler.update(Query(where=Compare(ID, "=", entity_id)), changes)
+        rows = await self._select(
+            f"{sql} RETURNING {self._columns}", params, self._compiler.columns, write=True
+        )
+        return rows[0] if rows else None
+
+    async def _update_many(self, query: Query, changes: Record) -> int:
+        sql, params = self._compiler.update(query, changes)
+        return await self._rowcount(sql, params, write=True)
+
+    async def _remove(self, entity_id: int) -> Record | None:
+        rows = await self._select(
+            f"DELETE FROM {self._table} WHERE id = %s RETURNING {self._columns}",
+            [entity_id],
+            self._compiler.columns,
+            write=True,
+        )
+        return rows[0] if rows else None
+
+    async def _remove_many(self, query: Query) -> int:
+        sql, params = self._compiler.delete(query)
+        return await self._rowcount(sql, params, write=True)
+
+    async def _rowcount(self, sql: str, params: list[Any], *, write: bool = False) -> int:
+        async with self._session(write=write) as conn:
+            cur = await conn.execute(_q(sql), params)
+            return max(cur.rowcount, 0)
+
+    # ------------------------------------------------------------------ event log
+
+    async def _append(self, records: list[Record]) -> list[Record]:
+        # Every write to a table holds its write lock until commit (see _session), so
+        # appends need nothing more than inserts.
+        return await self._insert_many(records)
+
+    async def read_after(self, position: int, limit: int) -> list[Record]:
+        return await self._select(
+            f"SELECT {self._columns} FROM {self._table} WHERE id > %s ORDER BY id LIMIT %s",
+            [position, max(limit, 0)],
+            self._compiler.columns,
+        )
+
+    async def head(self) -> int:
+        return int(await self._scalar(f"SELECT coalesce(max(id), 0) FROM {self._table}", []))
+
+    # ------------------------------------------------------------------ meta
+
+    async def get_meta(self, key: str) -> Any:
+        check_meta(key, None)
+        return await self._scalar(
+            f"SELECT value FROM {self._meta} WHERE tbl = %s AND key = %s", [self.name, key]
+        )
+
+    async def set_meta(self, key: str, value: Any) -> None:
+        text = check_meta(key, value)
+        if text is None:
+            sql = f"DELETE FROM {self._meta} WHERE tbl = %s AND key = %s"
+            params: list[Any] = [self.name, key]
+        else:
+            sql = (
+                f"INSERT INTO {self._meta} (tbl, key, value) VALUES (%s, %s, %s) "
+                "ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value"
+            )
+            params = [self.name, key, text]
+        await self._rowcount(sql, params)
+
+    # ------------------------------------------------------------------ backup
+
+    async def backup(self, location: str) -> int:
+        rows_path, manifest_path = _backup_paths(location, self.name)
+        rows = _RowsFile(rows_path)
+        await asyncio.to_thread(rows.open)
+        try:
+            async with self._snapshot() as conn:
+                sql = f"COPY (SELECT {self._columns} FROM {self._table} ORDER BY id) TO STDOUT"
+                async with conn.cursor() as cur, cur.copy(_q(sql)) as copy:
+                    async for chunk in copy:
+                        if rows.add(chunk):
+                            await asyncio.to_thread(rows.flush)
+                cur = await conn.execute(
+                    _q(f"SELECT key, value FROM {self._meta} WHERE tbl = %s ORDER BY key"),
+                    [self.name],
+                )
+                meta = dict(await cur.fetchall())
+                sequence = await _sequence_value(conn, self._seq)
+            await asyncio.to_thread(rows.finish)
+        except BaseException:
+            await asyncio.to_thread(rows.abort)
+            raise
+        manifest = {
+            "format": BACKUP_FORMAT,
+            "version": BACKUP_VERSION,
+            "table": self.name,
+            "columns": {ID: "integer", **self.fields},
+            "rows": rows.count,
+            "bytes": rows.size,
+            "sha256": rows.hasher.hexdigest(),
+            "sequence": sequence,
+            "meta": meta,
+        }
+        data = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
+        await asyncio.to_thread(_write_atomically, manifest_path, data)
+        return rows.size + len(data)
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Conn]:
+        """A connection seeing one consistent state: the current transaction's, else a new
+        REPEATABLE READ transaction (which blocks no writer)."""
+        db = self._require()
+        if db.transaction() is not None:
+            async with self._session() as conn:
+                yield conn
+            return
+        try:
+            async with db.pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield conn
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    async def restore(self, location: str) -> None:
+        rows_path, manifest_path = _backup_paths(location, self.name)
+        try:
+            manifest = await asyncio.to_thread(_read_manifest, manifest_path, rows_path)
+        except FileNotFoundError as e:
+            raise StoreError(
+                f"no backup of {self.name!r} in {location!r}: {e.filename} is missing",
+                store=self.name,
+            ) from e
+        except (OSError, ValueError) as e:
+            raise self._damaged(location, str(e)) from e
+        columns: dict[str, str] = manifest["columns"]
+        for column, kind in columns.items():
+            if column != ID and self.fields.get(column) != kind:
+                raise self._damaged(location, f"field {column!r} ({kind}) is not declared so here")
+        try:
+            meta = [(self.name, k, check_meta(k, v)) for k, v in manifest["meta"].items()]
+        except InvalidInput as e:
+            raise self._damaged(location, f"its meta is not valid: {e}") from e
+        shadow = f"{quote(self.schema)}.{_internal(self.name, 'restore')}"
+        shadow_pkey = _internal(self.name, "restore$pkey")
+        source = await asyncio.to_thread(rows_path.open, "rb")
+        try:
+            async with self._session(atomic=True) as conn:
+                # The shadow fills while readers and writers use the table; only the swap
+                # at the end takes its lock.
+                await self._lock_ddl(conn)
+                await conn.execute(_q(f"DROP TABLE IF EXISTS {shadow}"))
+                await conn.execute(_q(self._create_sql(shadow, shadow_pkey)))
+                hasher = hashlib.sha256()
+                names = ", ".join(quote(c) for c in columns)
+                async with conn.cursor() as cur:
+                    async with cur.copy(_q(f"COPY {shadow} ({names}) FROM STDIN")) as copy:
+                        while chunk := await asyncio.to_thread(source.read, _CHUNK):
+                            hasher.update(chunk)
+                            await copy.write(chunk)
+                    loaded = cur.rowcount
+                if hasher.hexdigest() != manifest["sha256"] or loaded != manifest["rows"]:
+                    raise self._damaged(location, "its rows do not match its manifest")
+                await self._swap(conn, shadow, shadow_pkey)
+                await self._advance_sequence(conn, manifest["sequence"])
+                await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
+                if meta:
+                    async with conn.cursor() as cur:
+                        await cur.executemany(
+                            _q(f"INSERT INTO {self._meta} (tbl, key, value) VALUES (%s, %s, %s)"),
+                            meta,
+                        )
+        finally:
+            await asyncio.to_thread(source.close)
+
+    async def replace_with(self, shadow: Adapter) -> None:
+        if not isinstance(shadow, PostgresAdapter) or (shadow.dsn, shadow.schema) != (
+            self.dsn,
+            self.schema,
+        ):
+            raise ConfigurationError(
+                f"replace_with needs a sibling of {self.name!r} in the same PostgreSQL schema"
+            )
+        if shadow.fields != self.fields or shadow.name == self.name:
+            raise ConfigurationError(
+                f"replace_with: {shadow.name!r} must be another table with the same fields"
+            )
+        async with self._session(atomic=True) as conn:
+            await self._lock_ddl(conn)
+            await conn.execute(
+                _q(f"LOCK TABLE {self._table}, {shadow._table} IN ACCESS EXCLUSIVE MODE")
+            )
+            await self._swap(conn, shadow._table, shadow._pkey)
+            await conn.execute(
+                _q(
+                    f"ALTER TABLE {self._table} ALTER COLUMN {quote(ID)} "
+                    f"SET DEFAULT nextval('{self._seq}'::regclass)"
+                )
+            )
+            await self._advance_sequence(conn, await _sequence_value(conn, shadow._seq))
+            await conn.execute(_q(shadow._create_sql(shadow._table, shadow._pkey)))
+            await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
+            await conn.execute(
+                _q(f"UPDATE {self._meta} SET tbl = %s WHERE tbl = %s"), [self.name, shadow.name]
+            )
+
+    async def _lock_ddl(self, conn: Conn) -> None:
+        await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
+
+    async def _swap(self, conn: Conn, source: str, source_pkey: str) -> None:
+        """Drop this table and rename ``source`` (and its primary key index) into its place.
+        Readers wait on the lock for the moment it takes, then read the new table."""
+        schema = quote(self.schema)
+        await conn.execute(_q(f"DROP TABLE {self._table}"))
+        await conn.execute(_q(f"ALTER TABLE {source} RENAME TO {quote(self.name)}"))
+        await conn.execute(_q(f"ALTER INDEX {schema}.{source_pkey} RENAME TO {self._pkey}"))
+
+    async def _advance_sequence(self, conn: Conn, at_least: int) -> None:
+        """Ids never go back: the next id is past every id this table or its source used."""
+        await conn.execute(
+            _q(
+                "SELECT setval(%s::regclass, greatest(v, 1), v > 0) FROM (SELECT greatest("
+                f"%s, %s, (SELECT coalesce(max(id), 0) FROM {self._table})) AS v) AS s"
+            ),
+            [self._seq, await _sequence_value(conn, self._seq), at_least],
+        )
+
+    def _damaged(self, location: str, why: str) -> StoreError:
+        return StoreError(
+            f"the backup of {self.name!r} in {location!r} is damaged: {why}", store=self.name
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def _one(cur: psycopg.AsyncCursor[Any]) -> tuple[Any, ...]:
+    row = await cur.fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def _sequence_value(conn: Conn, seq: str) -> int:
+    cur = await conn.execute("SELECT coalesce(pg_sequence_last_value(%s::regclass), 0)", [seq])
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _backup_paths(location: str, table: str) -> tuple[Path, Path]:
+    folder = Path(location)
+    return folder / f"{table}.pgcopy", folder / f"{table}.manifest.json"
+
+
+class _RowsFile:
+    """The COPY text of a backup, written to a temporary name and renamed when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.buffer = bytearray()
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.count = 0
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.tmp.open("wb")
+
+    def add(self, chunk: Buffer) -> bool:
+        """Buffer a chunk; answers whether the buffer wants flushing (in a thread)."""
+        self.buffer += chunk
+        return len(self.buffer) >= _CHUNK
+
+    def flush(self) -> None:
+        assert self._file is not None
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self._file.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+        self.count += data.count(b"\n")  # COPY text escapes newlines inside values
+
+    def finish(self) -> None:
+        assert self._file is not None
+        self.flush()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _read_manifest(manifest_path: Path, rows_path: Path) -> dict[str, Any]:
+    manifest = json.loads(manifest_path.read_bytes())
+    if not isinstance(manifest, dict) or manifest.get("format") != BACKUP_FORMAT:
+        raise ValueError("it is not a PostgreSQL store backup")
+    if manifest.get("version") != BACKUP_VERSION:
+        raise ValueError(f"its version {manifest.get('version')!r} is not {BACKUP_VERSION}")
+    shape: dict[str, type] = {
+        "columns": dict,
+        "rows": int,
+        "bytes": int,
+        "sha256": str,
+        "sequence": int,
+        "meta": dict,
+    }
+    for key, kind in shape.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"its manifest has no valid {key!r}")
+    if manifest["columns"].get(ID) != "integer":
+        raise ValueError("its rows have no id column")
+    size = rows_path.stat().st_size
+    if size != manifest["bytes"]:
+        raise ValueError(
+            f"{rows_path.name} has {size} bytes, its manifest says {manifest['bytes']}"
+        )
+    return manifest
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+__all__ = ["PostgresAdapter"]

@@ -1,0 +1,275 @@
+"""The SQLite backend: the conformance suite as a file and in memory, plus its own rules."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Mapping
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.errors import ConfigurationError, StoreError
+from moleculerpy_cqrs.stores.backends.sqlite import SqliteAdapter, glob_pattern
+from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
+from moleculerpy_cqrs.stores.query import ALL
+from moleculerpy_cqrs.testing.conformance import ITEM_FIELDS, LOG_FIELDS, AdapterConformance
+
+
+def sqlite_adapter(
+    name: str,
+    fields: Mapping[str, str] | None = None,
+    location: str | Path = ":memory:",
+    memory_key: str = "",
+    **options: Any,
+) -> SqliteAdapter:
+    return SqliteAdapter(
+        name,
+        fields,
+        location=str(location),
+        memory_key=memory_key or uuid.uuid4().hex,
+        options=options,
+    )
+
+
+def file_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+class TestSqliteFolder(AdapterConformance):
+    async def make_adapter(self, name: str, fields: Mapping[str, str]) -> Adapter:
+        return sqlite_adapter(name, fields, self.tmp_path / "data")
+
+
+class TestSqliteMemory(AdapterConformance):
+    readers_wait_for_writers = True
+    survives_close = False
+
+    def setup_method(self) -> None:
+        self.memory_key = uuid.uuid4().hex
+
+    async def make_adapter(self, name: str, fields: Mapping[str, str]) -> Adapter:
+        return sqlite_adapter(name, fields, ":memory:", self.memory_key)
+
+
+def test_the_factory_can_be_called_again(tmp_path: Path) -> None:
+    # Importing the backend module must not replace the ``stores.sqlite`` factory with it.
+    first: StoreFactory = stores.sqlite(tmp_path)
+    second: StoreFactory = stores.sqlite(tmp_path)
+    assert (first("a").name, second("b").name) == ("a", "b")
+
+
+def tables_in(path: Path) -> set[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+async def test_a_folder_holds_one_file_per_store(tmp_path: Path) -> None:
+    async with sqlite_adapter("events", LOG_FIELDS, tmp_path / "data") as events:
+        log = events.sibling("events_dead", LOG_FIELDS)
+        await log.connect()
+        async with sqlite_adapter("summary", ITEM_FIELDS, tmp_path / "data"):
+            pass
+    assert file_names(tmp_path / "data") == ["events.sqlite3", "summary.sqlite3"]
+    assert {"events", "events_dead", "cqrs_meta"} <= tables_in(tmp_path / "data/events.sqlite3")
+
+
+@pytest.mark.parametrize("suffix", [".db", ".sqlite", ".sqlite3"])
+async def test_a_database_file_holds_every_store(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / "sub" / f"all{suffix}"
+    async with sqlite_adapter("a", ITEM_FIELDS, path), sqlite_adapter("b", LOG_FIELDS, path):
+        pass
+    assert {"a", "b", "cqrs_meta"} <= tables_in(path)
+    assert file_names(path.parent) == [path.name]
+
+
+async def test_a_file_uri_is_used_as_given(tmp_path: Path) -> None:
+    path = tmp_path / "by-uri.db"
+    async with sqlite_adapter("a", ITEM_FIELDS, f"file:{path}?cache=private") as a:
+        await a.insert({"name": "x"})
+    assert "a" in tables_in(path)
+
+
+async def test_in_memory_stores_of_one_key_share_a_database(tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    async with sqlite_adapter("a", ITEM_FIELDS, memory_key=key) as a:
+        async with sqlite_adapter("a", ITEM_FIELDS, memory_key=key) as same:
+            await a.insert({"name": "shared"})
+            assert await same.count() == 1
+        async with sqlite_adapter("a", ITEM_FIELDS) as other:
+            assert await other.count() == 0
+    assert file_names(tmp_path) == []
+
+
+async def pragma(adapter: Adapter, name: str) -> Any:
+    assert isinstance(adapter, SqliteAdapter)
+    database = adapter._database
+    assert database is not None
+    return await database.writer.run(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0], "t")
+
+
+async def test_files_use_wal_and_full_synchronous_by_default(tmp_path: Path) -> None:
+    async with sqlite_adapter("a", ITEM_FIELDS, tmp_path) as a:
+        assert await pragma(a, "journal_mode") == "wal"
+        assert await pragma(a, "synchronous") == 2
+
+
+async def test_synchronous_normal_is_an_option(tmp_path: Path) -> None:
+    async with sqlite_adapter("a", ITEM_FIELDS, tmp_path, synchronous="normal") as a:
+        assert await pragma(a, "synchronous") == 1
+
+
+@pytest.mark.parametrize(
+    "options", [{"synchronous": "FAST"}, {"busy_timeout": -1}, {"busy_timeout": "5"}]
+)
+def test_bad_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        sqlite_adapter("a", ITEM_FIELDS, **options)
+
+
+async def test_settings_meant_for_other_layers_are_left_alone(tmp_path: Path) -> None:
+    async with sqlite_adapter("a", ITEM_FIELDS, tmp_path, dispatchBatchSize=10) as a:
+        assert await pragma(a, "synchronous") == 2
+
+
+@pytest.mark.parametrize("name", ["cqrs_meta", "sqlite_master", "SQLITE_x"])
+def test_names_sqlite_reserves_are_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError):
+        sqlite_adapter(name, ITEM_FIELDS)
+
+
+def cqrs_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cqrs-sqlite")]
+
+
+async def test_close_leaves_no_thread_behind(tmp_path: Path) -> None:
+    before = cqrs_threads()
+    for location in (tmp_path, ":memory:"):
+        async with sqlite_adapter("a", ITEM_FIELDS, location) as a:
+            await a.insert({"name": "x"})
+            await a.find()
+            assert len(cqrs_threads()) > len(before)
+    assert cqrs_threads() == before
+
+
+async def test_a_new_field_becomes_a_new_column(tmp_path: Path) -> None:
+    async with sqlite_adapter("a", {"name": "string"}, tmp_path) as old:
+        await old.insert({"name": "old"})
+    async with sqlite_adapter("a", {"name": "string", "qty": "integer"}, tmp_path) as new:
+        await new.insert({"name": "new", "qty": 2})
+        assert [(r["name"], r["qty"]) for r in await new.find()] == [("old", None), ("new", 2)]
+
+
+async def test_driver_errors_become_store_errors_with_their_cause(tmp_path: Path) -> None:
+    async with sqlite_adapter("a", ITEM_FIELDS, tmp_path) as a:
+        await a.drop()
+        with pytest.raises(StoreError) as caught:
+            await a.count()
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+
+
+async def test_backup_is_a_sqlite_file_named_after_the_table(tmp_path: Path) -> None:
+    async with sqlite_adapter("things", ITEM_FIELDS, tmp_path / "db") as a:
+        await a.insert({"name": "x"})
+        size = await a.backup(str(tmp_path / "bk"))
+    backup = tmp_path / "bk" / "things.sqlite3"
+    assert file_names(backup.parent) == ["things.sqlite3"]
+    assert backup.stat().st_size == size
+    with closing(sqlite3.connect(backup)) as conn:
+        assert conn.execute('SELECT "id", "name" FROM cqrs_rows').fetchall() == [(1, "x")]
+
+
+async def test_restore_refuses_a_backup_with_a_field_of_another_type(tmp_path: Path) -> None:
+    async with sqlite_adapter("things", {"n": "string"}, tmp_path / "one") as old:
+        await old.insert({"n": "text"})
+        await old.backup(str(tmp_path / "bk"))
+    async with sqlite_adapter("things", {"n": "integer"}, tmp_path / "two") as other:
+        await other.insert({"n": 5})
+        with pytest.raises(StoreError, match="damaged"):
+            await other.restore(str(tmp_path / "bk"))
+        assert [r["n"] for r in await other.find()] == [5]
+
+
+async def test_restores_copy_in_batches_and_take_turns(tmp_path: Path) -> None:
+    async with sqlite_adapter("log", LOG_FIELDS, tmp_path) as log:
+        rows = await log.append([{"event": str(i)} for i in range(12_001)])
+        await log.remove(rows[5]["id"])
+        await log.backup(str(tmp_path / "bk"))
+        await log.remove_many(ALL)
+        await asyncio.gather(log.restore(str(tmp_path / "bk")), log.restore(str(tmp_path / "bk")))
+        assert await log.count() == 12_000
+        assert await log.head() == rows[-1]["id"]
+        assert await log.get(rows[5]["id"]) is None
+
+
+@pytest.mark.parametrize(
+    ("like", "glob"),
+    [
+        ("a%b", "a*b"),
+        ("a_b", "a?b"),
+        ("a\\%b", "a%b"),
+        ("a\\_b", "a_b"),
+        ("a\\\\b", "a\\b"),
+        ("a\\", "a\\"),
+        ("a*b?[c]", "a[*]b[?][[]c]"),
+        ("\\*", "[*]"),
+        ("", ""),
+    ],
+)
+def test_glob_pattern(like: str, glob: str) -> None:
+    assert glob_pattern(like) == glob
+
+
+_APPENDER = """
+import asyncio, sys
+from moleculerpy_cqrs.stores.backends.sqlite import SqliteAdapter
+
+async def main() -> None:
+    log = SqliteAdapter("log", {"event": "string"}, location=sys.argv[1], memory_key="",
+                        options={"synchronous": sys.argv[2]})
+    await log.connect()
+    i = 0
+    while True:
+        rows = await log.append([{"event": str(i)}])
+        print(rows[0]["id"], flush=True)
+        i += 1
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_acknowledged_appends_survive_kill_9(tmp_path: Path, synchronous: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _APPENDER,
+        str(tmp_path),
+        synchronous,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    acknowledged: list[int] = []
+    while len(acknowledged) < 200:
+        acknowledged.append(int(await proc.stdout.readline()))
+    os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    async with sqlite_adapter("log", {"event": "string"}, tmp_path) as log:
+        stored = {r["id"] for r in await log.read_after(0, 1_000_000)}
+    assert set(acknowledged) <= stored
+
+
+async def test_in_memory_factories_do_not_share_a_database() -> None:
+    first, second = stores.sqlite(":memory:"), stores.sqlite(":memory:")
+    async with first("t", {"n": "integer"}) as a, second("t", {"n": "integer"}) as b:
+        await a.insert({"n": 1})
+        assert await b.count() == 0
