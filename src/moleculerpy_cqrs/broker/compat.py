@@ -1,0 +1,521 @@
+"""Every workaround for a MoleculerPy 0.14.22 defect, applied by one idempotent ``install``.
+
+The toolkit's services call :func:`install` on each broker they are registered with (in their
+``created()`` hook). It patches that broker *instance* and its transit, never a MoleculerPy
+class, so a broker that did not opt in behaves exactly as MoleculerPy ships it. Calling it again
+is a no-op; calling it after ``broker.start()`` works too.
+
+What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
+
+* **emit** — MoleculerPy delivers an emitted event to the first matching handler in the whole
+  cluster, raises when nobody listens, and lets a handler's exception reach the emitter. Now an
+  event reaches each subscribing service once (its *group*: the service name, or the group a
+  remote Moleculer.js handler declares), balanced round-robin among that service's instances
+  (a local one preferred, as ``prefer_local`` says), local and remote. Nobody listening is a
+  no-op; a failing handler is logged and never reaches the sender. ``broadcast`` reaches every
+  handler once, also two services on one remote node (MoleculerPy sent one packet per handler,
+  each of which ran the node's first handler). A remote packet is targeted at the chosen node
+  and carries the chosen ``groups`` as in Moleculer.js; the receiver runs exactly those groups'
+  handlers (MoleculerPy ran its first local handler and ignored ``groups``). The emitting broker
+  always balances, also with ``disable_balancer``.
+* **late services** — a service registered after ``broker.start()`` never got ``started()``.
+  A broker hook now starts it at the end of ``register`` (MoleculerPy already announces it to
+  other nodes there, before ``started()``, as it does at start). No service starts twice.
+* **NATS concurrency** — the NATS client runs a subscription's callbacks one at a time, so a
+  node served one request at a time and a call chain X → Y → X across nodes deadlocked. Each
+  incoming REQUEST packet is now served in its own task (drained on stop). EVENT packets are
+  handled one after another per node, in arrival order (the memory transporter, which hands
+  each packet to its own task, reordered them). A request is served by the *local* endpoint
+  (MoleculerPy took the first endpoint of that name and dropped the request if it was remote);
+  with none, the caller gets ``ServiceNotFoundError`` instead of a timeout.
+* **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
+  and raised the builtin ``TimeoutError``; now ``x`` applies and
+  :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
+  ``timeout`` is still not enforced: cancelling a local handler midway (a store commit, say)
+  is worse than waiting for it.
+
+Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
+``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
+neither; its mixins are plain Python base classes whose lifecycle hooks chain through
+``super()``, which MoleculerPy handles correctly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, cast
+
+from moleculerpy.errors import MoleculerError, RequestTimeoutError, ServiceNotFoundError
+from moleculerpy.packet import Packet, Topic
+from moleculerpy.validator import validate_params
+
+if TYPE_CHECKING:
+    from moleculerpy.broker import ServiceBroker
+    from moleculerpy.context import Context
+    from moleculerpy.registry import Action, Event
+    from moleculerpy.service import Service
+
+__all__ = ["broadcast", "emit", "install", "is_installed"]
+
+_STATE_ATTR = "_moleculerpy_cqrs_compat"
+
+# How long stopping a broker waits for requests it is still serving before cancelling them.
+DRAIN_GRACE = 5.0
+
+_AsyncFn = Callable[..., Awaitable[Any]]
+
+
+def install(broker: ServiceBroker) -> None:
+    """Apply every workaround to ``broker`` (idempotent; before or after ``start()``)."""
+    if is_installed(broker):
+        return
+    compat = _Compat(broker)
+    setattr(broker, _STATE_ATTR, compat)
+    compat.apply()
+
+
+def is_installed(broker: ServiceBroker) -> bool:
+    """Whether :func:`install` was applied to ``broker``."""
+    return isinstance(getattr(broker, _STATE_ATTR, None), _Compat)
+
+
+async def emit(
+    broker: ServiceBroker,
+    event: str,
+    payload: Any = None,
+    *,
+    meta: dict[str, Any] | None = None,
+    groups: list[str] | None = None,
+) -> None:
+    """Emit ``event``: once per subscribing group (all of them, or only ``groups``).
+
+    Installs the workarounds first if needed. Without ``groups`` this is ``broker.emit``
+    (middleware ``emit`` hooks apply); with ``groups`` it bypasses them, since MoleculerPy's
+    ``emit`` has no ``groups`` argument.
+    """
+    install(broker)
+    if groups is None:
+        await broker.emit(event, payload, meta or {})
+    else:
+        await _state(broker).emit(event, {} if payload is None else payload, meta or {}, groups)
+
+
+async def broadcast(
+    broker: ServiceBroker,
+    event: str,
+    payload: Any = None,
+    *,
+    meta: dict[str, Any] | None = None,
+    groups: list[str] | None = None,
+) -> None:
+    """Broadcast ``event`` to every handler (of ``groups`` only, if given), local and remote."""
+    install(broker)
+    await broker.broadcast(event, payload, meta or {}, groups)
+
+
+def _state(broker: ServiceBroker) -> _Compat:
+    return cast(_Compat, getattr(broker, _STATE_ATTR))
+
+
+@lru_cache(maxsize=512)
+def _event_pattern(pattern: str) -> re.Pattern[str]:
+    # Moleculer's utils.match: "?" one character, "*" one dot-free segment, "**" anything.
+    regex = (
+        re.escape(pattern)
+        .replace(r"\?", ".")
+        .replace(r"\*\*", "\0")
+        .replace(r"\*", "[^.]*")
+        .replace("\0", ".*")
+    )
+    return re.compile(f"^{regex}$")
+
+
+def _event_matches(pattern: str, name: str) -> bool:
+    if pattern == name:
+        return True
+    if "*" not in pattern and "?" not in pattern:
+        return False
+    return _event_pattern(pattern).match(name) is not None
+
+
+def _local_group(endpoint: Event) -> str:
+    # The service name: the group other nodes see in our INFO (MoleculerPy sends no "group").
+    service = getattr(endpoint.handler, "__self__", None)
+    name = getattr(service, "name", None)
+    return name if isinstance(name, str) and name else str(endpoint.name)
+
+
+def _error_payload(error: Exception) -> dict[str, Any]:
+    # The same wire shape as MoleculerPy's own Transit._handle_request.
+    if isinstance(error, MoleculerError):
+        data = error.to_dict()
+        data["stack"] = traceback.format_exc()
+        return data
+    return {
+        "name": type(error).__name__,
+        "message": str(error),
+        "code": 500,
+        "type": "INTERNAL_ERROR",
+        "retryable": isinstance(error, ConnectionError | OSError | TimeoutError),
+        "stack": traceback.format_exc(),
+    }
+
+
+class _BrokerHooks:
+    """Sits in ``broker.middlewares``; MoleculerPy calls only the hooks an object defines.
+
+    A plain object, not a ``Middleware`` subclass: the base class's pass-through
+    ``local_action``/``remote_action``/``local_event`` would wrap every handler in another layer.
+    """
+
+    def __init__(self, compat: _Compat) -> None:
+        self.compat = compat
+
+    async def broker_starting(self, broker: Any) -> None:
+        self.compat.stopping = False
+
+    async def broker_stopping(self, broker: Any) -> None:
+        self.compat.stopping = True
+        await self.compat.drain_requests(cancel=False)
+
+    async def broker_stopped(self, broker: Any) -> None:
+        self.compat.started.clear()
+
+    async def service_created(self, service: Service) -> None:
+        await self.compat.start_late_service(service)
+
+
+class _Compat:
+    """The per-broker state of the workarounds and the replacement methods."""
+
+    def __init__(self, broker: ServiceBroker) -> None:
+        self.broker = broker
+        self.transit = broker.transit
+        self.logger = broker.logger
+        self.stopping = False
+        # Keyed by id(); holding the service keeps a replaced one's id from being reused.
+        self.started: dict[int, Service] = {}
+        self.requests: set[asyncio.Task[None]] = set()
+        self.event_lock = asyncio.Lock()
+        self.turns: dict[tuple[str, str], int] = {}
+
+    def apply(self) -> None:
+        broker = cast(Any, self.broker)
+        transit = cast(Any, self.transit)
+        broker._emit_core = self.emit
+        broker._broadcast_core = self.broadcast
+        self._original_start_service: _AsyncFn = broker._start_service
+        broker._start_service = self.start_service
+        transit._packet_handlers[Topic.EVENT] = self.on_event_packet
+        transit._packet_handlers[Topic.REQUEST] = self.on_request_packet
+        self._original_request: _AsyncFn = transit.request
+        transit.request = self.request
+        self._original_request_without_endpoint: _AsyncFn = transit.request_without_endpoint
+        transit.request_without_endpoint = self.request_without_endpoint
+        self._original_disconnect: _AsyncFn = transit.disconnect
+        transit.disconnect = self.disconnect
+        # A new list: the old one may be a Settings.middlewares list shared with other brokers.
+        broker.middlewares = [*broker.middlewares, _BrokerHooks(self)]
+
+    # ------------------------------------------------------------------ emit / broadcast
+
+    def _local_endpoints(self, event: str) -> Iterator[tuple[str, Event]]:
+        for endpoint in self.broker.registry.get_all_events(event):
+            if endpoint.is_local and endpoint.handler is not None:
+                yield _local_group(endpoint), endpoint
+
+    def _remote_endpoints(self, event: str) -> Iterator[tuple[str, str]]:
+        """(group, node id) of every remote service listening to ``event``, from INFO packets."""
+        local_id = self.broker.nodeID
+        for node in list(self.broker.node_catalog.nodes.values()):
+            if node.id == local_id or not node.available:
+                continue
+            for service in node.services:
+                if not isinstance(service, dict):
+                    continue
+                events = service.get("events") or {}
+                for key, definition in events.items():
+                    spec = definition if isinstance(definition, dict) else {}
+                    if _event_matches(str(spec.get("name") or key), event):
+                        group = spec.get("group") or service.get("name") or key
+                        yield str(group), str(node.id)
+
+    def _next(self, event: str, group: str, count: int) -> int:
+        turn = self.turns.get((event, group), 0)
+        self.turns[(event, group)] = turn + 1
+        return turn % count
+
+    async def emit(
+        self,
+        event: str,
+        params: Any,
+        meta: dict[str, Any],
+        groups: list[str] | None = None,
+    ) -> None:
+        local: dict[str, list[Event]] = {}
+        for group, endpoint in self._local_endpoints(event):
+            local.setdefault(group, []).append(endpoint)
+        remote: dict[str, list[str]] = {}
+        for group, node_id in self._remote_endpoints(event):
+            nodes = remote.setdefault(group, [])
+            if node_id not in nodes:
+                nodes.append(node_id)
+
+        chosen_local: list[tuple[str, Event]] = []
+        chosen_remote: dict[str, list[str]] = {}
+        prefer_local = self.broker.registry.prefer_local
+        for group in dict.fromkeys([*local, *remote]):
+            if groups is not None and group not in groups:
+                continue
+            here, there = local.get(group, []), remote.get(group, [])
+            candidates: list[Event | str] = [*here] if prefer_local and here else [*here, *there]
+            pick = candidates[self._next(event, group, len(candidates))]
+            if isinstance(pick, str):
+                chosen_remote.setdefault(pick, []).append(group)
+            else:
+                chosen_local.append((group, pick))
+
+        if not chosen_local and not chosen_remote:
+            self.logger.debug(f"No subscriber for event '{event}'; nothing emitted")
+            return
+        sends = [
+            self._send_event(node_id, event, params, meta, node_groups, is_broadcast=False)
+            for node_id, node_groups in chosen_remote.items()
+        ]
+        runs = [
+            self._run_local(endpoint, group, self._context(event, params, meta))
+            for group, endpoint in chosen_local
+        ]
+        await self._gather(sends, runs)
+
+    async def broadcast(
+        self,
+        event: str,
+        params: Any,
+        meta: dict[str, Any],
+        groups: list[str] | None = None,
+    ) -> list[Any]:
+        runs = [
+            self._run_local(endpoint, group, self._context(event, params, meta))
+            for group, endpoint in self._local_endpoints(event)
+            if groups is None or group in groups
+        ]
+        nodes = dict.fromkeys(
+            node_id
+            for group, node_id in self._remote_endpoints(event)
+            if groups is None or group in groups
+        )
+        sends = [
+            self._send_event(node_id, event, params, meta, groups, is_broadcast=True)
+            for node_id in nodes
+        ]
+        if not runs and not sends:
+            self.logger.debug(f"No subscriber for event '{event}'; nothing broadcast")
+            return []
+        results = await self._gather(sends, runs)
+        return [value for ok, value in results if ok]
+
+    async def _gather(
+        self, sends: Sequence[Awaitable[None]], runs: Sequence[Awaitable[tuple[bool, Any]]]
+    ) -> list[tuple[bool, Any]]:
+        """Run remote sends and local handlers together; a failed send is raised after all ran."""
+        outcomes = await asyncio.gather(*sends, *runs, return_exceptions=True)
+        results: list[tuple[bool, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome is not None:
+                results.append(outcome)
+        return results
+
+    def _context(self, event: str, params: Any, meta: dict[str, Any]) -> Context:
+        # One context per handler: a handler that changes ctx.meta must not affect another.
+        return self.broker.lifecycle.create_context(event=event, params=params, meta=dict(meta))
+
+    async def _run_local(self, endpoint: Event, group: str, ctx: Context) -> tuple[bool, Any]:
+        handler = endpoint.wrapped_handler or endpoint.handler
+        if handler is None:
+            return False, None
+        try:
+            return True, await handler(ctx)
+        except Exception as error:
+            self.logger.error(
+                f"Handler of event '{ctx.event}' in service group '{group}' failed: {error!r}"
+            )
+            return False, None
+
+    async def _send_event(
+        self,
+        node_id: str,
+        event: str,
+        params: Any,
+        meta: dict[str, Any],
+        groups: list[str] | None,
+        *,
+        is_broadcast: bool,
+    ) -> None:
+        ctx = self._context(event, params, meta)
+        # The EVENT wire payload of Transit.send_event (Moleculer.js transit.sendEvent),
+        # always targeted: send_event would turn a grouped event into a NATS queue-group
+        # publish under disable_balancer, which subscribers that came late never joined.
+        payload: dict[str, Any] = {
+            "id": ctx.id,
+            "event": event,
+            "data": ctx.params,
+            "groups": list(groups) if groups else None,
+            "broadcast": is_broadcast,
+            "meta": ctx.meta,
+            "level": ctx.level,
+            "tracing": ctx.tracing,
+            "parentID": ctx.parent_id,
+            "requestID": ctx.request_id,
+            "caller": ctx.caller,
+            "needAck": ctx.need_ack,
+        }
+        await self.transit.prepublish(Packet(Topic.EVENT, node_id, payload))
+
+    async def on_event_packet(self, packet: Packet) -> None:
+        payload = packet.payload
+        event = payload.get("event")
+        if not event:
+            self.logger.warning("Received an EVENT packet without an event name")
+            return
+        wanted = payload.get("groups") or None
+        is_broadcast = bool(payload.get("broadcast"))
+        # Handled in arrival order, one packet at a time (the memory transporter delivers
+        # each packet in its own task; NATS already runs them one by one).
+        async with self.event_lock:
+            by_group: dict[str, list[Event]] = {}
+            for group, endpoint in self._local_endpoints(str(event)):
+                if wanted is None or group in wanted:
+                    by_group.setdefault(group, []).append(endpoint)
+            runs = []
+            for group, endpoints in by_group.items():
+                picked = (
+                    endpoints
+                    if is_broadcast
+                    else [endpoints[self._next(str(event), group, len(endpoints))]]
+                )
+                for endpoint in picked:
+                    ctx = self.broker.lifecycle.rebuild_event_context(payload)
+                    runs.append(self._run_local(endpoint, group, ctx))
+            if not runs:
+                return
+            outcomes = await asyncio.gather(*runs)
+        if payload.get("needAck") and packet.sender:
+            await self.transit._send_event_ack(
+                target=packet.sender,
+                ack_id=payload.get("ackID") or payload.get("id") or "",
+                success=all(ok for ok, _ in outcomes),
+                error=None if all(ok for ok, _ in outcomes) else "event handler failed",
+            )
+
+    # ------------------------------------------------------------------ requests
+
+    async def on_request_packet(self, packet: Packet) -> None:
+        task = asyncio.create_task(self._serve_request(packet))
+        self.requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.logger.error(f"Serving a request failed: {error!r}")
+
+    def _local_action(self, name: str) -> Action | None:
+        for endpoint in self.broker.registry.get_all_actions(name):
+            if endpoint.is_local:
+                return endpoint
+        return None
+
+    async def _serve_request(self, packet: Packet) -> None:
+        # Transit._handle_request, except that it looks for the local endpoint.
+        action_name = packet.payload.get("action")
+        if not action_name:
+            self.logger.warning("Received a REQUEST packet without an action name")
+            return
+        ctx = self.broker.lifecycle.rebuild_context(packet.payload)
+        endpoint = self._local_action(str(action_name))
+        response: dict[str, Any]
+        try:
+            handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
+            if endpoint is None or handler is None:
+                raise ServiceNotFoundError(str(action_name), node_id=self.broker.nodeID)
+            if endpoint._compiled_checker is not None:
+                endpoint._compiled_checker(ctx.params or {})
+            elif endpoint.params_schema:
+                validate_params(ctx.params or {}, endpoint.params_schema)
+            result = await handler(ctx)
+            response = {"id": ctx.id, "data": result, "success": True, "meta": ctx.meta}
+        except Exception as error:
+            self.logger.error(f"Failed call to {action_name}: {error!r}")
+            response = {
+                "id": ctx.id,
+                "error": _error_payload(error),
+                "success": False,
+                "meta": ctx.meta,
+            }
+        await self.transit.publish(Packet(Topic.RESPONSE, packet.sender, response))
+
+    async def drain_requests(self, *, cancel: bool) -> None:
+        """Let the requests being served finish (up to DRAIN_GRACE), then cancel the rest."""
+        pending = set(self.requests)
+        if pending and not cancel:
+            _, pending = await asyncio.wait(pending, timeout=DRAIN_GRACE)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def disconnect(self) -> None:
+        await self.drain_requests(cancel=True)
+        await self._original_disconnect()
+
+    # ------------------------------------------------------------------ timeouts
+
+    async def request(
+        self,
+        endpoint: Action,
+        context: Context,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        limit = timeout if timeout is not None else (context.timeout or None)
+        try:
+            return await self._original_request(endpoint, context, limit)
+        except TimeoutError:
+            # Only transit's own wait raises the builtin; remote errors arrive as MoleculerErrors.
+            effective = limit or endpoint.timeout or self.transit.settings.request_timeout
+            raise RequestTimeoutError(str(endpoint.name), effective) from None
+
+    async def request_without_endpoint(
+        self,
+        action_name: str,
+        context: Context,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        limit = timeout if timeout is not None else (context.timeout or None)
+        try:
+            return await self._original_request_without_endpoint(action_name, context, limit)
+        except TimeoutError:
+            effective = limit or self.transit.settings.request_timeout
+            raise RequestTimeoutError(action_name, effective) from None
+
+    # ------------------------------------------------------------------ late services
+
+    @property
+    def running(self) -> bool:
+        return self.transit.is_connected and not self.stopping
+
+    async def start_service(self, service: Service) -> None:
+        if id(service) in self.started:
+            return
+        self.started[id(service)] = service
+        await self._original_start_service(service)
+
+    async def start_late_service(self, service: Service) -> None:
+        if self.running and not service.name.startswith("$"):
+            await self.start_service(service)
