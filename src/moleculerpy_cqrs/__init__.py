@@ -7,6 +7,32 @@ subscribers and feeds aggregates (read models) through transformations.
 from __future__ import annotations
 
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.broker.aggregate import Aggregate
+from moleculerpy_cqrs.broker.eventstore import EventStore
+from moleculerpy_cqrs.core.records import EventType, Status
+from moleculerpy_cqrs.core.snapshots import NoSnapshot, StoreBackup
+from moleculerpy_cqrs.errors import (
+    ConfigurationError,
+    Conflict,
+    CqrsError,
+    EntityNotFound,
+    InvalidInput,
+    StoreError,
+)
 
-__all__ = ["stores"]
+__all__ = [
+    "Aggregate",
+    "ConfigurationError",
+    "Conflict",
+    "CqrsError",
+    "EntityNotFound",
+    "EventStore",
+    "EventType",
+    "InvalidInput",
+    "NoSnapshot",
+    "Status",
+    "StoreBackup",
+    "StoreError",
+    "stores",
+]
 __version__ = "0.1.0"

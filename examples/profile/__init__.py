@@ -1,0 +1,72 @@
+"""The seed's profile example: ``profile.update`` → ``profile.updated`` → a summary by country.
+
+``cqrs run examples.profile`` serves it on SQLite files under ``$CQRS_DATA`` (default
+``data``); tests and benchmarks call :func:`build` with the stores they want.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from moleculerpy import Context, Service, action
+
+from moleculerpy_cqrs import Aggregate, EventStore, NoSnapshot, stores
+from moleculerpy_cqrs.stores import StoreFactory
+
+SUMMARY_FIELDS = {
+    "country": "string",
+    "total": "integer",
+    "totalMarried": "integer",
+    "totalStudents": "integer",
+}
+
+
+def build(
+    store: StoreFactory | None = None,
+    *,
+    summary_store: StoreFactory | None = None,
+    batch_size: int = 100,
+    dispatch_batch_size: int = 1,
+) -> tuple[EventStore, Aggregate, type[Service]]:
+    """The event store, the summary aggregate and the profile service, on ``store``."""
+    store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
+    events = EventStore("profileEventStore", store, dispatch_batch_size=dispatch_batch_size)
+    summary = Aggregate(
+        "profileSummaryAggregate",
+        summary_store or stores.with_fields(store, SUMMARY_FIELDS),
+        snapshot=NoSnapshot,
+        batch_size=batch_size,
+    ).snapshot("profileEventStore")
+
+    class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]
+        name = "profile"
+
+        update = events.map_action("update", "profile.updated")
+
+        @action(name="transformProfileSummary")
+        async def transform_profile_summary(self, ctx: Context) -> dict[str, Any]:
+            profile = ctx.params["payload"]
+            found = await ctx.call("profileSummaryAggregate.find", {"country": profile["country"]})
+            result: dict[str, Any] = {}
+            if found:
+                summary = found[0]
+                result["id"] = summary["id"]
+            else:
+                summary = {"country": profile["country"], "total": 0,
+                           "totalMarried": 0, "totalStudents": 0}  # fmt: skip
+            result["total"] = summary["total"] + 1
+            result["totalMarried"] = summary["totalMarried"] + (1 if profile.get("married") else 0)
+            result["totalStudents"] = summary["totalStudents"] + (
+                1 if profile.get("student") else 0
+            )
+            result["country"] = summary["country"]
+            return result
+
+        on_updated = summary.on("profile.updated").update("profile.transformProfileSummary")
+
+    return events, summary, ProfileService
+
+
+events, summary, ProfileService = build()
+services = [ProfileService]

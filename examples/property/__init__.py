@@ -1,0 +1,87 @@
+"""The seed's property example: ``property.create`` → ``property.created`` → two aggregates.
+
+``propertyAggregate`` gets one row per property (``create``); ``propertySummaryAggregate``
+keeps totals per country (``update``): how many properties, how many in beach cities and how
+many in mountain towns.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from moleculerpy import Context, Service, action
+
+from moleculerpy_cqrs import Aggregate, EventStore, NoSnapshot, stores
+from moleculerpy_cqrs.stores import StoreFactory
+
+PROPERTY_FIELDS = {
+    "name": "string",
+    "active": "boolean",
+    "bathrooms": "float",
+    "bedrooms": "integer",
+    "city": "string",
+    "countryCode": "string",
+}
+SUMMARY_FIELDS = {
+    "countryCode": "string",
+    "total": "integer",
+    "beachCity": "integer",
+    "mountain": "integer",
+}
+BEACH_CITIES = frozenset({"Mount Maunganui", "Gisborne", "Napier", "Byron Bay", "Nelson"})
+MOUNTAIN_TOWNS = frozenset({"Wanaka", "Queenstown", "Ohakune", "Aspen", "Zermatt"})
+
+
+def build(
+    store: StoreFactory | None = None, *, batch_size: int = 100
+) -> tuple[EventStore, Aggregate, Aggregate, type[Service]]:
+    store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
+    events = EventStore("propertyEventStore", store)
+    properties = Aggregate(
+        "propertyAggregate",
+        stores.with_fields(store, PROPERTY_FIELDS),
+        NoSnapshot,
+        batch_size=batch_size,
+    ).snapshot("propertyEventStore")
+    summary = Aggregate(
+        "propertySummaryAggregate",
+        stores.with_fields(store, SUMMARY_FIELDS),
+        NoSnapshot,
+        batch_size=batch_size,
+    ).snapshot("propertyEventStore")
+
+    class PropertyService(events.mixin(), properties.mixin(), summary.mixin(), Service):  # type: ignore[misc]
+        name = "property"
+
+        create = events.map_action("create", "property.created")
+
+        @action(name="transformProperty")
+        async def transform_property(self, ctx: Context) -> dict[str, Any]:
+            payload = ctx.params["payload"]
+            return {k: payload.get(k) for k in PROPERTY_FIELDS}
+
+        @action(name="transformCountrySummary")
+        async def transform_country_summary(self, ctx: Context) -> dict[str, Any]:
+            payload = ctx.params["payload"]
+            code = payload["countryCode"]
+            found = await ctx.call("propertySummaryAggregate.find", {"countryCode": code})
+            row = found[0] if found else {"total": 0, "beachCity": 0, "mountain": 0}
+            result = {
+                "countryCode": code,
+                "total": row["total"] + 1,
+                "beachCity": row["beachCity"] + (payload.get("city") in BEACH_CITIES),
+                "mountain": row["mountain"] + (payload.get("city") in MOUNTAIN_TOWNS),
+            }
+            if found:
+                result["id"] = row["id"]
+            return result
+
+        on_created = properties.on("property.created").create("property.transformProperty")
+        on_summary = summary.on("property.created").update("property.transformCountrySummary")
+
+    return events, properties, summary, PropertyService
+
+
+events, properties, summary, PropertyService = build()
+services = [PropertyService]

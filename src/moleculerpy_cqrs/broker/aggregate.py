@@ -1,0 +1,239 @@
+"""``Aggregate``: a read model fed from the event log through transformations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from moleculerpy import Context, Service, ServiceBroker, action, event
+
+from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker.eventstore import local_event_stores
+from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
+from moleculerpy_cqrs.broker.port import MoleculerPort
+from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
+from moleculerpy_cqrs.core.aggregate import AggregateRuntime
+from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
+from moleculerpy_cqrs.core.projector import Binding, Kind, Transform
+from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
+from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
+from moleculerpy_cqrs.stores.actions import StoreActions
+from moleculerpy_cqrs.stores.base import StoreFactory
+
+log = logging.getLogger(__name__)
+
+
+class On:
+    """``aggregate.on(event)``: say what the event does to the aggregate."""
+
+    def __init__(self, aggregate: Aggregate, event_name: str) -> None:
+        self._aggregate = aggregate
+        self._event = event_name
+
+    def create(self, transform: Transform) -> Binding:
+        """Create the record the transformation answers (with ``eventId``)."""
+        return self._bind("create", transform)
+
+    def create_many(self, transform: Transform) -> Binding:
+        """Create each record of the list the transformation answers."""
+        return self._bind("create_many", transform)
+
+    def update(self, transform: Transform) -> Binding:
+        """Update the record with the answered ``id``; create it when there is no ``id``."""
+        return self._bind("update", transform)
+
+    def remove(self, transform: Transform) -> Binding:
+        """Remove the record(s) with the answered ``id`` (or ids), or matching ``query``."""
+        return self._bind("remove", transform)
+
+    def _bind(self, kind: Kind, transform: Transform) -> Binding:
+        if not (isinstance(transform, str) or callable(transform)):
+            raise ConfigurationError("a transformation is an action name or an async callable")
+        binding = Binding(self._event, kind, transform)
+        self._aggregate.bindings.append(binding)
+        return binding
+
+
+class Aggregate:
+    """A read model named ``name`` in a store made by ``store_factory``.
+
+    ``snapshot`` is :data:`NoSnapshot` or :class:`StoreBackup`; ``.snapshot(event_store)``
+    names the event store it is fed from (needed when the broker runs more than one).
+    ``on_error``: ``"dead_letter"`` (default: the bad event is set aside, the rest goes on)
+    or ``"halt"`` (the projector stops at it until ``retryDeadLetters``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store_factory: StoreFactory,
+        snapshot: SnapshotStrategy = NoSnapshot,
+        *,
+        batch_size: int = 100,
+        attempts: int = 3,
+        on_error: Literal["dead_letter", "halt"] = "dead_letter",
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not name.isidentifier():
+            raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
+        if on_error not in ("dead_letter", "halt"):
+            raise ConfigurationError("on_error is 'dead_letter' or 'halt'")
+        self.name = name
+        self.store_factory = store_factory
+        self.snapshot_strategy = snapshot
+        self.event_store_name: str | None = None
+        self.batch_size = batch_size
+        self.attempts = attempts
+        self.on_error: Literal["dead_letter", "halt"] = on_error
+        self.settings = dict(settings or {})
+        self.bindings: list[Binding] = []
+        self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._mixin: type | None = None
+
+    def snapshot(self, event_store_name: str) -> Aggregate:
+        """Name the event store this aggregate is fed from and snapshots into."""
+        self.event_store_name = event_store_name
+        return self
+
+    def on(self, event_name: str) -> On:
+        return On(self, event_name)
+
+    def mixin(self) -> type:
+        """A base class for the service that holds the transformations; it brings the
+        ``<name>`` service (store actions, status, dead letters) up with it."""
+        if self._mixin is None:
+            self._mixin = type(f"{self.name}Mixin", (CqrsMixin,), {"_cqrs_component": self})
+        return self._mixin
+
+    def runtime(self, broker: ServiceBroker) -> AggregateRuntime:
+        try:
+            return self._runtimes[broker]
+        except KeyError:
+            raise ConfigurationError(
+                f"aggregate {self.name!r} is not running on broker {broker.nodeID!r}"
+            ) from None
+
+    async def on_created(self, service: Any) -> None:
+        broker: ServiceBroker = service.broker
+        if broker in self._runtimes:
+            return
+        compat.install(broker)
+        runtime = AggregateRuntime(
+            self.name,
+            lambda: self.store_factory(self.name, dict(AGGREGATE_FIELDS), self.settings),
+            MoleculerPort(broker),
+            self.bindings,
+            batch_size=self.batch_size,
+            attempts=self.attempts,
+            on_error=self.on_error,
+        )
+        self._runtimes[broker] = runtime
+        await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
+
+    async def on_started(self, service: Any) -> None:
+        pass
+
+    async def on_stopped(self, service: Any) -> None:
+        pass
+
+    def _event_store_for(self, broker: ServiceBroker) -> str:
+        if self.event_store_name:
+            return self.event_store_name
+        local = list(local_event_stores(broker))
+        if len(local) == 1:
+            return local[0]
+        raise ConfigurationError(
+            f"aggregate {self.name!r} does not know its event store: call "
+            f".snapshot('<eventStoreName>') on it (event stores here: {local or 'none'})"
+        )
+
+
+class AggregateServiceBase(ReadActions, WriteActions, Service):
+    """The ``<aggregate>`` service: store actions, ``status``, ``deadLetters``,
+    ``retryDeadLetters`` (snapshot actions arrive with the snapshot feature)."""
+
+    def __init__(self, name: str, runtime: AggregateRuntime, event_store: str) -> None:
+        super().__init__(name=name)
+        self.runtime = runtime
+        self.port = runtime.port
+        self.event_store = event_store
+        self.remote_listeners = Listeners()
+        self.starter: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> StoreActions:
+        return StoreActions(self.runtime.adapter)
+
+    async def started(self) -> None:
+        await self.runtime.connect()
+        self.starter = asyncio.create_task(self._start_projector(), name=f"cqrs-start-{self.name}")
+
+    async def stopped(self) -> None:
+        if self.starter is not None:
+            self.starter.cancel()
+            try:
+                await self.starter
+            except asyncio.CancelledError:
+                pass
+            self.starter = None
+        await self.runtime.stop()
+
+    async def _start_projector(self) -> None:
+        source = await self._source()
+        self.runtime.start_projector(source)
+
+    async def _source(self) -> LogSource:
+        broker = self.broker
+        assert broker is not None
+        local = local_event_stores(broker).get(self.event_store)
+        if local is not None:
+            return local.log
+        await self.port.wait_for_actions([f"{self.event_store}.read"])
+        return RemoteLog(self.event_store, self.port, self.remote_listeners)
+
+    def on_appended(self) -> None:
+        self.remote_listeners.notify()
+
+    @action(name="status")
+    async def status_action(self, ctx: Context) -> dict[str, Any]:
+        return await self.runtime.status()
+
+    @action(name="deadLetters")
+    async def dead_letters_action(self, ctx: Context) -> Any:
+        store = StoreActions(self.runtime.dead_letters)
+        return await store.list_page(ctx.params or {})
+
+    @action(name="retryDeadLetters")
+    async def retry_dead_letters_action(self, ctx: Context) -> dict[str, Any]:
+        params = ctx.params or {}
+        unknown = [k for k in params if k != "ids"]
+        if unknown:
+            raise InvalidInput(f"retryDeadLetters takes ids, not {unknown[0]!r}", field=unknown[0])
+        ids = params.get("ids")
+        if ids is not None and (
+            not isinstance(ids, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            raise InvalidInput("ids must be a list of dead-letter ids", field="ids")
+        projector = self.runtime.projector
+        if projector is None:
+            raise InvalidInput(f"the projector of {self.name!r} is not running yet")
+        return await projector.retry_dead_letters(ids)
+
+
+def _aggregate_service(
+    aggregate: Aggregate, runtime: AggregateRuntime, event_store: str
+) -> AggregateServiceBase:
+    @event(name=f"cqrs.{event_store}.appended")
+    async def appended(service: AggregateServiceBase, ctx: Context) -> None:
+        service.on_appended()
+
+    klass = type(f"{aggregate.name}Service", (AggregateServiceBase,), {"cqrs_appended": appended})
+    service: AggregateServiceBase = klass(aggregate.name, runtime, event_store)
+    return service

@@ -1,0 +1,256 @@
+"""``EventStore``: saves commands as events and dispatches them (the user's entry point)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from moleculerpy import Context, Service, ServiceBroker, action, event
+
+from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
+from moleculerpy_cqrs.broker.port import MoleculerPort
+from moleculerpy_cqrs.broker.store_service import ReadActions
+from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime
+from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
+from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
+from moleculerpy_cqrs.stores.actions import StoreActions
+from moleculerpy_cqrs.stores.base import StoreFactory
+from moleculerpy_cqrs.stores.fields import declare_fields
+
+ActionHandler = Callable[[Any, Context], Any]
+
+
+class EventStore:
+    """An event store named ``name`` whose log lives in a store made by ``store_factory``.
+
+    ``fields`` declares extra columns (the Go library's ``{"tag": "string"}``), filled by
+    ``map_action(..., extras)``. Mix ``mixin()`` into the service that takes the commands.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store_factory: StoreFactory,
+        fields: Mapping[str, str] | None = None,
+        *,
+        dispatch_batch_size: int = 1,
+        dispatch_attempts: int = 5,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not name.isidentifier():
+            raise ConfigurationError(f"event store name {name!r} must be an identifier")
+        self.name = name
+        self.store_factory = store_factory
+        self.extra_fields = declare_fields(fields)
+        clash = set(self.extra_fields) & set(EVENT_FIELDS)
+        if clash:
+            raise ConfigurationError(f"extra fields {sorted(clash)} clash with the event columns")
+        self.dispatch_batch_size = int(
+            (settings or {}).get("dispatchBatchSize", dispatch_batch_size)
+        )
+        self.dispatch_attempts = dispatch_attempts
+        self.max_payload_bytes = max_payload_bytes
+        self.settings = dict(settings or {})
+        self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, EventStoreRuntime] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._mixin: type | None = None
+
+    # ------------------------------------------------------------------ user API
+
+    def mixin(self) -> type:
+        """A base class for the service that takes the commands: it adds ``$startDispatch``
+        and ``$stopDispatch`` and brings the ``<name>`` service up with it."""
+        if self._mixin is None:
+            self._mixin = _make_mixin(self)
+        return self._mixin
+
+    def map_action(
+        self,
+        action_name: str,
+        event_name: str,
+        extras: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        strict: bool = True,
+    ) -> ActionHandler:
+        """An action that saves its params as ``event_name`` and answers the stored event.
+
+        ``params`` is an optional MoleculerPy validation schema; with ``strict`` (the
+        default when a schema is given) keys outside it are refused too.
+        """
+        extras = dict(extras or {})
+        unknown = [k for k in extras if k not in self.extra_fields]
+        if unknown:
+            raise ConfigurationError(
+                f"map_action extras {unknown} are not declared fields of {self.name!r}"
+            )
+        store = self
+        allowed = set(params) if params and strict else None
+
+        @action(name=action_name, params=dict(params) if params else None)
+        async def handler(service: Any, ctx: Context) -> dict[str, Any]:
+            payload = ctx.params if ctx.params is not None else {}
+            if not isinstance(payload, dict):
+                raise InvalidInput("params must be an object")
+            if allowed is not None:
+                extra = sorted(set(payload) - allowed)
+                if extra:
+                    raise InvalidInput(
+                        f"unknown parameter {extra[0]!r}; this action takes {sorted(allowed)}",
+                        field=extra[0],
+                    )
+            runtime = store.runtime(service.broker)
+            try:
+                row = await runtime.append(event_name, payload, extras=extras, meta=ctx.meta)
+            except CqrsError as error:
+                if not isinstance(error, InvalidInput):
+                    await runtime.port.emit(
+                        f"{event_name}.failed", {"error": str(error), "event": event_name}
+                    )
+                raise
+            except Exception as error:
+                await runtime.port.emit(
+                    f"{event_name}.failed", {"error": str(error), "event": event_name}
+                )
+                raise StoreError(
+                    f"could not save {event_name}: {error}", store=store.name
+                ) from error
+            return answer(row, tuple(store.extra_fields))
+
+        handler.__name__ = f"cqrs_map_action_{action_name}"
+        return handler
+
+    def map_event(self, origin_event: str, stored_event: str) -> Callable[[Any, Context], Any]:
+        """An event handler that saves every ``origin_event`` it hears as ``stored_event``."""
+        store = self
+
+        @event(name=origin_event)
+        async def handler(service: Any, ctx: Context) -> None:
+            payload = ctx.params if isinstance(ctx.params, dict) else {"value": ctx.params}
+            await store.runtime(service.broker).append(stored_event, payload, meta=ctx.meta)
+
+        handler.__name__ = f"cqrs_map_event_{origin_event}"
+        return handler
+
+    # ------------------------------------------------------------------ run time
+
+    def runtime(self, broker: ServiceBroker) -> EventStoreRuntime:
+        try:
+            return self._runtimes[broker]
+        except KeyError:
+            raise ConfigurationError(
+                f"event store {self.name!r} is not running on broker {broker.nodeID!r}: "
+                "mix events.mixin() into one of its services"
+            ) from None
+
+    def runtime_or_none(self, broker: ServiceBroker) -> EventStoreRuntime | None:
+        return self._runtimes.get(broker)
+
+    async def on_created(self, service: Any) -> None:
+        broker: ServiceBroker = service.broker
+        if broker in self._runtimes:
+            return
+        compat.install(broker)
+        fields = {**EVENT_FIELDS, **self.extra_fields}
+        runtime = EventStoreRuntime(
+            self.name,
+            lambda: self.store_factory(self.name, fields, self.settings),
+            MoleculerPort(broker),
+            dispatch_batch_size=self.dispatch_batch_size,
+            dispatch_attempts=self.dispatch_attempts,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        self._runtimes[broker] = runtime
+        _registry_for(broker)[self.name] = runtime
+        await broker.register(EventStoreService(self.name, runtime))
+
+    async def on_started(self, service: Any) -> None:
+        pass  # the <name> service starts the runtime
+
+    async def on_stopped(self, service: Any) -> None:
+        pass
+
+
+def local_event_stores(broker: ServiceBroker) -> dict[str, EventStoreRuntime]:
+    """The event stores running on this broker, by name."""
+    return _registry_for(broker)
+
+
+_by_broker: weakref.WeakKeyDictionary[ServiceBroker, dict[str, EventStoreRuntime]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _registry_for(broker: ServiceBroker) -> dict[str, EventStoreRuntime]:
+    return _by_broker.setdefault(broker, {})
+
+
+class EventStoreService(ReadActions, Service):
+    """The ``<eventStore>`` service: read-only store actions over the log, ``read``, ``status``.
+
+    The log is append-only, so ``create``/``update``/``remove`` are not offered here: events
+    enter through ``map_action``/``map_event`` only.
+    """
+
+    def __init__(self, name: str, runtime: EventStoreRuntime) -> None:
+        super().__init__(name=name)
+        self.runtime = runtime
+        self.port = runtime.port
+
+    @property
+    def store(self) -> StoreActions:
+        return StoreActions(self.runtime.adapter)
+
+    async def started(self) -> None:
+        if not self.runtime.started:
+            await self.runtime.start()
+
+    async def stopped(self) -> None:
+        await self.runtime.stop()
+
+    @action(name="read")
+    async def read_action(self, ctx: Context) -> dict[str, Any]:
+        params = ctx.params or {}
+        unknown = [k for k in params if k not in ("after", "limit")]
+        if unknown:
+            raise InvalidInput(f"read takes after and limit, not {unknown[0]!r}", field=unknown[0])
+        after = params.get("after", 0)
+        limit = params.get("limit", 100)
+        for key, value, top in (("after", after, 2**63 - 1), ("limit", limit, 10_000)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise InvalidInput(f"{key} must be an integer from 0 to {top}", field=key)
+        return await self.runtime.read(after, limit)
+
+    @action(name="status")
+    async def status_action(self, ctx: Context) -> dict[str, Any]:
+        return await self.runtime.status()
+
+
+def _make_mixin(store: EventStore) -> type:
+    def runtime_of(service: Any) -> EventStoreRuntime:
+        return store.runtime(service.broker)
+
+    @action(name="$startDispatch")
+    async def start_dispatch(service: Any, ctx: Context) -> dict[str, Any]:
+        runtime = runtime_of(service)
+        runtime.dispatcher.start()
+        return {"dispatching": True}
+
+    @action(name="$stopDispatch")
+    async def stop_dispatch(service: Any, ctx: Context) -> dict[str, Any]:
+        await runtime_of(service).dispatcher.stop()
+        return {"dispatching": False}
+
+    return type(
+        f"{store.name}Mixin",
+        (CqrsMixin,),
+        {
+            "_cqrs_component": store,
+            "cqrs_start_dispatch": start_dispatch,
+            "cqrs_stop_dispatch": stop_dispatch,
+        },
+    )

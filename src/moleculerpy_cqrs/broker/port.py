@@ -1,0 +1,36 @@
+"""The core's broker port, implemented on a MoleculerPy broker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from moleculerpy import ServiceBroker
+
+
+class MoleculerPort:
+    def __init__(self, broker: ServiceBroker) -> None:
+        self.broker = broker
+
+    async def call(
+        self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> Any:
+        return await self.broker.call(action, params, meta or {})
+
+    async def emit(
+        self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> None:
+        if self.broker.registry.get_all_events(event):
+            await self.broker.emit(event, payload, meta or {})
+
+    async def broadcast(self, event: str, payload: dict[str, Any]) -> None:
+        if self.broker.registry.get_all_events(event):
+            await self.broker.broadcast(event, payload)
+
+    async def wait_for_actions(self, actions: list[str]) -> None:
+        # Start-up only: MoleculerPy has no "action available" signal to await.
+        delay = 0.01
+        while missing := [a for a in actions if self.broker.registry.get_action(a) is None]:
+            del missing
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)

@@ -1,0 +1,109 @@
+"""An aggregate at run time: its table, its dead letters and its projector."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Literal
+
+from moleculerpy_cqrs.core.log import LogSource
+from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.core.projector import Binding, Projector
+from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.query import Query
+
+
+class AggregateRuntime:
+    def __init__(
+        self,
+        name: str,
+        make_adapter: Callable[[], Adapter],
+        port: BrokerPort,
+        bindings: list[Binding],
+        *,
+        batch_size: int = 100,
+        attempts: int = 3,
+        on_error: Literal["dead_letter", "halt"] = "dead_letter",
+    ) -> None:
+        self.name = name
+        self.port = port
+        self._make_adapter = make_adapter
+        self._build()
+        self.bindings = bindings
+        self.batch_size = batch_size
+        self.attempts = attempts
+        self.on_error: Literal["dead_letter", "halt"] = on_error
+        self.projector: Projector | None = None
+        self.connected = asyncio.Event()
+        self.projecting = asyncio.Event()
+
+    def _build(self) -> None:
+        """A fresh adapter (one is not reopened once closed) and its dead-letter sibling."""
+        self.adapter = self._make_adapter()
+        self.dead_letters = self.adapter.sibling(f"{self.name}_deadletters", DEAD_LETTER_FIELDS)
+        self.closed = False
+
+    async def connect(self) -> None:
+        if self.closed:
+            self._build()
+        await self.adapter.connect()
+        await self.dead_letters.connect()
+        self.connected.set()
+
+    def start_projector(self, source: LogSource) -> Projector:
+        self.projector = Projector(
+            self.name,
+            self.adapter,
+            self.dead_letters,
+            source,
+            self.bindings,
+            self.port,
+            batch_size=self.batch_size,
+            attempts=self.attempts,
+            on_error=self.on_error,
+        )
+        self.projector.start()
+        self.projecting.set()
+        return self.projector
+
+    async def wait_caught_up(self, position: int | None = None) -> int:
+        """Wait until the projector has applied the log up to ``position`` (default: the
+        head of the log when called); answers the checkpoint."""
+        await self.projecting.wait()
+        assert self.projector is not None
+        target = await self.projector.source.head() if position is None else position
+        return await self.projector.wait_until(target)
+
+    async def stop(self) -> None:
+        self.projecting.clear()
+        if self.projector is not None:
+            await self.projector.stop()
+        await self.dead_letters.close()
+        await self.adapter.close()
+        self.closed = True
+        self.connected.clear()
+
+    async def status(self) -> dict[str, Any]:
+        p = self.projector
+        checkpoint = p.checkpoint if p else int(await self.adapter.get_meta("checkpoint") or 0)
+        head = await p.source.head() if p else None
+        lag_events = max((head or 0) - checkpoint, 0)
+        lag_seconds = 0.0
+        if p and lag_events:
+            nxt = await p.source.read_after(checkpoint, 1)
+            if nxt:
+                lag_seconds = max(now_ms() - int(nxt[0]["created"]), 0) / 1000
+        return {
+            "name": self.name,
+            "eventStore": p.source.name if p else None,
+            "state": p.state if p else "stopped",
+            "checkpoint": checkpoint,
+            "head": head,
+            "lag": {"events": lag_events, "seconds": lag_seconds},
+            "deadLetters": await self.dead_letters.count(),
+            "applied": p.stats.applied if p else 0,
+            "haltedAt": p.stats.halted_at if p else None,
+            "lastError": p.stats.last_error if p else None,
+            "rows": await self.adapter.count(Query()),
+        }

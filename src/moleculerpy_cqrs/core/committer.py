@@ -1,0 +1,82 @@
+"""Group commit: concurrent appends share one transaction.
+
+Appends queue up while a write is in flight; the next write takes everything queued (up to
+``max_batch``) in one transaction. Under load this amortises the commit (the fsync) over many
+events; with one writer it costs nothing. Every caller gets its row once it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import Record
+
+MAX_BATCH: Final = 1000
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        adapter: Adapter,
+        on_commit: Callable[[list[Record]], None],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._adapter = adapter
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: list[tuple[Record, asyncio.Future[Record]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.appended = 0
+
+    async def append(self, record: Record) -> Record:
+        """Append one checked record; answers it with its position once committed."""
+        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._queue.append((record, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="cqrs-group-commit")
+        return await future
+
+    async def close(self) -> None:
+        """Wait for what is queued to be written."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write_all(self) -> None:
+        while self._queue:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Record, asyncio.Future[Record]]]) -> None:
+        try:
+            rows = await self._adapter.append([record for record, _ in batch])
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=error)
+                return
+            # One bad record must not fail its neighbours: write them one by one.
+            for item in batch:
+                await self._write([item])
+            return
+        self.batches += 1
+        self.appended += len(rows)
+        for (_, future), row in zip(batch, rows, strict=True):
+            _settle(future, row=row)
+        self._on_commit(rows)
+
+
+def _settle(
+    future: asyncio.Future[Record], *, row: Record | None = None, error: Exception | None = None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert row is not None
+        future.set_result(row)

@@ -1,0 +1,171 @@
+"""The dispatcher: emits every stored command, in position order, to whoever subscribes.
+
+Status per event: 0 created → 1 processing → 2 complete; a delivery that fails is retried with
+backoff (4 retrying) and marked 3 failed after ``max_attempts``. The position of the last
+settled event is kept in the store's meta in the same transaction as the statuses, so after a
+crash the events left at 1 are delivered again (at-least-once). Appends wake it; idle, it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from moleculerpy_cqrs.core.log import Wakeup
+from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.core.records import EventType, Status, delivered, now_ms
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import Record
+from moleculerpy_cqrs.stores.query import In, Query
+
+CURSOR_KEY: Final = "dispatch.cursor"
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        adapter: Adapter,
+        port: BrokerPort,
+        *,
+        batch_size: int = 1,
+        max_attempts: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._adapter = adapter
+        self._port = port
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._wakeup = Wakeup()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self.cursor = 0
+        self.delivered = 0
+        self.failed = 0
+        self.last_error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> None:
+        self._wakeup.wake()
+
+    def start(self) -> None:
+        if not self.running:
+            self._stopping.clear()
+            self._wakeup.wake()
+            self._task = asyncio.create_task(self._run(), name="cqrs-dispatcher")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop after the batch in flight is settled (cancelled after ``grace`` seconds)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wakeup.wake()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        self.cursor = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
+        while not self._stopping.is_set():
+            self._wakeup.arm()
+            rows = await self._adapter.read_after(self.cursor, max(self.batch_size, 1))
+            if not rows:
+                await self._wakeup.wait()
+                continue
+            try:
+                await self._dispatch(rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a store failure: try again later
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("dispatcher: store failure, retrying")
+                await self._pause(self.backoff)
+
+    async def wait_settled(self, position: int) -> int:
+        """Wait until every event up to ``position`` is settled (complete or failed)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.cursor >= position)
+        return self.cursor
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, unless asked to stop meanwhile; answers whether a stop was asked."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _dispatch(self, rows: list[Record]) -> None:
+        commands = [
+            r
+            for r in rows
+            if r["eventType"] == EventType.COMMAND
+            and r["status"] not in (Status.COMPLETE, Status.FAILED)
+        ]
+        if commands:
+            ids = [r["id"] for r in commands]
+            await self._adapter.update_many(
+                Query(where=In("id", tuple(ids))),
+                {"status": int(Status.PROCESSING), "updated": now_ms()},
+            )
+        settled: dict[Status, list[int]] = {Status.COMPLETE: [], Status.FAILED: []}
+        for row in commands:
+            outcome = await self._deliver(row, len(commands))
+            settled[outcome].append(row["id"])
+        async with self._adapter.transaction():
+            for status, ids in settled.items():
+                if ids:
+                    await self._adapter.update_many(
+                        Query(where=In("id", tuple(ids))),
+                        {"status": int(status), "updated": now_ms()},
+                    )
+            await self._adapter.set_meta(CURSOR_KEY, rows[-1]["id"])
+        async with self._progress:
+            self.cursor = rows[-1]["id"]
+            self._progress.notify_all()
+
+    async def _deliver(self, row: Record, batch_size: int) -> Status:
+        payload = delivered({**row, "status": int(Status.PROCESSING)}, batch_size)
+        attempts = int(row.get("attempts") or 0)
+        while True:
+            attempts += 1
+            try:
+                await self._port.emit(row["event"], payload, meta=row.get("meta") or {})
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+                final = attempts >= self.max_attempts
+                await self._adapter.update(
+                    row["id"],
+                    {
+                        "status": int(Status.FAILED if final else Status.RETRYING),
+                        "attempts": attempts,
+                        "error": self.last_error[:2000],
+                        "updated": now_ms(),
+                    },
+                )
+                if final:
+                    self.failed += 1
+                    return Status.FAILED
+                if await self._pause(min(self.backoff * 2 ** (attempts - 1), self.max_backoff)):
+                    raise asyncio.CancelledError from None  # stopping: the row stays "retrying"
+                continue
+            self.delivered += 1
+            if attempts > 1:
+                await self._adapter.update(row["id"], {"attempts": attempts})
+            return Status.COMPLETE

@@ -1,0 +1,166 @@
+"""The event store at run time: the log's adapter, the group committer and the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from moleculerpy_cqrs.core.committer import GroupCommitter
+from moleculerpy_cqrs.core.dispatcher import Dispatcher
+from moleculerpy_cqrs.core.log import Listeners, LocalLog
+from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
+from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import Record, check_record
+from moleculerpy_cqrs.stores.query import Query, parse_condition
+
+MAX_PAYLOAD_BYTES: Final = 1_048_576
+_PRIVATE_META: Final = ("$cqrsTx", "$cqrsAggregate")
+log = logging.getLogger(__name__)
+
+
+class EventStoreRuntime:
+    def __init__(
+        self,
+        name: str,
+        make_adapter: Callable[[], Adapter],
+        port: BrokerPort,
+        *,
+        dispatch_batch_size: int = 1,
+        dispatch_attempts: int = 5,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.max_payload_bytes = max_payload_bytes
+        self.listeners = Listeners()
+        self._make_adapter = make_adapter
+        self._dispatch = {"batch_size": dispatch_batch_size, "max_attempts": dispatch_attempts}
+        self.started = False
+        self._announcing: asyncio.Task[None] | None = None
+        self._build()
+
+    def _build(self) -> None:
+        """Fresh parts around a fresh adapter (an adapter is not reopened once closed)."""
+        self.adapter = self._make_adapter()
+        self.committer = GroupCommitter(self.adapter, self._committed)
+        self.dispatcher = Dispatcher(self.adapter, self.port, **self._dispatch)
+        self.log = LocalLog(self.name, self.adapter, self.listeners)
+        self.closed = False
+
+    async def start(self, *, dispatch: bool = True) -> None:
+        if self.closed:
+            self._build()
+        await self.adapter.connect()
+        self.started = True
+        if dispatch:
+            self.dispatcher.start()
+
+    async def stop(self) -> None:
+        self.started = False
+        if self._announcing is not None:
+            await asyncio.gather(self._announcing, return_exceptions=True)
+        await self.dispatcher.stop()
+        await self.committer.close()
+        await self.adapter.close()
+        self.closed = True
+
+    async def append(
+        self,
+        event: str,
+        payload: Any,
+        *,
+        extras: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        event_type: EventType = EventType.COMMAND,
+    ) -> Record:
+        """Check, then append one event; answers the stored row once it is durable."""
+        now = now_ms()
+        record = {
+            **(extras or {}),
+            "event": event,
+            "version": EVENT_VERSION,
+            "created": now,
+            "updated": now,
+            "status": int(Status.CREATED),
+            "eventType": int(event_type),
+            "payload": self._check_payload(payload),
+            "meta": self._clean_meta(meta),
+            "attempts": 0,
+        }
+        return await self.committer.append(check_record(self.adapter.fields, record))
+
+    async def read(self, after: int, limit: int) -> dict[str, Any]:
+        events = await self.adapter.read_after(after, limit) if limit else []
+        return {"events": events, "head": await self.adapter.head()}
+
+    async def count(self, query: Mapping[str, Any]) -> int:
+        return await self.adapter.count(Query(where=parse_condition(self.adapter.fields, query)))
+
+    async def status(self) -> dict[str, Any]:
+        head = await self.adapter.head()
+        d = self.dispatcher
+        return {
+            "name": self.name,
+            "head": head,
+            "appended": self.committer.appended,
+            "commits": self.committer.batches,
+            "dispatcher": {
+                "running": d.running,
+                "cursor": d.cursor,
+                "lag": max(head - d.cursor, 0),
+                "delivered": d.delivered,
+                "failed": d.failed,
+                "lastError": d.last_error,
+            },
+        }
+
+    def _committed(self, rows: list[Record]) -> None:
+        self.dispatcher.wake()
+        self.listeners.notify()
+        if self._announcing is None or self._announcing.done():
+            self._announcing = asyncio.create_task(self._announce(), name="cqrs-announce")
+
+    async def _announce(self) -> None:
+        """Wake workers on other nodes (they read through ``<name>.read``)."""
+        await asyncio.sleep(0)  # coalesce the commits of this loop iteration
+        try:
+            await self.port.broadcast(f"cqrs.{self.name}.appended", {"head": 0})
+        except Exception:
+            log.exception("event store %s: could not announce new events", self.name)
+
+    def _check_payload(self, payload: Any) -> Any:
+        try:
+            encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
+        except (TypeError, ValueError) as error:
+            raise InvalidInput(f"the payload must be JSON: {error}", field="payload") from None
+        size = len(encoded.encode())
+        if size > self.max_payload_bytes:
+            raise InvalidInput(
+                f"the payload is {size} bytes; the limit is {self.max_payload_bytes} "
+                "(EventStore(..., max_payload_bytes=...) raises it)",
+                field="payload",
+            )
+        if "\x00" in encoded or "\\u0000" in encoded:
+            raise InvalidInput("the payload may not hold NUL characters", field="payload")
+        return payload
+
+    def _clean_meta(self, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = {k: v for k, v in (meta or {}).items() if k not in _PRIVATE_META}
+        try:
+            json.dumps(out, allow_nan=False)
+        except (TypeError, ValueError):
+            return {k: v for k, v in out.items() if _is_json(v)}
+        return out
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
