@@ -22,7 +22,7 @@ from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
-from moleculerpy_cqrs.stores.base import StoreFactory
+from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self.starter: asyncio.Task[None] | None = None
 
     @property
-    def store(self) -> StoreActions:
-        return StoreActions(self.runtime.adapter)
+    def adapter(self) -> Adapter:
+        return self.runtime.adapter
 
     async def started(self) -> None:
         await self.runtime.connect()

@@ -15,8 +15,7 @@ from moleculerpy_cqrs.broker.store_service import ReadActions
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
-from moleculerpy_cqrs.stores.actions import StoreActions
-from moleculerpy_cqrs.stores.base import StoreFactory
+from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import declare_fields
 
 ActionHandler = Callable[[Any, Context], Any]
@@ -202,8 +201,8 @@ class EventStoreService(ReadActions, Service):
         self.port = runtime.port
 
     @property
-    def store(self) -> StoreActions:
-        return StoreActions(self.runtime.adapter)
+    def adapter(self) -> Adapter:
+        return self.runtime.adapter
 
     async def started(self) -> None:
         if not self.runtime.started:

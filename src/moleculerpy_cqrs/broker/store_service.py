@@ -13,6 +13,7 @@ from moleculerpy import Context, action
 from moleculerpy_cqrs.core import joins
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.stores.actions import StoreActions
+from moleculerpy_cqrs.stores.base import Adapter
 
 
 class _StoreBase:
@@ -22,8 +23,16 @@ class _StoreBase:
     port: BrokerPort
 
     @property
-    def store(self) -> StoreActions:
+    def adapter(self) -> Adapter:
         raise NotImplementedError
+
+    async def _run(self, ctx: Context, action: str) -> Any:
+        """Run a store action, on the projector's open batch when called from one."""
+
+        async def work(adapter: Adapter) -> Any:
+            return await getattr(StoreActions(adapter), action)(ctx.params)
+
+        return await joins.run_joined(ctx.meta, self.adapter, work)
 
     async def _announce(self, what: str, payload: dict[str, Any]) -> None:
         await self.port.broadcast(f"{self.name}.{what}", payload)
@@ -32,42 +41,42 @@ class _StoreBase:
 class ReadActions(_StoreBase):
     @action(name="find")
     async def find_action(self, ctx: Context) -> Any:
-        return await joins.run_joined(ctx.meta, lambda: self.store.find(ctx.params))
+        return await self._run(ctx, "find")
 
     @action(name="count")
     async def count_action(self, ctx: Context) -> Any:
-        return await joins.run_joined(ctx.meta, lambda: self.store.count(ctx.params))
+        return await self._run(ctx, "count")
 
     @action(name="list")
     async def list_action(self, ctx: Context) -> Any:
-        return await joins.run_joined(ctx.meta, lambda: self.store.list_page(ctx.params))
+        return await self._run(ctx, "list_page")
 
     @action(name="get")
     async def get_action(self, ctx: Context) -> Any:
-        return await joins.run_joined(ctx.meta, lambda: self.store.get(ctx.params))
+        return await self._run(ctx, "get")
 
 
 class WriteActions(_StoreBase):
     @action(name="create")
     async def create_action(self, ctx: Context) -> Any:
-        row = await joins.run_joined(ctx.meta, lambda: self.store.create(ctx.params))
+        row = await self._run(ctx, "create")
         await self._announce("created", row)
         return row
 
     @action(name="insert")
     async def insert_action(self, ctx: Context) -> Any:
-        rows = await joins.run_joined(ctx.meta, lambda: self.store.insert(ctx.params))
+        rows = await self._run(ctx, "insert")
         await self._announce("created", {"rows": rows} if isinstance(rows, list) else rows)
         return rows
 
     @action(name="update")
     async def update_action(self, ctx: Context) -> Any:
-        row = await joins.run_joined(ctx.meta, lambda: self.store.update(ctx.params))
+        row = await self._run(ctx, "update")
         await self._announce("updated", row)
         return row
 
     @action(name="remove")
     async def remove_action(self, ctx: Context) -> Any:
-        row = await joins.run_joined(ctx.meta, lambda: self.store.remove(ctx.params))
+        row = await self._run(ctx, "remove")
         await self._announce("removed", row)
         return row

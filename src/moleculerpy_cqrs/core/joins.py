@@ -2,10 +2,11 @@
 
 The projector applies a batch of events in one transaction. A transformation that reads its
 aggregate (``profileSummaryAggregate.find``) must see the batch's earlier changes, which are
-not committed yet. In-process, the adapter's transaction travels in a ContextVar and joins by
-itself. Across nodes only ``meta`` travels, so the projector registers the context of its
-open transaction under a token sent in ``meta``; the aggregate's read actions run in that
-context when they see a live token.
+not committed yet, and during a replay it must read the table being rebuilt, not the live one.
+In-process, the adapter's transaction travels in a ContextVar by itself; across nodes only
+``meta`` travels. So the projector registers its open batch (the context of its transaction
+and the table it writes) under a token sent in ``meta``, and the aggregate's store actions
+run against that table, in that context, when they see a live token.
 """
 
 from __future__ import annotations
@@ -15,32 +16,48 @@ import contextvars
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Final
+
+from moleculerpy_cqrs.stores.base import Adapter
 
 META_KEY: Final = "$cqrsTx"
 
-_open: dict[str, contextvars.Context] = {}
+
+@dataclass(frozen=True)
+class _Batch:
+    context: contextvars.Context
+    target: Adapter
+
+
+_open: dict[str, _Batch] = {}
 
 
 @contextmanager
-def shared_transaction() -> Iterator[str]:
-    """Register the current context (inside an open transaction); answers its token."""
+def shared_transaction(target: Adapter) -> Iterator[str]:
+    """Register the current context (inside an open transaction on ``target``)."""
     token = secrets.token_hex(8)
-    _open[token] = contextvars.copy_context()
+    _open[token] = _Batch(contextvars.copy_context(), target)
     try:
         yield token
     finally:
         del _open[token]
 
 
-async def run_joined[T](meta: Any, work: Callable[[], Awaitable[T]]) -> T:
-    """Run ``work`` inside the transaction named by ``meta``, if it is open on this node."""
+async def run_joined[T](meta: Any, default: Adapter, work: Callable[[Adapter], Awaitable[T]]) -> T:
+    """Run ``work`` on the table and in the transaction that ``meta`` names, if that batch is
+    open on this node and writes to a table of ``default``'s aggregate; else on ``default``."""
     token = meta.get(META_KEY) if isinstance(meta, dict) else None
-    context = _open.get(token) if isinstance(token, str) else None
-    if context is None:
-        return await work()
+    batch = _open.get(token) if isinstance(token, str) else None
+    if batch is None or not _same_aggregate(batch.target, default):
+        return await work(default)
 
     async def call() -> T:
-        return await work()
+        return await work(batch.target)
 
-    return await asyncio.create_task(call(), context=context.copy())
+    return await asyncio.create_task(call(), context=batch.context.copy())
+
+
+def _same_aggregate(target: Adapter, default: Adapter) -> bool:
+    # The live table, or its shadow during a replay (named "<aggregate>__shadow").
+    return target.name in (default.name, f"{default.name}__shadow")

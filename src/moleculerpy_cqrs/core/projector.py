@@ -242,7 +242,7 @@ class Projector:
         """Apply ``events`` to ``target`` and move its checkpoint, in one transaction."""
         errors: list[tuple[Record, TransformFailed]] = []
         async with target.transaction():
-            with joins.shared_transaction() as token:
+            with joins.shared_transaction(target) as token:
                 for event in events:
                     for binding in self._relevant(event):
                         try:
@@ -344,7 +344,7 @@ class Projector:
                     continue
                 try:
                     async with self.adapter.transaction():
-                        with joins.shared_transaction() as token:
+                        with joins.shared_transaction(self.adapter) as token:
                             await self.apply_one(self.adapter, binding, row["record"], token, 1)
                             await self.dead_letters.remove(row[ID])
                     retried.append(row[ID])

@@ -1,0 +1,262 @@
+"""Snapshots, restores and replays of one aggregate, while appends and reads go on.
+
+- ``snapshot``: records a snapshot-created event (eventType 1) in the event store, holds the
+  projector between two batches, backs up the aggregate with its checkpoint (and its dead
+  letters) through the store's own backup, and marks the event completed (2) or failed (3).
+- ``restore``: refuses unknown, failed or unfinished snapshots; otherwise holds the projector,
+  swaps the backup in atomically, and lets the projector catch up from the snapshot's
+  checkpoint with every event stored since.
+- ``replay``: rebuilds the aggregate from position 0 into a shadow table, in large batches,
+  while the live table keeps serving reads and the live projector keeps running; then holds
+  the projector for the last few events and swaps the shadow in atomically.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from moleculerpy_cqrs.core.projector import CHECKPOINT_KEY, Projector
+from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, EventType
+from moleculerpy_cqrs.core.snapshots import NO_BACKUP_ERROR, SnapshotStrategy
+from moleculerpy_cqrs.errors import Conflict, EntityNotFound, StoreError
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.query import ALL
+
+REPLAY_BATCH: Final = 2000
+SHADOW_SUFFIX: Final = "__shadow"
+SNAPSHOT_STATES: Final = {
+    EventType.SNAPSHOT_CREATED: "created",
+    EventType.SNAPSHOT_COMPLETED: "completed",
+    EventType.SNAPSHOT_FAILED: "failed",
+}
+
+
+class SnapshotStore:
+    """The event store's side of snapshots, reached through the broker (it may be remote)."""
+
+    def __init__(self, call: Callable[..., Any], event_store: str, aggregate: str) -> None:
+        self._call = call
+        self.event_store = event_store
+        self.aggregate = aggregate
+
+    @property
+    def event_name(self) -> str:
+        return f"{self.aggregate}.snapshot"
+
+    async def record(self, payload: dict[str, Any]) -> dict[str, Any]:
+        row: dict[str, Any] = await self._call(
+            f"{self.event_store}.recordSnapshot", {"event": self.event_name, "payload": payload}
+        )
+        return row
+
+    async def settle(self, event_id: int, payload: dict[str, Any], error: str | None) -> None:
+        await self._call(
+            f"{self.event_store}.settleSnapshot",
+            {"id": event_id, "payload": payload, "error": error},
+        )
+
+    async def all(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self._call(
+            f"{self.event_store}.find",
+            {"query": {"event": self.event_name, "eventType": {"in": [1, 2, 3]}}, "sort": "id"},
+        )
+        return rows
+
+    async def find(self, snapshot_id: str) -> dict[str, Any]:
+        for row in await self.all():
+            if row["payload"].get("snapshotId") == snapshot_id:
+                return row
+        raise EntityNotFound(snapshot_id, store=f"snapshots of {self.aggregate}")
+
+
+@dataclass
+class ReplayProgress:
+    state: str = "idle"  # running, swapping, done, failed
+    done: int = 0
+    total: int = 0
+    started: float = 0.0
+    finished: float | None = None
+    error: str | None = None
+    events_per_second: float = 0.0
+    _t0: float = field(default=0.0, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("_t0")
+        return out
+
+
+class Maintenance:
+    def __init__(
+        self,
+        name: str,
+        adapter: Adapter,
+        dead_letters: Adapter,
+        projector: Projector,
+        strategy: SnapshotStrategy,
+        snapshots: SnapshotStore | None,
+    ) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.dead_letters = dead_letters
+        self.projector = projector
+        self.strategy = strategy
+        self.snapshots = snapshots
+        self.replay_progress = ReplayProgress()
+        self.last_pause_ms: float | None = None
+
+    # ------------------------------------------------------------------ snapshot
+
+    async def snapshot(self) -> str:
+        store = self._snapshot_store()
+        snapshot_id = "snapshot_" + secrets.token_hex(8)
+        location = self.strategy.location(snapshot_id, self.name)
+        async with self.projector.paused() as checkpoint:
+            paused = time.perf_counter()
+            payload: dict[str, Any] = {
+                "snapshotId": snapshot_id,
+                "aggregate": self.name,
+                "checkpoint": checkpoint,
+                "location": location,
+            }
+            created = await store.record(payload)
+            try:
+                if location is None:
+                    raise StoreError(NO_BACKUP_ERROR, store=self.name)
+                size = await self.adapter.backup(location)
+                size += await self.dead_letters.backup(location)
+            except Exception as error:
+                message = (
+                    str(error)
+                    if isinstance(error, StoreError) and str(error) == NO_BACKUP_ERROR
+                    else "aggregate.snapshot action failed. We could not backup the aggregate. "
+                    f"Error: {error}"
+                )
+                await store.settle(created["id"], payload, message)
+                raise StoreError(message, store=self.name) from error
+            finally:
+                self.last_pause_ms = (time.perf_counter() - paused) * 1000
+        await store.settle(created["id"], {**payload, "size": size}, None)
+        return snapshot_id
+
+    async def list_snapshots(self) -> list[dict[str, Any]]:
+        store = self._snapshot_store()
+        out = []
+        for row in await store.all():
+            p = row["payload"]
+            out.append(
+                {
+                    "snapshotId": p.get("snapshotId"),
+                    "status": SNAPSHOT_STATES.get(EventType(row["eventType"]), "?"),
+                    "checkpoint": p.get("checkpoint"),
+                    "size": p.get("size"),
+                    "created": row["created"],
+                    "updated": row["updated"],
+                    "location": p.get("location"),
+                    "error": row.get("error"),
+                    "eventId": row["id"],
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(self, snapshot_id: str) -> dict[str, Any]:
+        store = self._snapshot_store()
+        row = await store.find(snapshot_id)
+        kind = EventType(row["eventType"])
+        if kind == EventType.SNAPSHOT_FAILED:
+            raise Conflict(
+                f"snapshot {snapshot_id} failed ({row.get('error')}); it cannot be restored",
+                snapshotId=snapshot_id,
+            )
+        if kind != EventType.SNAPSHOT_COMPLETED:
+            raise Conflict(
+                f"snapshot {snapshot_id} never completed; it cannot be restored",
+                snapshotId=snapshot_id,
+            )
+        location = row["payload"]["location"]
+        if not location or not Path(location).exists():
+            raise Conflict(f"the backup of {snapshot_id} is missing at {location!r}")
+        async with self.projector.paused():
+            paused = time.perf_counter()
+            await self.adapter.restore(location)
+            await self.dead_letters.restore(location)
+            checkpoint = await self.projector.reload_checkpoint()
+            self.last_pause_ms = (time.perf_counter() - paused) * 1000
+        return {"snapshotId": snapshot_id, "checkpoint": checkpoint}
+
+    # ------------------------------------------------------------------ replay
+
+    async def replay(self, on_progress: Callable[[ReplayProgress], Any] | None = None) -> Any:
+        if self.replay_progress.state in ("running", "swapping"):
+            raise Conflict(f"a replay of {self.name} is already running")
+        progress = self.replay_progress = ReplayProgress(state="running", started=time.time())
+        progress._t0 = time.perf_counter()
+        shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.fields)
+        shadow_dead = self.adapter.sibling(
+            self.name + SHADOW_SUFFIX + "_deadletters", DEAD_LETTER_FIELDS
+        )
+        source = self.projector.source
+        try:
+            await shadow.connect()
+            await shadow_dead.connect()
+            async with shadow.transaction():  # leftovers of an interrupted replay
+                await shadow.remove_many(ALL)
+                await shadow_dead.remove_many(ALL)
+                await shadow.set_meta(CHECKPOINT_KEY, None)
+            progress.total = await source.head()
+            position = await self._fill(shadow, shadow_dead, 0, progress, on_progress)
+            progress.state = "swapping"
+            async with self.projector.paused():
+                paused = time.perf_counter()
+                position = await self._fill(shadow, shadow_dead, position, progress, None)
+                async with self.adapter.transaction():
+                    await self.adapter.replace_with(shadow)
+                    await self.dead_letters.replace_with(shadow_dead)
+                await self.projector.reload_checkpoint()
+                self.last_pause_ms = (time.perf_counter() - paused) * 1000
+            progress.state = "done"
+        except Exception as error:
+            progress.state = "failed"
+            progress.error = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            progress.finished = time.time()
+            await shadow.close()
+            await shadow_dead.close()
+            if on_progress is not None:
+                on_progress(progress)
+        return progress.public()
+
+    async def _fill(
+        self,
+        shadow: Adapter,
+        shadow_dead: Adapter,
+        position: int,
+        progress: ReplayProgress,
+        on_progress: Callable[[ReplayProgress], Any] | None,
+    ) -> int:
+        source = self.projector.source
+        while events := await source.read_after(position, REPLAY_BATCH):
+            await self.projector.apply_batch(shadow, shadow_dead, events)
+            position = events[-1]["id"]
+            progress.done = position
+            progress.total = max(progress.total, position)
+            elapsed = time.perf_counter() - progress._t0
+            progress.events_per_second = position / elapsed if elapsed else 0.0
+            if on_progress is not None:
+                on_progress(progress)
+        return position
+
+    def _snapshot_store(self) -> SnapshotStore:
+        if self.snapshots is None:
+            from moleculerpy_cqrs.core.snapshots import NOT_CONFIGURED_ERROR
+
+            raise Conflict(NOT_CONFIGURED_ERROR)
+        return self.snapshots
