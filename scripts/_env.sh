@@ -35,7 +35,13 @@ ensure_venv() {
         echo "Creating $VENV with $py" >&2
         "$py" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]" >&2
+    local log="$VENV/install.log"
+    echo "Installing moleculerpy-cqrs and its dependencies into $VENV (log: $log)" >&2
+    if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[dev]"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "Installing failed; the whole log is in $log" >&2
+        return 1
+    fi
     echo "$want" >"$stamp"
 }
