@@ -17,10 +17,11 @@ from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
+from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
 from moleculerpy_cqrs.core.projector import Binding, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
-from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
+from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 
@@ -65,6 +66,9 @@ class Aggregate:
     names the event store it is fed from (needed when the broker runs more than one).
     ``on_error``: ``"dead_letter"`` (default: the bad event is set aside, the rest goes on)
     or ``"halt"`` (the projector stops at it until ``retryDeadLetters``).
+    ``batch_size``: events per projector transaction; ``replay_batch_size``: events per
+    transaction of a replay (where the log and the aggregate share one database lock, as in
+    one memory database or one SQLite file, appends wait for each such transaction).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class Aggregate:
         batch_size: int = 100,
         attempts: int = 3,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
+        replay_batch_size: int = 1000,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not name.isidentifier():
@@ -89,6 +94,7 @@ class Aggregate:
         self.batch_size = batch_size
         self.attempts = attempts
         self.on_error: Literal["dead_letter", "halt"] = on_error
+        self.replay_batch_size = replay_batch_size
         self.settings = dict(settings or {})
         self.bindings: list[Binding] = []
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
@@ -132,6 +138,9 @@ class Aggregate:
             batch_size=self.batch_size,
             attempts=self.attempts,
             on_error=self.on_error,
+            snapshot=self.snapshot_strategy,
+            snapshot_event_store=self.event_store_name,
+            replay_batch_size=self.replay_batch_size,
         )
         self._runtimes[broker] = runtime
         await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
@@ -155,8 +164,8 @@ class Aggregate:
 
 
 class AggregateServiceBase(ReadActions, WriteActions, Service):
-    """The ``<aggregate>`` service: store actions, ``status``, ``deadLetters``,
-    ``retryDeadLetters`` (snapshot actions arrive with the snapshot feature)."""
+    """The ``<aggregate>`` service: store actions, ``status``, ``snapshot``, ``snapshots``,
+    ``restore``, ``replay``, ``deadLetters``, ``retryDeadLetters``."""
 
     def __init__(self, name: str, runtime: AggregateRuntime, event_store: str) -> None:
         super().__init__(name=name)
@@ -165,6 +174,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self.event_store = event_store
         self.remote_listeners = Listeners()
         self.starter: asyncio.Task[None] | None = None
+        self.replays: set[asyncio.Task[Any]] = set()
 
     @property
     def adapter(self) -> Adapter:
@@ -175,6 +185,9 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self.starter = asyncio.create_task(self._start_projector(), name=f"cqrs-start-{self.name}")
 
     async def stopped(self) -> None:
+        for task in list(self.replays):
+            task.cancel()
+        await asyncio.gather(*self.replays, return_exceptions=True)
         if self.starter is not None:
             self.starter.cancel()
             try:
@@ -204,6 +217,68 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     async def status_action(self, ctx: Context) -> dict[str, Any]:
         return await self.runtime.status()
 
+    def _maintenance(self) -> Maintenance:
+        if self.runtime.maintenance is None:
+            raise Conflict(f"{self.name} is not running yet (its projector has not started)")
+        return self.runtime.maintenance
+
+    @action(name="snapshot")
+    async def snapshot_action(self, ctx: Context) -> str:
+        """Back the aggregate up with its checkpoint; answers the snapshot id."""
+        _no_params(ctx, "snapshot")
+        return await self._maintenance().snapshot()
+
+    @action(name="snapshots")
+    async def snapshots_action(self, ctx: Context) -> list[dict[str, Any]]:
+        """Every snapshot of this aggregate: status, checkpoint, size, time, location."""
+        _no_params(ctx, "snapshots")
+        return await self._maintenance().list_snapshots()
+
+    @action(name="restore")
+    async def restore_action(self, ctx: Context) -> dict[str, Any]:
+        """Put a completed snapshot back (atomically) and catch up from its checkpoint."""
+        return await self._maintenance().restore(_snapshot_id(ctx, required=True) or "")
+
+    @action(name="replay")
+    async def replay_action(self, ctx: Context) -> dict[str, Any]:
+        """Rebuild from the log into a shadow table and swap it in (``wait`` to block until
+        done), or with ``snapshotID`` restore that snapshot and catch up from it."""
+        params = ctx.params or {}
+        unknown = [k for k in params if k not in ("wait", "snapshotID", "snapshotId")]
+        if unknown:
+            raise InvalidInput(
+                f"replay takes wait and snapshotID, not {unknown[0]!r}", field=unknown[0]
+            )
+        snapshot_id = _snapshot_id(ctx, required=False)
+        maintenance = self._maintenance()
+        if snapshot_id is not None:
+            restored = await maintenance.restore(snapshot_id)
+            if params.get("wait"):
+                await self.runtime.wait_caught_up()
+            return {"state": "restored", **restored}
+        if maintenance.replay_progress.state in ("running", "swapping"):
+            raise Conflict(f"a replay of {self.name} is already running")
+        task = asyncio.create_task(maintenance.replay(self._replay_progress))
+        self.replays.add(task)
+        task.add_done_callback(self._replay_done)
+        if params.get("wait"):
+            result: dict[str, Any] = await task
+            return result
+        await asyncio.sleep(0)  # let it start, so status shows it running
+        return maintenance.replay_progress.public()
+
+    def _replay_done(self, task: asyncio.Task[Any]) -> None:
+        self.replays.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replay of %s failed: %s", self.name, task.exception())
+
+    def _replay_progress(self, progress: ReplayProgress) -> None:
+        if self.port is not None and progress.state in ("running", "done", "failed"):
+            payload = {"aggregate": self.name, **progress.public()}
+            task = asyncio.create_task(self.port.broadcast(f"{self.name}.replay.progress", payload))
+            self.replays.add(task)
+            task.add_done_callback(self.replays.discard)
+
     @action(name="deadLetters")
     async def dead_letters_action(self, ctx: Context) -> Any:
         store = StoreActions(self.runtime.dead_letters)
@@ -225,6 +300,24 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         if projector is None:
             raise InvalidInput(f"the projector of {self.name!r} is not running yet")
         return await projector.retry_dead_letters(ids)
+
+
+def _no_params(ctx: Context, action_name: str) -> None:
+    if ctx.params:
+        raise InvalidInput(f"{action_name} takes no parameters", field=next(iter(ctx.params)))
+
+
+def _snapshot_id(ctx: Context, *, required: bool) -> str | None:
+    params = ctx.params or {}
+    value = params.get("snapshotID", params.get("snapshotId"))
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("snapshotID (the id snapshot answered) is required", field="snapshotID")
+    unknown = [k for k in params if k not in ("snapshotID", "snapshotId", "wait")]
+    if unknown:
+        raise InvalidInput(f"unexpected parameter {unknown[0]!r}", field=unknown[0])
+    return value
 
 
 def _aggregate_service(

@@ -16,7 +16,7 @@ from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntim
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
-from moleculerpy_cqrs.stores.fields import declare_fields
+from moleculerpy_cqrs.stores.fields import check_id, declare_fields
 
 ActionHandler = Callable[[Any, Context], Any]
 
@@ -227,6 +227,30 @@ class EventStoreService(ReadActions, Service):
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
         return await self.runtime.status()
+
+    @action(name="recordSnapshot")
+    async def record_snapshot_action(self, ctx: Context) -> dict[str, Any]:
+        """For aggregates: store a snapshot-created event (eventType 1)."""
+        params = ctx.params or {}
+        event_name, payload = params.get("event"), params.get("payload")
+        if not isinstance(event_name, str) or not event_name.endswith(".snapshot"):
+            raise InvalidInput("recordSnapshot takes event '<aggregate>.snapshot'", field="event")
+        if not isinstance(payload, dict):
+            raise InvalidInput("recordSnapshot takes a payload object", field="payload")
+        return await self.runtime.record_snapshot(event_name, payload)
+
+    @action(name="settleSnapshot")
+    async def settle_snapshot_action(self, ctx: Context) -> dict[str, Any]:
+        """For aggregates: mark a snapshot event completed (2) or failed (3)."""
+        params = ctx.params or {}
+        error = params.get("error")
+        if not isinstance(params.get("payload"), dict) or not (
+            error is None or isinstance(error, str)
+        ):
+            raise InvalidInput("settleSnapshot takes id, payload and error (a string or null)")
+        return await self.runtime.settle_snapshot(
+            check_id(params.get("id")), params["payload"], error
+        )
 
 
 def _make_mixin(store: EventStore) -> type:

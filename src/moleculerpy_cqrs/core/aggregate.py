@@ -7,9 +7,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from moleculerpy_cqrs.core.log import LogSource
+from moleculerpy_cqrs.core.maintenance import Maintenance, SnapshotStore
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
+from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.query import Query
 
@@ -25,8 +27,15 @@ class AggregateRuntime:
         batch_size: int = 100,
         attempts: int = 3,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
+        snapshot: SnapshotStrategy = NoSnapshot,
+        snapshot_event_store: str | None = None,
+        replay_batch_size: int = 1000,
     ) -> None:
+        self.replay_batch_size = replay_batch_size
         self.name = name
+        self.snapshot_strategy = snapshot
+        self.snapshot_event_store = snapshot_event_store
+        self.maintenance: Maintenance | None = None
         self.port = port
         self._make_adapter = make_adapter
         self._build()
@@ -64,6 +73,20 @@ class AggregateRuntime:
             on_error=self.on_error,
         )
         self.projector.start()
+        snapshots = (
+            SnapshotStore(self.port.call, self.snapshot_event_store, self.name)
+            if self.snapshot_event_store
+            else None
+        )
+        self.maintenance = Maintenance(
+            self.name,
+            self.adapter,
+            self.dead_letters,
+            self.projector,
+            self.snapshot_strategy,
+            snapshots,
+            replay_batch_size=self.replay_batch_size,
+        )
         self.projecting.set()
         return self.projector
 
@@ -106,4 +129,6 @@ class AggregateRuntime:
             "haltedAt": p.stats.halted_at if p else None,
             "lastError": p.stats.last_error if p else None,
             "rows": await self.adapter.count(Query()),
+            "replay": self.maintenance.replay_progress.public() if self.maintenance else None,
+            "lastPauseMs": self.maintenance.last_pause_ms if self.maintenance else None,
         }

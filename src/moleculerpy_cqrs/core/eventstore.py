@@ -94,6 +94,29 @@ class EventStoreRuntime:
         }
         return await self.committer.append(check_record(self.adapter.fields, record))
 
+    async def record_snapshot(self, event: str, payload: dict[str, Any]) -> Record:
+        """Store a snapshot-created event (eventType 1)."""
+        return await self.append(event, payload, event_type=EventType.SNAPSHOT_CREATED)
+
+    async def settle_snapshot(
+        self, event_id: int, payload: dict[str, Any], error: str | None
+    ) -> Record:
+        """Mark a snapshot event completed (2) or failed (3, with the error)."""
+        kind = EventType.SNAPSHOT_FAILED if error else EventType.SNAPSHOT_COMPLETED
+        row = await self.adapter.update(
+            event_id,
+            {
+                "eventType": int(kind),
+                "payload": payload,
+                "error": error[:4000] if error else None,
+                "status": int(Status.COMPLETE),
+                "updated": now_ms(),
+            },
+        )
+        if row is None:
+            raise InvalidInput(f"no snapshot event with id {event_id}")
+        return row
+
     async def read(self, after: int, limit: int) -> dict[str, Any]:
         events = await self.adapter.read_after(after, limit) if limit else []
         return {"events": events, "head": await self.adapter.head()}

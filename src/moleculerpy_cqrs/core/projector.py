@@ -223,7 +223,9 @@ class Projector:
                 log.exception("projector %s: batch failed, retrying", self.name)
                 await asyncio.sleep(min(0.05 * 2**failures, 5.0))
                 continue
-            if not progressed:
+            if progressed:
+                await asyncio.sleep(0)  # let others in between batches, whatever the backend
+            else:
                 await self._wakeup.wait()
 
     async def _step(self) -> bool:
