@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from moleculerpy_cqrs.testing.nats_server import NatsServer
 from moleculerpy_cqrs.testing.postgres_server import PostgresServer, isolated_schema
 
 
@@ -27,3 +28,10 @@ def pg_schema(postgres_dsn: str) -> Iterator[str]:
     """A fresh, empty schema for one test (stores use it with ``schema=``), dropped after."""
     with isolated_schema(postgres_dsn) as schema:
         yield schema
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A private NATS server for tests that cross nodes."""
+    with NatsServer() as server:
+        yield server.url

@@ -211,7 +211,11 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         return RemoteLog(self.event_store, self.port, self.remote_listeners)
 
     def on_appended(self) -> None:
+        # Another node appended to the log (a remote event store, or the same database
+        # shared by several nodes): this projector would not hear of it otherwise.
         self.remote_listeners.notify()
+        if self.runtime.projector is not None:
+            self.runtime.projector.wake()
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:

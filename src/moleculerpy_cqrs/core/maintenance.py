@@ -249,7 +249,7 @@ class Maintenance:
     ) -> int:
         source = self.projector.source
         while events := await source.read_after(position, self.replay_batch_size):
-            await self.projector.apply_batch(shadow, shadow_dead, events)
+            await self.projector.apply_batch(shadow, shadow_dead, events, position)
             position = events[-1]["id"]
             progress.done = position
             progress.total = max(progress.total, position)

@@ -27,6 +27,7 @@ from moleculerpy_cqrs.stores.fields import ID, Record
 from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 
 CHECKPOINT_KEY: Final = "checkpoint"
+CLAIM_KEY: Final = "projector"
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class TransformFailed(Exception):
         super().__init__(f"{binding.handler_name} {stage}: {type(error).__name__}: {error}")
 
 
+class StaleCheckpoint(Exception):
+    """Another projector of the same aggregate (on another node) moved the checkpoint."""
+
+    def __init__(self, stored: int, expected: int) -> None:
+        super().__init__(f"checkpoint is {stored}, this projector expected {expected}")
+        self.stored = stored
+
+
 class _Halt(Exception):
     def __init__(self, position: int, failure: TransformFailed) -> None:
         self.position = position
@@ -66,6 +75,7 @@ class ProjectorStats:
     applied: int = 0
     batches: int = 0
     dead_letters: int = 0
+    stale: int = 0
     last_error: str | None = None
     halted_at: int | None = None
     started: float = field(default_factory=time.monotonic)
@@ -189,6 +199,7 @@ class Projector:
 
     async def reload_checkpoint(self) -> int:
         self.checkpoint = int(await self.adapter.get_meta(CHECKPOINT_KEY) or 0)
+        await self._advanced()
         return self.checkpoint
 
     # ------------------------------------------------------------------ the loop
@@ -196,7 +207,6 @@ class Projector:
     async def _run(self) -> None:
         await self.port.wait_for_actions(self.transforms())
         await self.reload_checkpoint()
-        await self._advanced()
         failures = 0
         while True:
             self._wakeup.arm()
@@ -206,6 +216,11 @@ class Projector:
                 failures = 0
             except asyncio.CancelledError:
                 raise
+            except StaleCheckpoint as stale:
+                self.stats.stale += 1
+                log.info("projector %s: %s; catching up from there", self.name, stale)
+                await self.reload_checkpoint()
+                continue
             except _Halt as halt:
                 self.stats.halted_at = halt.position
                 self.stats.last_error = str(halt.failure)
@@ -232,18 +247,27 @@ class Projector:
         events = await self.source.read_after(self.checkpoint, self.batch_size)
         if not events:
             return False
-        await self.apply_batch(self.adapter, self.dead_letters, events)
+        await self.apply_batch(self.adapter, self.dead_letters, events, self.checkpoint)
         self.checkpoint = events[-1]["id"]
         self.stats.batches += 1
         await self._advanced()
         return True
 
     async def apply_batch(
-        self, target: Adapter, dead_letters: Adapter, events: list[Record]
+        self, target: Adapter, dead_letters: Adapter, events: list[Record], expected: int
     ) -> None:
-        """Apply ``events`` to ``target`` and move its checkpoint, in one transaction."""
+        """Apply ``events`` to ``target`` and move its checkpoint from ``expected``, in one
+        transaction. Raises :class:`StaleCheckpoint` (and changes nothing) when the stored
+        checkpoint is not ``expected``: two nodes running one aggregate never both apply an
+        event."""
         errors: list[tuple[Record, TransformFailed]] = []
         async with target.transaction():
+            # The claim is a write: it takes the table's write lock first, so the checkpoint
+            # read next cannot change before this transaction ends.
+            await target.set_meta(CLAIM_KEY, {"at": events[0]["id"]})
+            stored = int(await target.get_meta(CHECKPOINT_KEY) or 0)
+            if stored != expected:
+                raise StaleCheckpoint(stored, expected)
             with joins.shared_transaction(target) as token:
                 for event in events:
                     for binding in self._relevant(event):

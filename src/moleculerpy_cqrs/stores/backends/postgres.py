@@ -544,7 +544,9 @@ class PostgresAdapter(Adapter):
                 "ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value"
             )
             params = [self.name, key, text]
-        await self._rowcount(sql, params)
+        # A meta write is a write of this table: it takes the table's write lock, so a
+        # checkpoint read after it in the same transaction cannot be overtaken.
+        await self._rowcount(sql, params, write=True)
 
     # ------------------------------------------------------------------ backup
 
