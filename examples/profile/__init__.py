@@ -28,15 +28,19 @@ def build(
     summary_store: StoreFactory | None = None,
     batch_size: int = 100,
     dispatch_batch_size: int = 1,
+    lease_ttl: float = 5.0,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
     """The event store, the summary aggregate and the profile service, on ``store``."""
     store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
-    events = EventStore("profileEventStore", store, dispatch_batch_size=dispatch_batch_size)
+    events = EventStore(
+        "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
+    )
     summary = Aggregate(
         "profileSummaryAggregate",
         summary_store or stores.with_fields(store, SUMMARY_FIELDS),
         snapshot=NoSnapshot,
         batch_size=batch_size,
+        lease_ttl=lease_ttl,
     ).snapshot("profileEventStore")
 
     class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]

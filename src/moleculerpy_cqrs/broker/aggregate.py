@@ -16,6 +16,7 @@ from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
+from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
 from moleculerpy_cqrs.core.projector import Binding, Kind, Transform
@@ -69,6 +70,8 @@ class Aggregate:
     ``batch_size``: events per projector transaction; ``replay_batch_size``: events per
     transaction of a replay (where the log and the aggregate share one database lock, as in
     one memory database or one SQLite file, appends wait for each such transaction).
+    ``lease_ttl``: when several nodes serve this aggregate on one database, one projects and
+    the others take over within this many seconds after it stops or dies.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Aggregate:
         attempts: int = 3,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
         replay_batch_size: int = 1000,
+        lease_ttl: float = DEFAULT_TTL,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not name.isidentifier():
@@ -95,6 +99,7 @@ class Aggregate:
         self.attempts = attempts
         self.on_error: Literal["dead_letter", "halt"] = on_error
         self.replay_batch_size = replay_batch_size
+        self.lease_ttl = lease_ttl
         self.settings = dict(settings or {})
         self.bindings: list[Binding] = []
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
@@ -141,6 +146,8 @@ class Aggregate:
             snapshot=self.snapshot_strategy,
             snapshot_event_store=self.event_store_name,
             replay_batch_size=self.replay_batch_size,
+            node_id=broker.nodeID,
+            lease_ttl=self.lease_ttl,
         )
         self._runtimes[broker] = runtime
         await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))

@@ -13,6 +13,7 @@ from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime
+from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
@@ -37,6 +38,7 @@ class EventStore:
         dispatch_batch_size: int = 1,
         dispatch_attempts: int = 5,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        lease_ttl: float = DEFAULT_TTL,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not name.isidentifier():
@@ -52,6 +54,7 @@ class EventStore:
         )
         self.dispatch_attempts = dispatch_attempts
         self.max_payload_bytes = max_payload_bytes
+        self.lease_ttl = lease_ttl
         self.settings = dict(settings or {})
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, EventStoreRuntime] = (
             weakref.WeakKeyDictionary()
@@ -162,10 +165,12 @@ class EventStore:
             dispatch_batch_size=self.dispatch_batch_size,
             dispatch_attempts=self.dispatch_attempts,
             max_payload_bytes=self.max_payload_bytes,
+            node_id=broker.nodeID,
+            lease_ttl=self.lease_ttl,
         )
         self._runtimes[broker] = runtime
         _registry_for(broker)[self.name] = runtime
-        await broker.register(EventStoreService(self.name, runtime))
+        await broker.register(_event_store_service(self.name, runtime))
 
     async def on_started(self, service: Any) -> None:
         pass  # the <name> service starts the runtime
@@ -251,6 +256,17 @@ class EventStoreService(ReadActions, Service):
         return await self.runtime.settle_snapshot(
             check_id(params.get("id")), params["payload"], error
         )
+
+
+def _event_store_service(name: str, runtime: EventStoreRuntime) -> EventStoreService:
+    @event(name=f"cqrs.{name}.appended")
+    async def appended(service: EventStoreService, ctx: Context) -> None:
+        # Another node appended to a shared log: a standby dispatcher must hear of it.
+        service.runtime.dispatcher.wake()
+
+    klass = type(f"{name}Service", (EventStoreService,), {"cqrs_appended": appended})
+    service: EventStoreService = klass(name, runtime)
+    return service
 
 
 def _make_mixin(store: EventStore) -> type:

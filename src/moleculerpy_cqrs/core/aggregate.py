@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
+from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import LogSource
 from moleculerpy_cqrs.core.maintenance import Maintenance, SnapshotStore
 from moleculerpy_cqrs.core.port import BrokerPort
@@ -30,7 +31,11 @@ class AggregateRuntime:
         snapshot: SnapshotStrategy = NoSnapshot,
         snapshot_event_store: str | None = None,
         replay_batch_size: int = 1000,
+        node_id: str = "node",
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
+        self.node_id = node_id
+        self.lease_ttl = lease_ttl
         self.replay_batch_size = replay_batch_size
         self.name = name
         self.snapshot_strategy = snapshot
@@ -71,6 +76,7 @@ class AggregateRuntime:
             batch_size=self.batch_size,
             attempts=self.attempts,
             on_error=self.on_error,
+            lease=Lease(self.adapter, "projector.lease", self.node_id, self.lease_ttl),
         )
         self.projector.start()
         snapshots = (

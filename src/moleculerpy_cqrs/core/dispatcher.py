@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Final
 
+from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, Status, delivered, now_ms
@@ -33,8 +34,11 @@ class Dispatcher:
         max_attempts: int = 5,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
+        lease: Lease | None = None,
     ) -> None:
         self._adapter = adapter
+        self._lease = lease
+        self.standby = False
         self._port = port
         self.batch_size = batch_size
         self.max_attempts = max_attempts
@@ -77,11 +81,24 @@ class Dispatcher:
                 await task
             except asyncio.CancelledError:
                 pass
+        if self._lease is not None:
+            try:
+                await self._lease.release()
+            except Exception:
+                log.exception("dispatcher: could not release its lease")
 
     async def _run(self) -> None:
         self.cursor = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
         while not self._stopping.is_set():
             self._wakeup.arm()
+            if self._lease is not None:
+                grant = await self._lease.acquire()
+                self.standby = not grant.held
+                if not grant.held:  # another node dispatches: wait for its lease to end
+                    await self._pause(grant.retry_in + 0.01)
+                    continue
+                if grant.fresh:
+                    self.cursor = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
             rows = await self._adapter.read_after(self.cursor, max(self.batch_size, 1))
             if not rows:
                 await self._wakeup.wait()

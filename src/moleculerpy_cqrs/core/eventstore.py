@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.core.committer import GroupCommitter
 from moleculerpy_cqrs.core.dispatcher import Dispatcher
+from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners, LocalLog
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
@@ -33,9 +34,13 @@ class EventStoreRuntime:
         dispatch_batch_size: int = 1,
         dispatch_attempts: int = 5,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        node_id: str = "node",
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         self.name = name
         self.port = port
+        self.node_id = node_id
+        self.lease_ttl = lease_ttl
         self.max_payload_bytes = max_payload_bytes
         self.listeners = Listeners()
         self._make_adapter = make_adapter
@@ -48,7 +53,8 @@ class EventStoreRuntime:
         """Fresh parts around a fresh adapter (an adapter is not reopened once closed)."""
         self.adapter = self._make_adapter()
         self.committer = GroupCommitter(self.adapter, self._committed)
-        self.dispatcher = Dispatcher(self.adapter, self.port, **self._dispatch)
+        lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
+        self.dispatcher = Dispatcher(self.adapter, self.port, lease=lease, **self._dispatch)
         self.log = LocalLog(self.name, self.adapter, self.listeners)
         self.closed = False
 
@@ -134,6 +140,7 @@ class EventStoreRuntime:
             "commits": self.committer.batches,
             "dispatcher": {
                 "running": d.running,
+                "standby": d.standby,
                 "cursor": d.cursor,
                 "lag": max(head - d.cursor, 0),
                 "delivered": d.delivered,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from moleculerpy_cqrs.core import joins
+from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import LogSource, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
@@ -95,8 +96,11 @@ class Projector:
         attempts: int = 3,
         retry_delay: float = 0.01,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
+        lease: Lease | None = None,
     ) -> None:
         self.name = name
+        self.lease = lease
+        self.standby = False
         self.adapter = adapter
         self.dead_letters = dead_letters
         self.source = source
@@ -130,6 +134,8 @@ class Projector:
             return "stopped"
         if self.stats.halted_at is not None:
             return "halted"
+        if self.standby:
+            return "standby"
         if self._gate.locked() and getattr(self, "_paused", False):
             return "paused"
         return "running"
@@ -162,6 +168,11 @@ class Projector:
                 await task
             except asyncio.CancelledError:
                 pass
+            if self.lease is not None:
+                try:
+                    await self.lease.release()
+                except Exception:
+                    log.exception("projector %s: could not release its lease", self.name)
 
     def wake(self) -> None:
         self._wakeup.wake()
@@ -210,6 +221,14 @@ class Projector:
         failures = 0
         while True:
             self._wakeup.arm()
+            if self.lease is not None:
+                grant = await self.lease.acquire()
+                self.standby = not grant.held
+                if not grant.held:  # another node projects: wait for its lease to end
+                    await asyncio.sleep(grant.retry_in + 0.01)
+                    continue
+                if grant.fresh:
+                    await self.reload_checkpoint()
             try:
                 async with self._gate:
                     progressed = await self._step()
