@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moleculerpy_cqrs.errors import CqrsError
+
+if TYPE_CHECKING:
+    from moleculerpy_cqrs.face.operator import Options
 
 app = typer.Typer(
     help="moleculerpy-cqrs: run CQRS services and operate them.",
@@ -58,11 +62,165 @@ def _guard(work: Callable[[], object]) -> None:
     try:
         work()
     except CqrsError as error:
-        err.print(f"[red]error:[/] {error}")
+        err.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
 
+# --------------------------------------------------------------------------- operator commands
+# Each one joins the cluster with a short-lived node of its own (the modules are imported
+# when a command runs, so that ``--help`` stays quick).
+
+Json = Annotated[
+    bool, typer.Option("--json", help="print the raw answer as JSON (nothing else on stdout)")
+]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        "--timeout", min=0.0, help="seconds to wait for the services to appear and for answers"
+    ),
+]
+CallTimeout = Annotated[
+    float,
+    typer.Option("--call-timeout", min=0.0, help="seconds to wait for this operation's answer"),
+]
+AggregateName = Annotated[str, typer.Argument(help="the aggregate's name", show_default=False)]
+
+
+@app.command()
+def status(transporter: Transporter = None, timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """A table of every event store and aggregate in the cluster: head, checkpoint, lag,
+    state, dead letters."""
+    from moleculerpy_cqrs.face import operator
+
+    _operate(lambda: operator.status(_options(transporter, timeout, as_json)))
+
+
+@app.command()
+def snapshot(
+    aggregate: AggregateName,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 600.0,
+    as_json: Json = False,
+) -> None:
+    """Snapshot an aggregate; prints the snapshot's id."""
+    from moleculerpy_cqrs.face import operator
+
+    options = _options(transporter, timeout, as_json)
+    _operate(lambda: operator.snapshot(options, aggregate, call_timeout=call_timeout))
+
+
+@app.command()
+def snapshots(
+    aggregate: AggregateName,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    as_json: Json = False,
+) -> None:
+    """List an aggregate's snapshots: status, checkpoint, size, time, location."""
+    from moleculerpy_cqrs.face import operator
+
+    _operate(lambda: operator.snapshots(_options(transporter, timeout, as_json), aggregate))
+
+
+@app.command()
+def restore(
+    aggregate: AggregateName,
+    snapshot_id: Annotated[str, typer.Argument(help="the id `cqrs snapshot` printed")],
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 600.0,
+    as_json: Json = False,
+) -> None:
+    """Put a completed snapshot back; the aggregate catches up from its checkpoint."""
+    from moleculerpy_cqrs.face import operator
+
+    options = _options(transporter, timeout, as_json)
+    _operate(lambda: operator.restore(options, aggregate, snapshot_id, call_timeout=call_timeout))
+
+
+@app.command()
+def replay(
+    aggregate: AggregateName,
+    snapshot_id: Annotated[
+        str | None,
+        typer.Option("--snapshot", help="restore this snapshot and catch up from it instead"),
+    ] = None,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 600.0,
+    as_json: Json = False,
+) -> None:
+    """Rebuild an aggregate from the whole log (reads go on meanwhile), with live progress."""
+    from moleculerpy_cqrs.face import operator
+
+    options = _options(transporter, timeout, as_json)
+    _operate(
+        lambda: operator.replay(
+            options, aggregate, snapshot_id=snapshot_id, call_timeout=call_timeout
+        )
+    )
+
+
+@app.command("dead-letters")
+def dead_letters(
+    aggregate: AggregateName,
+    retry: Annotated[bool, typer.Option("--retry", help="apply the dead letters again")] = False,
+    page: Annotated[int, typer.Option(min=1, help="page to show")] = 1,
+    page_size: Annotated[int, typer.Option(min=1, max=1000, help="rows per page")] = 20,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 600.0,
+    as_json: Json = False,
+) -> None:
+    """List an aggregate's dead letters (events its transformations failed on), or retry them."""
+    from moleculerpy_cqrs.face import operator
+
+    options = _options(transporter, timeout, as_json)
+    _operate(
+        lambda: operator.dead_letters(
+            options,
+            aggregate,
+            page=page,
+            page_size=page_size,
+            retry=retry,
+            call_timeout=call_timeout,
+        )
+    )
+
+
+def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
+    from moleculerpy_cqrs.face.operator import Options
+
+    return Options(transporter=transporter, timeout=timeout, as_json=as_json)
+
+
+def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run an operator command; any failure is one line on stderr and exit code 2."""
+    from moleculerpy_cqrs.face.operator import OperatorError
+
+    try:
+        asyncio.run(work())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except (OperatorError, CqrsError) as error:
+        _fail(str(error))
+    except Exception as error:
+        _fail(f"{type(error).__name__}: {error}")
+
+
+def _fail(message: str) -> None:
+    err.print(
+        f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
+    )
+    raise typer.Exit(2)
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,25 @@ def test_the_demo_continues_from_the_stored_state(tmp_path: Path) -> None:
     assert "profileSummaryAggregate" in first
     assert "Continuing: 300 events already stored" in second
     assert "log head 600" in second.replace("\n", " ")
+
+
+async def test_calls_before_the_store_started_wait_for_it(make_store: MakeStore) -> None:
+    """MoleculerPy lets other nodes call a service before its ``started()`` ran."""
+    from moleculerpy_cqrs.broker.port import MoleculerPort
+    from moleculerpy_cqrs.core.eventstore import EventStoreRuntime
+    from moleculerpy_cqrs.core.records import EVENT_FIELDS
+
+    factory = make_store()
+    async with running_broker() as broker:
+        runtime = EventStoreRuntime(
+            "earlyEventStore",
+            lambda: factory("earlyEventStore", EVENT_FIELDS),
+            MoleculerPort(broker),
+        )
+        early = asyncio.create_task(runtime.append("early.called", {"n": 1}))
+        await asyncio.sleep(0)
+        assert not early.done()  # waiting, not failing with "not connected"
+        await runtime.start(dispatch=False)
+        row = await asyncio.wait_for(early, 10)
+        await runtime.stop()
+    assert row["id"] == 1

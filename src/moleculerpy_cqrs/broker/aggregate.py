@@ -16,6 +16,7 @@ from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
+from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
@@ -187,6 +188,9 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     def adapter(self) -> Adapter:
         return self.runtime.adapter
 
+    async def wait_ready(self) -> None:
+        await until_ready(self.runtime.connected, self.name)
+
     async def started(self) -> None:
         await self.runtime.connect()
         self.starter = asyncio.create_task(self._start_projector(), name=f"cqrs-start-{self.name}")
@@ -226,6 +230,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        await self.wait_ready()
         return await self.runtime.status()
 
     def _maintenance(self) -> Maintenance:
@@ -292,6 +297,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
     @action(name="deadLetters")
     async def dead_letters_action(self, ctx: Context) -> Any:
+        await self.wait_ready()
         store = StoreActions(self.runtime.dead_letters)
         return await store.list_page(ctx.params or {})
 

@@ -12,7 +12,7 @@ from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions
-from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime
+from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
@@ -209,6 +209,9 @@ class EventStoreService(ReadActions, Service):
     def adapter(self) -> Adapter:
         return self.runtime.adapter
 
+    async def wait_ready(self) -> None:
+        await until_ready(self.runtime.ready, self.name)
+
     async def started(self) -> None:
         if not self.runtime.started:
             await self.runtime.start()
@@ -227,10 +230,12 @@ class EventStoreService(ReadActions, Service):
         for key, value, top in (("after", after, 2**63 - 1), ("limit", limit, 10_000)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise InvalidInput(f"{key} must be an integer from 0 to {top}", field=key)
+        await self.wait_ready()
         return await self.runtime.read(after, limit)
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        await self.wait_ready()
         return await self.runtime.status()
 
     @action(name="recordSnapshot")

@@ -26,8 +26,14 @@ class _StoreBase:
     def adapter(self) -> Adapter:
         raise NotImplementedError
 
+    async def wait_ready(self) -> None:
+        """Return once the store is connected (bounded); see ``until_ready``."""
+        raise NotImplementedError
+
     async def _run(self, ctx: Context, action: str) -> Any:
         """Run a store action, on the projector's open batch when called from one."""
+
+        await self.wait_ready()
 
         async def work(adapter: Adapter) -> Any:
             return await getattr(StoreActions(adapter), action)(ctx.params)

@@ -14,12 +14,13 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners, LocalLog
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
-from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.errors import InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import Record, check_record
 from moleculerpy_cqrs.stores.query import Query, parse_condition
 
 MAX_PAYLOAD_BYTES: Final = 1_048_576
+READY_TIMEOUT: Final = 30.0
 _PRIVATE_META: Final = ("$cqrsTx", "$cqrsAggregate")
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class EventStoreRuntime:
         self._make_adapter = make_adapter
         self._dispatch = {"batch_size": dispatch_batch_size, "max_attempts": dispatch_attempts}
         self.started = False
+        self.ready = asyncio.Event()
         self._announcing: asyncio.Task[None] | None = None
         self._build()
 
@@ -63,11 +65,13 @@ class EventStoreRuntime:
             self._build()
         await self.adapter.connect()
         self.started = True
+        self.ready.set()
         if dispatch:
             self.dispatcher.start()
 
     async def stop(self) -> None:
         self.started = False
+        self.ready.clear()
         if self._announcing is not None:
             await asyncio.gather(self._announcing, return_exceptions=True)
         await self.dispatcher.stop()
@@ -98,6 +102,7 @@ class EventStoreRuntime:
             "meta": self._clean_meta(meta),
             "attempts": 0,
         }
+        await until_ready(self.ready, self.name)
         return await self.committer.append(check_record(self.adapter.fields, record))
 
     async def record_snapshot(self, event: str, payload: dict[str, Any]) -> Record:
@@ -186,6 +191,19 @@ class EventStoreRuntime:
         except (TypeError, ValueError):
             return {k: v for k, v in out.items() if _is_json(v)}
         return out
+
+
+async def until_ready(ready: asyncio.Event, name: str) -> None:
+    """Wait (bounded) for a store to be started: MoleculerPy announces a node's services,
+    and so lets calls in, before their ``started()`` has run."""
+    if ready.is_set():
+        return
+    try:
+        await asyncio.wait_for(ready.wait(), READY_TIMEOUT)
+    except TimeoutError:
+        raise StoreError(
+            f"{name} is not running (it did not start within {READY_TIMEOUT:g}s)", store=name
+        ) from None
 
 
 def _is_json(value: Any) -> bool:

@@ -11,9 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moleculerpy_cqrs.stores.backends import memory as _memory_backend
-from moleculerpy_cqrs.stores.backends import postgres as _postgres_backend
-from moleculerpy_cqrs.stores.backends import sqlite as _sqlite_backend
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import FieldType, Record, declare_fields
 from moleculerpy_cqrs.stores.query import Query, parse_find
@@ -21,7 +18,9 @@ from moleculerpy_cqrs.stores.query import Query, parse_find
 
 def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
     """Tables in this process's memory; they live as long as the factory (the reference)."""
-    database = _memory_backend.MemoryDatabase()
+    from moleculerpy_cqrs.stores.backends.memory import MemoryDatabase
+
+    database = MemoryDatabase()
     user_fields = declare_fields(fields)
 
     def factory(
@@ -46,6 +45,8 @@ def sqlite(
     that one file), ``":memory:"`` (a private in-memory database per factory), or a
     ``file:`` URI.
     """
+    from moleculerpy_cqrs.stores.backends.sqlite import SqliteAdapter
+
     user_fields = declare_fields(fields)
     location = str(path_or_uri)
     memory_key = f"cqrs-mem-{uuid.uuid4().hex}"
@@ -55,7 +56,7 @@ def sqlite(
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return _sqlite_backend.SqliteAdapter(
+        return SqliteAdapter(
             name,
             {**declare_fields(cqrs_fields), **user_fields},
             location=location,
@@ -75,6 +76,8 @@ def postgres(
 
     ``options``: ``schema`` (default ``public``), ``min_size``/``max_size`` of the pool.
     """
+    from moleculerpy_cqrs.stores.backends.postgres import PostgresAdapter  # psycopg: on demand
+
     user_fields = declare_fields(fields)
 
     def factory(
@@ -82,7 +85,7 @@ def postgres(
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return _postgres_backend.PostgresAdapter(
+        return PostgresAdapter(
             name,
             {**declare_fields(cqrs_fields), **user_fields},
             dsn=dsn,
