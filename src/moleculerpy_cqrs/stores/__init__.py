@@ -7,7 +7,7 @@ fields=...)`` answer a factory of the seed's shape ``(name, cqrs_fields, setting
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,7 @@ def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
     from moleculerpy_cqrs.stores.backends.memory import MemoryDatabase
 
     database = MemoryDatabase()
-    user_fields = declare_fields(fields)
-
-    def factory(
-        name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
-        settings: Mapping[str, Any] | None = None,
-    ) -> Adapter:
-        return database.adapter(name, {**declare_fields(cqrs_fields), **user_fields})
-
-    return factory
+    return _factory(fields, lambda name, all_fields, settings: database.adapter(name, all_fields))
 
 
 def sqlite(
@@ -43,28 +34,23 @@ def sqlite(
     ``path_or_uri`` is a folder (one database file per store name inside it: ``data`` gives
     ``data/<name>.sqlite3``), a file ending in ``.db``/``.sqlite``/``.sqlite3`` (every store in
     that one file), ``":memory:"`` (a private in-memory database per factory), or a
-    ``file:`` URI.
+    ``file:`` URI. ``options``: ``synchronous`` (``"FULL"``, the default, or ``"NORMAL"``),
+    ``busy_timeout`` (ms).
     """
     from moleculerpy_cqrs.stores.backends.sqlite import SqliteAdapter
 
-    user_fields = declare_fields(fields)
     location = str(path_or_uri)
     memory_key = f"cqrs-mem-{uuid.uuid4().hex}"
-
-    def factory(
-        name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
-        settings: Mapping[str, Any] | None = None,
-    ) -> Adapter:
-        return SqliteAdapter(
+    return _factory(
+        fields,
+        lambda name, all_fields, settings: SqliteAdapter(
             name,
-            {**declare_fields(cqrs_fields), **user_fields},
+            all_fields,
             location=location,
             memory_key=memory_key,
-            options={**options, **(settings or {})},
-        )
-
-    return factory
+            options={**options, **settings},
+        ),
+    )
 
 
 def postgres(
@@ -74,10 +60,29 @@ def postgres(
 ) -> StoreFactory:
     """PostgreSQL through psycopg 3 with a connection pool; one table per store name.
 
-    ``options``: ``schema`` (default ``public``), ``min_size``/``max_size`` of the pool.
+    ``options``: ``schema`` (default ``public``), ``min_size``/``max_size`` of the pool,
+    ``timeout``.
     """
     from moleculerpy_cqrs.stores.backends.postgres import PostgresAdapter  # psycopg: on demand
 
+    return _factory(
+        fields,
+        lambda name, all_fields, settings: PostgresAdapter(
+            name, all_fields, dsn=dsn, options={**options, **settings}
+        ),
+    )
+
+
+def with_fields(factory: StoreFactory, fields: Mapping[str, str]) -> StoreFactory:
+    """The same stores with more declared fields (the Go README's ``storeFactory(fields)``)."""
+    return _factory(fields, factory)
+
+
+def _factory(
+    fields: Mapping[str, str] | None,
+    make: Callable[[str, dict[str, FieldType], dict[str, Any]], Adapter],
+) -> StoreFactory:
+    """A factory of the seed's shape that adds ``fields`` to the toolkit's own."""
     user_fields = declare_fields(fields)
 
     def factory(
@@ -85,28 +90,9 @@ def postgres(
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return PostgresAdapter(
-            name,
-            {**declare_fields(cqrs_fields), **user_fields},
-            dsn=dsn,
-            options={**options, **(settings or {})},
-        )
+        return make(name, {**declare_fields(cqrs_fields), **user_fields}, dict(settings or {}))
 
     return factory
-
-
-def with_fields(factory: StoreFactory, fields: Mapping[str, str]) -> StoreFactory:
-    """The same stores with more declared fields (the Go README's ``storeFactory(fields)``)."""
-    extra = declare_fields(fields)
-
-    def with_more(
-        name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
-        settings: Mapping[str, Any] | None = None,
-    ) -> Adapter:
-        return factory(name, {**declare_fields(cqrs_fields), **extra}, settings)
-
-    return with_more
 
 
 __all__ = [
