@@ -10,7 +10,7 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import LogSource
 from moleculerpy_cqrs.core.maintenance import Maintenance, SnapshotStore
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.projector import Binding, Projector
+from moleculerpy_cqrs.core.projector import LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.stores.base import Adapter
@@ -76,7 +76,7 @@ class AggregateRuntime:
             batch_size=self.batch_size,
             attempts=self.attempts,
             on_error=self.on_error,
-            lease=Lease(self.adapter, "projector.lease", self.node_id, self.lease_ttl),
+            lease=Lease(self.adapter, LEASE_KEY, self.node_id, self.lease_ttl),
         )
         self.projector.start()
         snapshots = (

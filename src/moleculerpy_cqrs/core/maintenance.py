@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from moleculerpy_cqrs.core.projector import CHECKPOINT_KEY, Projector
+from moleculerpy_cqrs.core.projector import CHECKPOINT_KEY, LEASE_KEY, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, EventType
 from moleculerpy_cqrs.core.snapshots import NO_BACKUP_ERROR, SnapshotStrategy
 from moleculerpy_cqrs.errors import Conflict, EntityNotFound, StoreError
@@ -29,6 +29,7 @@ from moleculerpy_cqrs.stores.query import ALL
 
 REPLAY_BATCH: Final = 1000
 SHADOW_SUFFIX: Final = "__shadow"
+LEASE_KEYS: Final = (LEASE_KEY, f"{LEASE_KEY}.claim")
 SNAPSHOT_STATES: Final = {
     EventType.SNAPSHOT_CREATED: "created",
     EventType.SNAPSHOT_COMPLETED: "completed",
@@ -188,8 +189,13 @@ class Maintenance:
             raise Conflict(f"snapshot {snapshot_id} has no backup location")
         async with self.projector.paused():
             paused = time.perf_counter()
-            await self.adapter.restore(location)
-            await self.dead_letters.restore(location)
+            # One transaction: a crash between the two would re-apply events whose dead
+            # letters the old table still holds.
+            async with self.adapter.transaction():
+                await self.adapter.restore(location)
+                await self.dead_letters.restore(location)
+                for key in LEASE_KEYS:  # whoever held the lease then does not hold it now
+                    await self.adapter.set_meta(key, None)
             checkpoint = await self.projector.reload_checkpoint()
             self.last_pause_ms = (time.perf_counter() - paused) * 1000
         return {"snapshotId": snapshot_id, "checkpoint": checkpoint}
@@ -215,12 +221,17 @@ class Maintenance:
                 await shadow.remove_many(ALL)
                 await shadow_dead.remove_many(ALL)
                 await shadow.set_meta(CHECKPOINT_KEY, None)
+            # Both phases stop at the head seen when they start: under a steady stream of
+            # appends a replay still ends; the live projector applies what came after.
             progress.total = await source.head()
-            position = await self._fill(shadow, shadow_dead, 0, progress, on_progress)
+            position = await self._fill(
+                shadow, shadow_dead, 0, progress.total, progress, on_progress
+            )
             progress.state = "swapping"
             async with self.projector.paused():
                 paused = time.perf_counter()
-                position = await self._fill(shadow, shadow_dead, position, progress, None)
+                head = await source.head()
+                position = await self._fill(shadow, shadow_dead, position, head, progress, None)
                 async with self.adapter.transaction():
                     await self.adapter.replace_with(shadow)
                     await self.dead_letters.replace_with(shadow_dead)
@@ -244,11 +255,16 @@ class Maintenance:
         shadow: Adapter,
         shadow_dead: Adapter,
         position: int,
+        until: int,
         progress: ReplayProgress,
         on_progress: Callable[[ReplayProgress], Any] | None,
     ) -> int:
         source = self.projector.source
-        while events := await source.read_after(position, self.replay_batch_size):
+        while position < until:
+            read = await source.read_after(position, self.replay_batch_size)
+            events = [e for e in read if e["id"] <= until]
+            if not events:
+                break
             await self.projector.apply_batch(shadow, shadow_dead, events, position)
             position = events[-1]["id"]
             progress.done = position

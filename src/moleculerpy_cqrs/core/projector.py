@@ -29,6 +29,7 @@ from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 
 CHECKPOINT_KEY: Final = "checkpoint"
 CLAIM_KEY: Final = "projector"
+LEASE_KEY: Final = "projector.lease"
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
 log = logging.getLogger(__name__)
