@@ -27,7 +27,7 @@ def build(
     *,
     summary_store: StoreFactory | None = None,
     batch_size: int = 100,
-    dispatch_batch_size: int = 1,
+    dispatch_batch_size: int = 100,
     lease_ttl: float = 5.0,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
     """The event store, the summary aggregate and the profile service, on ``store``."""

@@ -30,7 +30,7 @@ class Dispatcher:
         adapter: Adapter,
         port: BrokerPort,
         *,
-        batch_size: int = 1,
+        batch_size: int = 100,
         max_attempts: int = 5,
         backoff: float = 0.2,
         max_backoff: float = 10.0,

@@ -32,7 +32,7 @@ class EventStoreRuntime:
         make_adapter: Callable[[], Adapter],
         port: BrokerPort,
         *,
-        dispatch_batch_size: int = 1,
+        dispatch_batch_size: int = 100,
         dispatch_attempts: int = 5,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         node_id: str = "node",
