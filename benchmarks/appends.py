@@ -13,7 +13,7 @@
    straight through the adapter, one ``adapter.append([record])`` transaction each,
    sequentially (no broker, no group commit). Ratios are broker / peer.
 2. The dispatcher settling ``--dispatch-events`` events stored while it was stopped, with each
-   ``dispatch_batch_size`` (1 is the default; nothing subscribes to ``profile.updated``).
+   ``dispatch_batch_size`` (100 is the default; nothing subscribes to ``profile.updated``).
 3. The summary projector catching up ``--projector-events`` events with each batch size; its
    transformation calls ``profileSummaryAggregate.find`` through the broker for every event.
 
@@ -311,7 +311,7 @@ def main() -> None:
             lines += [
                 "",
                 "Dispatcher: settling events stored while it was stopped (nothing subscribes to "
-                "profile.updated; dispatch_batch_size 1 is the default)",
+                "profile.updated; dispatch_batch_size 100 is the default)",
                 *table(["", "events", "time", "events/s"], rows),
             ]
         if args.projector_events:
