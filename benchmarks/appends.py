@@ -249,7 +249,7 @@ async def run(args: argparse.Namespace, backend: Backend) -> list[str]:
         "fresh database; dispatcher stopped and summary projector held, so only appends run",
         *table(["", "events/s", "p50", "p99", "events/commit", "vs peer"], rows),
         "",
-        "The same with the event store's dispatcher running (dispatch_batch_size 1, the default)",
+        "The same with the event store's dispatcher running (dispatch_batch_size 100, the default)",
         *table(
             ["", "events/s", "p50", "p99", "events/commit", "vs peer", "dispatched meanwhile"],
             [[*live_row, f"{live.dispatched:,} of {args.events:,}"]],
