@@ -30,7 +30,6 @@ class MoleculerPort:
     async def wait_for_actions(self, actions: list[str]) -> None:
         # Start-up only: MoleculerPy has no "action available" signal to await.
         delay = 0.01
-        while missing := [a for a in actions if self.broker.registry.get_action(a) is None]:
-            del missing
+        while any(self.broker.registry.get_action(a) is None for a in actions):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
