@@ -12,7 +12,6 @@ import asyncio
 import bisect
 import copy
 import json
-import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
+from moleculerpy_cqrs.stores.backends.files import write_atomically
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
@@ -379,7 +379,7 @@ class MemoryAdapter(Adapter):
         }
         data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         path = Path(location) / f"{self.name}.json"
-        await asyncio.to_thread(_write_atomically, path, data)
+        await asyncio.to_thread(write_atomically, path, data)
         return len(data)
 
     async def restore(self, location: str) -> None:
@@ -479,24 +479,6 @@ class MemoryAdapter(Adapter):
 
 def _encode(kind: str, value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) and kind == "datetime" else value
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-__all__ = ["MemoryAdapter", "MemoryDatabase"]
 
 
 def _candidates(work: _Work, where: Condition | None) -> Iterator[Record]:

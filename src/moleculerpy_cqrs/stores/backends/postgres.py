@@ -27,6 +27,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
+from moleculerpy_cqrs.stores.backends.files import write_atomically
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
@@ -583,7 +584,7 @@ class PostgresAdapter(Adapter):
             "meta": meta,
         }
         data = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
-        await asyncio.to_thread(_write_atomically, manifest_path, data)
+        await asyncio.to_thread(write_atomically, manifest_path, data)
         return rows.size + len(data)
 
     @asynccontextmanager
@@ -800,20 +801,3 @@ def _read_manifest(manifest_path: Path, rows_path: Path) -> dict[str, Any]:
             f"{rows_path.name} has {size} bytes, its manifest says {manifest['bytes']}"
         )
     return manifest
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-__all__ = ["PostgresAdapter"]
