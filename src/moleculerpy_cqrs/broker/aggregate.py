@@ -17,10 +17,11 @@ from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
+from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
-from moleculerpy_cqrs.core.projector import Binding, Kind, Transform
+from moleculerpy_cqrs.core.projector import CONCURRENCY, Binding, Key, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
@@ -31,32 +32,39 @@ log = logging.getLogger(__name__)
 
 
 class On:
-    """``aggregate.on(event)``: say what the event does to the aggregate."""
+    """``aggregate.on(event)``: say what the event does to the aggregate.
+
+    The optional ``key`` (a payload field's name, or a function of the event) lets events
+    with different keys transform concurrently; events with the same key, and every event of
+    a binding without a key, keep the log's order (see docs/architecture.md).
+    """
 
     def __init__(self, aggregate: Aggregate, event_name: str) -> None:
         self._aggregate = aggregate
         self._event = event_name
 
-    def create(self, transform: Transform) -> Binding:
+    def create(self, transform: Transform, *, key: Key | None = None) -> Binding:
         """Create the record the transformation answers (with ``eventId``)."""
-        return self._bind("create", transform)
+        return self._bind("create", transform, key)
 
-    def create_many(self, transform: Transform) -> Binding:
+    def create_many(self, transform: Transform, *, key: Key | None = None) -> Binding:
         """Create each record of the list the transformation answers."""
-        return self._bind("create_many", transform)
+        return self._bind("create_many", transform, key)
 
-    def update(self, transform: Transform) -> Binding:
+    def update(self, transform: Transform, *, key: Key | None = None) -> Binding:
         """Update the record with the answered ``id``; create it when there is no ``id``."""
-        return self._bind("update", transform)
+        return self._bind("update", transform, key)
 
-    def remove(self, transform: Transform) -> Binding:
+    def remove(self, transform: Transform, *, key: Key | None = None) -> Binding:
         """Remove the record(s) with the answered ``id`` (or ids), or matching ``query``."""
-        return self._bind("remove", transform)
+        return self._bind("remove", transform, key)
 
-    def _bind(self, kind: Kind, transform: Transform) -> Binding:
+    def _bind(self, kind: Kind, transform: Transform, key: Key | None) -> Binding:
         if not (isinstance(transform, str) or callable(transform)):
             raise ConfigurationError("a transformation is an action name or an async callable")
-        binding = Binding(self._event, kind, transform)
+        if key is not None and not (isinstance(key, str) or callable(key)):
+            raise ConfigurationError("a key is a payload field's name or a function of the event")
+        binding = Binding(self._event, kind, transform, key)
         self._aggregate.bindings.append(binding)
         return binding
 
@@ -72,7 +80,9 @@ class Aggregate:
     transaction of a replay (where the log and the aggregate share one database lock, as in
     one memory database or one SQLite file, appends wait for each such transaction).
     ``lease_ttl``: when several nodes serve this aggregate on one database, one projects and
-    the others take over within this many seconds after it stops or dies.
+    the others take over within this many seconds after it stops or dies. ``concurrency``:
+    how many transformations of events with different keys run at once (bindings with a
+    ``key`` only).
     """
 
     def __init__(
@@ -86,10 +96,14 @@ class Aggregate:
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
         replay_batch_size: int = 1000,
         lease_ttl: float = DEFAULT_TTL,
+        concurrency: int = CONCURRENCY,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError("concurrency must be an integer >= 1")
+        self.concurrency = concurrency
         if on_error not in ("dead_letter", "halt"):
             raise ConfigurationError("on_error is 'dead_letter' or 'halt'")
         self.name = name
@@ -149,6 +163,7 @@ class Aggregate:
             replay_batch_size=self.replay_batch_size,
             node_id=broker.nodeID,
             lease_ttl=self.lease_ttl,
+            concurrency=self.concurrency,
         )
         self._runtimes[broker] = runtime
         await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
@@ -187,6 +202,10 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     @property
     def adapter(self) -> Adapter:
         return self.runtime.adapter
+
+    @property
+    def batches(self) -> OpenBatches:
+        return self.runtime.batches
 
     async def wait_ready(self) -> None:
         await until_ready(self.runtime.connected, self.name)

@@ -1,7 +1,8 @@
 """Services that expose a store through the broker (moleculer-db compatible actions).
 
-Read actions join the projector's open batch when called from a transformation (see
-:mod:`moleculerpy_cqrs.core.joins`), so a transformation sees every earlier event's effect.
+Read actions answer from the projector's open batch when called from one of its
+transformations (see :mod:`moleculerpy_cqrs.core.joins`), so a transformation sees every
+earlier event's effect.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from moleculerpy import Context, action
 
-from moleculerpy_cqrs.core import joins
+from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter
@@ -30,15 +31,16 @@ class _StoreBase:
         """Return once the store is connected (bounded); see ``until_ready``."""
         raise NotImplementedError
 
+    @property
+    def batches(self) -> OpenBatches | None:
+        """The projector's open batches, for a store that a projector writes."""
+        return None
+
     async def _run(self, ctx: Context, action: str) -> Any:
         """Run a store action, on the projector's open batch when called from one."""
-
         await self.wait_ready()
-
-        async def work(adapter: Adapter) -> Any:
-            return await getattr(StoreActions(adapter), action)(ctx.params)
-
-        return await joins.run_joined(ctx.meta, self.adapter, work)
+        view = self.batches.view_for(ctx.meta) if self.batches is not None else None
+        return await getattr(StoreActions(view or self.adapter), action)(ctx.params)
 
     async def _announce(self, what: str, payload: dict[str, Any]) -> None:
         await self.port.broadcast(f"{self.name}.{what}", payload)

@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
+from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import LogSource
 from moleculerpy_cqrs.core.maintenance import Maintenance, SnapshotStore
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.projector import LEASE_KEY, Binding, Projector
+from moleculerpy_cqrs.core.projector import CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.stores.base import Adapter
@@ -33,8 +34,11 @@ class AggregateRuntime:
         replay_batch_size: int = 1000,
         node_id: str = "node",
         lease_ttl: float = DEFAULT_TTL,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         self.node_id = node_id
+        self.concurrency = concurrency
+        self.batches = OpenBatches(name, node_id)
         self.lease_ttl = lease_ttl
         self.replay_batch_size = replay_batch_size
         self.name = name
@@ -77,6 +81,8 @@ class AggregateRuntime:
             attempts=self.attempts,
             on_error=self.on_error,
             lease=Lease(self.adapter, LEASE_KEY, self.node_id, self.lease_ttl),
+            concurrency=self.concurrency,
+            batches=self.batches,
         )
         self.projector.start()
         snapshots = (

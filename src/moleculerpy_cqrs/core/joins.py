@@ -1,63 +1,91 @@
-"""Letting a transformation's reads join the projector's open batch.
+"""How a transformation's reads of its own aggregate reach the batch being applied.
 
-The projector applies a batch of events in one transaction. A transformation that reads its
-aggregate (``profileSummaryAggregate.find``) must see the batch's earlier changes, which are
-not committed yet, and during a replay it must read the table being rebuilt, not the live one.
-In-process, the adapter's transaction travels in a ContextVar by itself; across nodes only
-``meta`` travels. So the projector registers its open batch (the context of its transaction
-and the table it writes) under a token sent in ``meta``, and the aggregate's store actions
-run against that table, in that context, when they see a live token.
+The projector runs a batch's transformations before anything is written; a transformation
+that reads its aggregate (``profileSummaryAggregate.find``) must see the effect of every
+earlier event of the batch, which lives in the batch's :class:`~.batch.BatchView`. So the
+projector opens each batch under a token. An action transformation receives the token in
+``meta`` (only ``meta`` travels between nodes); an async-callable transformation runs with it
+in a context variable, which the broker's local calls carry along. The aggregate's read
+actions answer from the open view when they see a token of theirs; a token that names an
+aggregate but no batch open on this node is refused (the read would otherwise silently see
+committed data only).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
 
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.core.batch import BatchView
+from moleculerpy_cqrs.errors import Conflict
 
-META_KEY: Final = "$cqrsTx"
+TOKEN_KEY: Final = "$cqrsTx"
+AGGREGATE_KEY: Final = "$cqrsAggregate"
+NODE_KEY: Final = "$cqrsNode"
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY)
 
 
 @dataclass(frozen=True)
-class _Batch:
-    context: contextvars.Context
-    target: Adapter
+class BatchToken:
+    aggregate: str
+    token: str
+    node: str
+
+    def meta(self) -> dict[str, str]:
+        return {TOKEN_KEY: self.token, AGGREGATE_KEY: self.aggregate, NODE_KEY: self.node}
 
 
-_open: dict[str, _Batch] = {}
+_CURRENT: ContextVar[BatchToken | None] = ContextVar("moleculerpy_cqrs_batch", default=None)
 
 
-@contextmanager
-def shared_transaction(target: Adapter) -> Iterator[str]:
-    """Register the current context (inside an open transaction on ``target``)."""
-    token = secrets.token_hex(8)
-    _open[token] = _Batch(contextvars.copy_context(), target)
-    try:
-        yield token
-    finally:
-        del _open[token]
+class OpenBatches:
+    """The batches one aggregate's projector has open on this node, by token."""
+
+    def __init__(self, aggregate: str, node: str) -> None:
+        self.aggregate = aggregate
+        self.node = node
+        self._views: dict[str, BatchView] = {}
+
+    @contextmanager
+    def open(self, view: BatchView) -> Iterator[BatchToken]:
+        """Register ``view`` for the reads of the transformations run inside this block."""
+        token = BatchToken(self.aggregate, secrets.token_hex(8), self.node)
+        self._views[token.token] = view
+        reset = _CURRENT.set(token)
+        try:
+            yield token
+        finally:
+            _CURRENT.reset(reset)
+            del self._views[token.token]
+
+    def view_for(self, meta: Any) -> BatchView | None:
+        """The open view a read of this aggregate must answer from; None for a plain read."""
+        token = _from_meta(meta) or _CURRENT.get()
+        if token is None or token.aggregate != self.aggregate:
+            return None
+        view = self._views.get(token.token)
+        if view is None:
+            where = f"node {token.node!r}" if token.node != self.node else "this node any more"
+            raise Conflict(
+                f"this read of {self.aggregate} comes from a transformation of batch "
+                f"{token.token}, which is open on {where}, not on node {self.node!r}: a "
+                "transformation's reads of its own aggregate must reach the projector's node "
+                "(and finish before its transformation answers)",
+                batch=token.token,
+                node=token.node,
+            )
+        return view
 
 
-async def run_joined[T](meta: Any, default: Adapter, work: Callable[[Adapter], Awaitable[T]]) -> T:
-    """Run ``work`` on the table and in the transaction that ``meta`` names, if that batch is
-    open on this node and writes to a table of ``default``'s aggregate; else on ``default``."""
-    token = meta.get(META_KEY) if isinstance(meta, dict) else None
-    batch = _open.get(token) if isinstance(token, str) else None
-    if batch is None or not _same_aggregate(batch.target, default):
-        return await work(default)
-
-    async def call() -> T:
-        return await work(batch.target)
-
-    return await asyncio.create_task(call(), context=batch.context.copy())
-
-
-def _same_aggregate(target: Adapter, default: Adapter) -> bool:
-    # The live table, or its shadow during a replay (named "<aggregate>__shadow").
-    return target.name in (default.name, f"{default.name}__shadow")
+def _from_meta(meta: Any) -> BatchToken | None:
+    if not isinstance(meta, Mapping):
+        return None
+    token, aggregate = meta.get(TOKEN_KEY), meta.get(AGGREGATE_KEY)
+    if not isinstance(token, str) or not isinstance(aggregate, str):
+        return None
+    node = meta.get(NODE_KEY)
+    return BatchToken(aggregate, token, node if isinstance(node, str) else "?")

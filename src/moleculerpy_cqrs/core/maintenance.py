@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from moleculerpy_cqrs.core.batch import LAST_ID_KEY, IdCounter
 from moleculerpy_cqrs.core.projector import CHECKPOINT_KEY, LEASE_KEY, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, EventType
 from moleculerpy_cqrs.core.snapshots import NO_BACKUP_ERROR, SnapshotStrategy
@@ -221,6 +222,7 @@ class Maintenance:
                 await shadow.remove_many(ALL)
                 await shadow_dead.remove_many(ALL)
                 await shadow.set_meta(CHECKPOINT_KEY, None)
+                await shadow.set_meta(LAST_ID_KEY, None)
             # Both phases stop at the head seen when they start: under a steady stream of
             # appends a replay still ends; the live projector applies what came after.
             progress.total = await source.head()
@@ -260,13 +262,13 @@ class Maintenance:
         on_progress: Callable[[ReplayProgress], Any] | None,
     ) -> int:
         source = self.projector.source
+        ids = IdCounter()
         while position < until:
             read = await source.read_after(position, self.replay_batch_size)
             events = [e for e in read if e["id"] <= until]
             if not events:
                 break
-            await self.projector.apply_batch(shadow, shadow_dead, events, position)
-            position = events[-1]["id"]
+            position = await self.projector.apply_batch(shadow, shadow_dead, events, position, ids)
             progress.done = position
             progress.total = max(progress.total, position)
             elapsed = time.perf_counter() - progress._t0

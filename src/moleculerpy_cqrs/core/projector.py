@@ -1,10 +1,13 @@
 """The projector: feeds one aggregate from the event log, exactly once per event.
 
-It reads the events after its checkpoint a batch at a time, runs the transformation bound to
-each event, applies the answer (create / update / remove) and saves the new checkpoint in the
-same transaction as the changes: a crash anywhere leaves the aggregate and its checkpoint in
-step. A transformation that fails is retried; then the event goes to the dead letters (or the
-projector halts, if so configured) and the rest goes on.
+It reads the events after its checkpoint a batch at a time and runs the transformation bound
+to each event with no transaction open, applying each answer (create / update / remove) to the
+batch's in-memory :class:`~.batch.BatchView`, which later transformations of the batch read.
+Then the batch's changes, its dead letters and the new checkpoint are written in one short
+transaction: a crash anywhere leaves the aggregate and its checkpoint in step. A transformation
+that fails is retried (no transaction is open meanwhile); then its event's effects are undone
+and the event goes to the dead letters (or the projector halts there, if so configured) while
+the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -12,26 +15,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from moleculerpy_cqrs.core import joins
+from moleculerpy_cqrs.core.batch import BatchView, IdCounter
+from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import LogSource, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, Record
 from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 
 CHECKPOINT_KEY: Final = "checkpoint"
-CLAIM_KEY: Final = "projector"
 LEASE_KEY: Final = "projector.lease"
+CONCURRENCY: Final = 16
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
+Key = str | Callable[[dict[str, Any]], Hashable]
+_KEYLESS: Final = object()
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +48,18 @@ class Binding:
     event: str
     kind: Kind
     transform: Transform
+    key: Key | None = None
+
+    def key_of(self, event: Record) -> Any:
+        """The event's key (a payload field, or what the key function answers)."""
+        if self.key is None:
+            return _KEYLESS
+        if isinstance(self.key, str):
+            payload = event.get("payload")
+            value = payload.get(self.key) if isinstance(payload, dict) else None
+        else:
+            value = self.key(delivered(event, 1))
+        return value if isinstance(value, Hashable) else repr(value)
 
     @property
     def handler_name(self) -> str:
@@ -67,9 +85,10 @@ class StaleCheckpoint(Exception):
 
 
 class _Halt(Exception):
-    def __init__(self, position: int, failure: TransformFailed) -> None:
+    def __init__(self, position: int, failure: TransformFailed, checkpoint: int) -> None:
         self.position = position
         self.failure = failure
+        self.checkpoint = checkpoint  # the events before the bad one were applied
 
 
 @dataclass
@@ -98,8 +117,13 @@ class Projector:
         retry_delay: float = 0.01,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
         lease: Lease | None = None,
+        concurrency: int = CONCURRENCY,
+        batches: OpenBatches | None = None,
     ) -> None:
         self.name = name
+        self.concurrency = concurrency
+        self.batches = batches or OpenBatches(name, "node")
+        self.ids = IdCounter()
         self.lease = lease
         self.standby = False
         self.adapter = adapter
@@ -210,6 +234,7 @@ class Projector:
             self._progress.notify_all()
 
     async def reload_checkpoint(self) -> int:
+        self.ids.forget()
         self.checkpoint = int(await self.adapter.get_meta(CHECKPOINT_KEY) or 0)
         await self._advanced()
         return self.checkpoint
@@ -242,6 +267,8 @@ class Projector:
                 await self.reload_checkpoint()
                 continue
             except _Halt as halt:
+                self.checkpoint = halt.checkpoint
+                await self._advanced()
                 self.stats.halted_at = halt.position
                 self.stats.last_error = str(halt.failure)
                 log.error(
@@ -267,100 +294,132 @@ class Projector:
         events = await self.source.read_after(self.checkpoint, self.batch_size)
         if not events:
             return False
-        await self.apply_batch(self.adapter, self.dead_letters, events, self.checkpoint)
-        self.checkpoint = events[-1]["id"]
+        self.checkpoint = await self.apply_batch(
+            self.adapter, self.dead_letters, events, self.checkpoint, self.ids
+        )
         self.stats.batches += 1
         await self._advanced()
         return True
 
     async def apply_batch(
-        self, target: Adapter, dead_letters: Adapter, events: list[Record], expected: int
-    ) -> None:
-        """Apply ``events`` to ``target`` and move its checkpoint from ``expected``, in one
-        transaction. Raises :class:`StaleCheckpoint` (and changes nothing) when the stored
-        checkpoint is not ``expected``: two nodes running one aggregate never both apply an
-        event."""
+        self,
+        target: Adapter,
+        dead_letters: Adapter,
+        events: list[Record],
+        expected: int,
+        ids: IdCounter,
+    ) -> int:
+        """Apply ``events`` to ``target``, moving its checkpoint from ``expected``; answers
+        the new checkpoint.
+
+        The transformations run first, with no transaction open, against a
+        :class:`BatchView`; then the batch's changes, its dead letters and the checkpoint are
+        written in one transaction. Raises :class:`StaleCheckpoint` (and writes nothing) when
+        the stored checkpoint is not ``expected``: two nodes running one aggregate never both
+        apply an event.
+        """
+        view = BatchView(target, ids)
+        units = [(e, b) for e in events for b in self._relevant(e)]
+        with self.batches.open(view) as token:
+            failures = await self._transform_all(view, units, token, len(events))
+        halted = next((i for i, f in enumerate(failures) if f and self.on_error == "halt"), None)
+        dead: list[Record] = []
         errors: list[tuple[Record, TransformFailed]] = []
-        async with target.transaction():
-            # The claim is a write: it takes the table's write lock first, so the checkpoint
-            # read next cannot change before this transaction ends.
-            await target.set_meta(CLAIM_KEY, {"at": events[0]["id"]})
-            stored = int(await target.get_meta(CHECKPOINT_KEY) or 0)
-            if stored != expected:
-                raise StaleCheckpoint(stored, expected)
-            with joins.shared_transaction(target) as token:
-                for event in events:
-                    for binding in self._relevant(event):
-                        try:
-                            await self._apply_with_retries(
-                                target, binding, event, token, len(events)
-                            )
-                        except TransformFailed as failure:
-                            if self.on_error == "halt":
-                                raise _Halt(event["id"], failure) from None
-                            await self._dead_letter(dead_letters, event, failure)
-                            errors.append((event, failure))
-            await target.set_meta(CHECKPOINT_KEY, events[-1]["id"])
+        last = int(events[-1]["id"])
+        for i, failure in enumerate(failures):
+            if failure is None:
+                continue
+            event = units[i][0]
+            if halted is not None:
+                last = _before(events, event["id"], expected)
+                break
+            dead.append(_dead_letter(event, failure))
+            errors.append((event, failure))
+        also = [(dead_letters, Changes(inserts=dead))] if dead else []
+        await asyncio.sleep(0)  # a backend that never suspends (memory) still lets others in
+        try:
+            await target.apply(view.changes(), advance=(CHECKPOINT_KEY, expected, last), also=also)
+        except MetaMoved as moved:
+            ids.forget()
+            raise StaleCheckpoint(moved.stored, expected) from None
+        except BaseException:
+            ids.forget()  # the ids this batch counted on may be taken: read them again
+            raise
+        view.written()
+        self.stats.applied += sum(1 for f in failures if f is None)
+        self.stats.dead_letters += len(dead)
         for event, failed in errors:
             await self._report(event, failed)
+        if halted is not None:
+            failure = failures[halted]
+            assert failure is not None
+            raise _Halt(units[halted][0]["id"], failure, last)
+        return last
 
     def _relevant(self, event: Record) -> list[Binding]:
         if event.get("eventType") != EventType.COMMAND:
             return []
         return self._bindings.get(event["event"], [])
 
-    async def _apply_with_retries(
-        self, target: Adapter, binding: Binding, event: Record, token: str, batch: int
-    ) -> None:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                await self.apply_one(target, binding, event, token, batch)
-                self.stats.applied += 1
-                return
-            except TransformFailed as failure:
-                if attempt == self.attempts:
-                    failure.attempts = attempt
-                    raise
-                del failure
-                await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
+    async def _transform_all(
+        self, view: BatchView, units: list[Unit], token: BatchToken, size: int
+    ) -> list[TransformFailed | None]:
+        """Run every unit's transformation and apply its answer to ``view``, in log order
+        unless bindings declare keys; answers each unit's failure (None: applied)."""
+        if not any(b.key is not None for _, b in units):
+            failures: list[TransformFailed | None] = []
+            for event, binding in units:
+                failure = await self._unit(view, event, binding, token, size, None)
+                failures.append(failure)
+                if failure is not None and self.on_error == "halt":
+                    failures += [None] * (len(units) - len(failures))
+                    break
+            return failures
+        return await KeyedRun(self, view, units, token, size).run()
 
-    async def apply_one(
-        self, target: Adapter, binding: Binding, event: Record, token: str, batch: int
-    ) -> None:
-        shaped = delivered(event, batch)
-        try:
-            result = await self._transform(binding, shaped, event.get("meta") or {}, token)
-        except Exception as error:
-            raise TransformFailed(binding, "transform_error", error, 1) from error
-        try:
-            await apply_result(target, binding.kind, result, event["id"])
-        except Exception as error:
-            raise TransformFailed(binding, "error", error, 1) from error
+    async def _unit(
+        self,
+        view: BatchView,
+        event: Record,
+        binding: Binding,
+        token: BatchToken,
+        size: int,
+        first: Outcome | None,
+    ) -> TransformFailed | None:
+        """Transform one event (``first``: the outcome of a first try made already) and
+        apply the answer to ``view``, retrying both; a failure undoes this event's effects."""
+        shaped = delivered(event, size)
+        for attempt in range(1, self.attempts + 1):
+            mark = view.mark()
+            try:
+                if first is not None:
+                    (answered, result), first = first, None
+                    if not answered:
+                        raise result
+                else:
+                    result = await self._transform(binding, shaped, event.get("meta") or {}, token)
+            except Exception as error:
+                failure = TransformFailed(binding, "transform_error", error, attempt)
+            else:
+                try:
+                    await apply_result(view, binding.kind, result, event["id"])
+                    return None
+                except Exception as error:
+                    view.undo(mark)
+                    failure = TransformFailed(binding, "error", error, attempt)
+            if attempt == self.attempts:
+                return failure
+            del failure
+            await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     async def _transform(
-        self, binding: Binding, event: dict[str, Any], meta: Mapping[str, Any], token: str
+        self, binding: Binding, event: dict[str, Any], meta: Mapping[str, Any], token: BatchToken
     ) -> Any:
         if isinstance(binding.transform, str):
-            call_meta = {**meta, joins.META_KEY: token, "$cqrsAggregate": self.name}
+            call_meta = {**meta, **token.meta()}
             return await self.port.call(binding.transform, event, call_meta)
         return await binding.transform(event)
-
-    async def _dead_letter(self, dead: Adapter, event: Record, failure: TransformFailed) -> None:
-        now = now_ms()
-        await dead.insert(
-            {
-                "eventId": event["id"],
-                "event": event["event"],
-                "handler": failure.binding.handler_name,
-                "kind": failure.binding.kind,
-                "error": f"{type(failure.error).__name__}: {failure.error}"[:4000],
-                "attempts": failure.attempts,
-                "created": now,
-                "updated": now,
-                "record": {k: v for k, v in event.items()},
-            }
-        )
-        self.stats.dead_letters += 1
 
     async def _report(self, event: Record, failure: TransformFailed) -> None:
         kind = "create" if failure.binding.kind == "create_many" else failure.binding.kind
@@ -376,7 +435,8 @@ class Projector:
     # ------------------------------------------------------------------ dead letters
 
     async def retry_dead_letters(self, ids: list[int] | None = None) -> dict[str, Any]:
-        """Apply dead-lettered events again, each in its own transaction with its removal."""
+        """Apply dead-lettered events again, each written with its removal from the dead
+        letters in one transaction."""
         query = ALL if ids is None else Query(where=In(ID, tuple(ids)))
         rows = await self.dead_letters.find(query)
         retried: list[int] = []
@@ -388,64 +448,164 @@ class Projector:
                 if binding is None:
                     failed.append({"id": row[ID], "error": "no binding for this event any more"})
                     continue
-                try:
-                    async with self.adapter.transaction():
-                        with joins.shared_transaction(self.adapter) as token:
-                            await self.apply_one(self.adapter, binding, row["record"], token, 1)
-                            await self.dead_letters.remove(row[ID])
+                view = BatchView(self.adapter, self.ids)
+                with self.batches.open(view) as token:
+                    failure = await self._unit(view, row["record"], binding, token, 1, None)
+                if failure is None:
+                    try:
+                        await self.adapter.apply(
+                            view.changes(), also=[(self.dead_letters, Changes(deletes=[row[ID]]))]
+                        )
+                    except BaseException:
+                        self.ids.forget()
+                        raise
+                    view.written()
                     retried.append(row[ID])
-                except TransformFailed as failure:
-                    await self.dead_letters.update(
-                        row[ID],
-                        {
-                            "attempts": int(row["attempts"] or 0) + 1,
-                            "error": f"{type(failure.error).__name__}: {failure.error}"[:4000],
-                            "updated": now_ms(),
-                        },
-                    )
-                    failed.append({"id": row[ID], "error": str(failure)})
+                    continue
+                await self.dead_letters.update(
+                    row[ID],
+                    {
+                        "attempts": int(row["attempts"] or 0) + 1,
+                        "error": f"{type(failure.error).__name__}: {failure.error}"[:4000],
+                        "updated": now_ms(),
+                    },
+                )
+                failed.append({"id": row[ID], "error": str(failure)})
         self.stats.dead_letters = await self.dead_letters.count()
         if self.stats.halted_at is not None:
             self.resume_after_halt()
         return {"retried": len(retried), "failed": failed, "remaining": self.stats.dead_letters}
 
 
-async def apply_result(target: Adapter, kind: Kind, result: Any, event_id: int) -> None:
-    """Apply a transformation's answer to the aggregate (None means: nothing to do)."""
+Unit = tuple[Record, Binding]
+Outcome = tuple[bool, Any]  # (answered, the answer or the exception)
+
+
+class KeyedRun:
+    """One batch whose bindings declare keys.
+
+    Transformations of events with different keys run concurrently (at most the projector's
+    ``concurrency`` at once); one waits for the last earlier event of its key (and for the
+    last earlier event of a binding without a key) to be applied before it starts, so it sees
+    that event's effects. Answers are applied to the view in log order all the same, so the
+    ids rows get stay a function of the log.
+    """
+
+    def __init__(
+        self, projector: Projector, view: BatchView, units: list[Unit], token: BatchToken, size: int
+    ) -> None:
+        self.p = projector
+        self.view = view
+        self.units = units
+        self.token = token
+        self.size = size
+        self.applied = [asyncio.Event() for _ in units]
+        self.failures: list[TransformFailed | None] = [None] * len(units)
+        self.halted = False
+        self.slots = asyncio.Semaphore(max(projector.concurrency, 1))
+
+    def _dependencies(self) -> list[int]:
+        deps: list[int] = []
+        last_of: dict[Any, int] = {}
+        barrier = -1
+        for i, (event, binding) in enumerate(self.units):
+            key = binding.key_of(event)
+            if key is _KEYLESS:
+                deps.append(i - 1)
+                barrier = i
+            else:
+                deps.append(max(last_of.get(key, -1), barrier))
+                last_of[key] = i
+        return deps
+
+    async def run(self) -> list[TransformFailed | None]:
+        tasks = [
+            asyncio.create_task(self._one(i, dep)) for i, dep in enumerate(self._dependencies())
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return self.failures
+
+    async def _one(self, i: int, dep: int) -> None:
+        event, binding = self.units[i]
+        if dep >= 0:
+            await self.applied[dep].wait()
+        first: Outcome | None = None
+        if not self.halted:
+            async with self.slots:
+                meta = event.get("meta") or {}
+                try:
+                    shaped = delivered(event, self.size)
+                    first = (True, await self.p._transform(binding, shaped, meta, self.token))
+                except Exception as error:
+                    first = (False, error)
+        if i > 0:
+            await self.applied[i - 1].wait()
+        if not self.halted:
+            failure = await self.p._unit(self.view, event, binding, self.token, self.size, first)
+            self.failures[i] = failure
+            if failure is not None and self.p.on_error == "halt":
+                self.halted = True
+        self.applied[i].set()
+
+
+async def apply_result(view: BatchView, kind: Kind, result: Any, event_id: int) -> None:
+    """Apply a transformation's answer to the batch (None means: nothing to do)."""
     if result is None:
         return
     if kind == "create_many":
         if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
             raise InvalidInput("a create_many transformation must answer a list of objects")
-        await target.insert_many([_stamp(target, r, event_id) for r in result])
+        for record in result:
+            await view.create(_stamp(view, record, event_id))
         return
     if not isinstance(result, dict):
         raise InvalidInput(f"a {kind} transformation must answer an object or None")
     if kind == "create":
-        await target.insert(_stamp(target, _without_id(result), event_id))
+        await view.create(_stamp(view, result, event_id))
     elif kind == "update":
         if result.get(ID) is None:
-            await target.insert(_stamp(target, _without_id(result), event_id))
+            await view.create(_stamp(view, result, event_id))
         else:
-            changes = _stamp(target, _without_id(result), event_id)
-            if await target.update(result[ID], changes) is None:
-                raise InvalidInput(f"update: no row with id {result[ID]!r} in {target.name}")
+            await view.update(result[ID], _stamp(view, result, event_id))
     elif kind == "remove":
         if result.get(ID) is not None:
             ids = result[ID] if isinstance(result[ID], list) else [result[ID]]
             for entity_id in ids:
-                await target.remove(entity_id)
+                await view.remove(entity_id)
         elif "query" in result:
-            await target.remove_many(Query(where=parse_condition(target.fields, result["query"])))
+            await view.remove_where(parse_condition(view.fields, result["query"]))
         else:
             raise InvalidInput("a remove transformation must answer {id} or {query}")
 
 
-def _without_id(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k != ID}
-
-
-def _stamp(target: Adapter, record: dict[str, Any], event_id: int) -> dict[str, Any]:
-    if "eventId" in target.fields and "eventId" not in record:
+def _stamp(view: BatchView, record: dict[str, Any], event_id: int) -> dict[str, Any]:
+    if "eventId" in view.fields and "eventId" not in record:
         return {**record, "eventId": event_id}
     return record
+
+
+def _before(events: list[Record], position: int, expected: int) -> int:
+    """The position of the event before ``position`` in ``events`` (``expected`` if none)."""
+    earlier = [e["id"] for e in events if e["id"] < position]
+    return earlier[-1] if earlier else expected
+
+
+def _dead_letter(event: Record, failure: TransformFailed) -> Record:
+    now = now_ms()
+    return {
+        "eventId": event["id"],
+        "event": event["event"],
+        "handler": failure.binding.handler_name,
+        "kind": failure.binding.kind,
+        "error": f"{type(failure.error).__name__}: {failure.error}"[:4000],
+        "attempts": failure.attempts,
+        "created": now,
+        "updated": now,
+        "record": dict(event),
+    }

@@ -8,24 +8,49 @@ answers what moleculer-db (and the Go store) answers. Bad params raise :class:`I
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Protocol
 
-from moleculerpy_cqrs.errors import EntityNotFound, InvalidInput
+from moleculerpy_cqrs.errors import Conflict, EntityNotFound, InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter
-from moleculerpy_cqrs.stores.fields import ID, Record, check_id
+from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_id
 from moleculerpy_cqrs.stores.query import Query, parse_condition, parse_find, parse_projection
 
 DEFAULT_PAGE_SIZE: Final = 10
 MAX_PAGE_SIZE: Final = 100
 
 
+class Readable(Protocol):
+    """What the read actions need: an :class:`Adapter`, or a view of one (a projector's
+    open batch)."""
+
+    name: str
+    fields: dict[str, FieldType]
+
+    async def find(self, query: Query = ...) -> list[Record]: ...
+
+    async def count(self, query: Query = ...) -> int: ...
+
+    async def get(self, entity_id: Any) -> Record | None: ...
+
+    async def get_many(self, ids: Sequence[Any]) -> list[Record]: ...
+
+
 class StoreActions:
     """find / count / list / get / create / insert / update / remove over one adapter."""
 
-    def __init__(self, adapter: Adapter, *, max_page_size: int = MAX_PAGE_SIZE) -> None:
+    def __init__(self, adapter: Readable, *, max_page_size: int = MAX_PAGE_SIZE) -> None:
         self.adapter = adapter
         self.max_page_size = max_page_size
+
+    @property
+    def writable(self) -> Adapter:
+        if not isinstance(self.adapter, Adapter):
+            raise Conflict(
+                f"{self.adapter.name} is being projected: a transformation answers the changes "
+                "it wants made; it does not write its aggregate itself"
+            )
+        return self.adapter
 
     async def find(self, params: Mapping[str, Any]) -> list[Record]:
         return await self.adapter.find(parse_find(self.adapter.fields, _params(params)))
@@ -84,7 +109,7 @@ class StoreActions:
             raise InvalidInput("params cannot be empty!")
         if ID in params:
             raise InvalidInput("create assigns the id itself; use update to change a row", field=ID)
-        return await self.adapter.insert(params)
+        return await self.writable.insert(params)
 
     async def insert(self, params: Mapping[str, Any]) -> Record | list[Record]:
         params = _params(params)
@@ -95,14 +120,14 @@ class StoreActions:
                 raise InvalidInput("entities must be a list of objects", field="entities")
             if any(ID in e for e in entities):
                 raise InvalidInput("insert assigns ids itself", field=ID)
-            return await self.adapter.insert_many(entities)
+            return await self.writable.insert_many(entities)
         if "entity" in params:
             entity = params["entity"]
             if not isinstance(entity, dict) or not entity:
                 raise InvalidInput("entity must be a non-empty object", field="entity")
             if ID in entity:
                 raise InvalidInput("insert assigns ids itself", field=ID)
-            return await self.adapter.insert(entity)
+            return await self.writable.insert(entity)
         raise InvalidInput("insert needs entity (an object) or entities (a list)")
 
     async def update(self, params: Mapping[str, Any]) -> Record:
@@ -112,7 +137,7 @@ class StoreActions:
         entity_id = check_id(params.pop(ID))
         if not params:
             raise InvalidInput("update needs at least one field to change")
-        row = await self.adapter.update(entity_id, params)
+        row = await self.writable.update(entity_id, params)
         if row is None:
             raise EntityNotFound(entity_id, store=self.adapter.name)
         return row
@@ -122,7 +147,7 @@ class StoreActions:
         _only(params, {"id"}, "remove")
         if ID not in params:
             raise InvalidInput("id field required!", field="id")
-        row = await self.adapter.remove(params[ID])
+        row = await self.writable.remove(params[ID])
         if row is None:
             raise EntityNotFound(params[ID], store=self.adapter.name)
         return {**row, "deletedCount": 1}
@@ -132,7 +157,7 @@ class StoreActions:
         params = _params(params)
         _only(params, {"query"}, "remove_where")
         cond = parse_condition(self.adapter.fields, params.get("query"))
-        return {"deletedCount": await self.adapter.remove_many(Query(where=cond))}
+        return {"deletedCount": await self.writable.remove_many(Query(where=cond))}
 
 
 def _params(params: Any) -> Mapping[str, Any]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.errors import CqrsError, InvalidInput
 from moleculerpy_cqrs.stores.fields import (
     ID,
     FieldType,
@@ -44,6 +45,31 @@ class StoreFactory(Protocol):
         cqrs_fields: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter: ...
+
+
+@dataclass
+class Changes:
+    """Row changes for one table, written in one go by :meth:`Adapter.apply`.
+
+    Values are already checked (:func:`~moleculerpy_cqrs.stores.fields.check_record`); ids
+    are chosen by the caller, so a batch can refer to rows it has not written yet.
+    """
+
+    inserts: list[Record] = field(default_factory=list)  # whole rows; without ``id``: new ids
+    updates: dict[int, Record] = field(default_factory=dict)  # id -> the fields to change
+    deletes: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # key -> value (None deletes)
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.updates or self.deletes or self.meta)
+
+
+class MetaMoved(CqrsError):
+    """:meth:`Adapter.apply` found a meta value other than the one it was told to expect."""
+
+    def __init__(self, key: str, stored: int, expected: int) -> None:
+        super().__init__(f"{key} is {stored}, expected {expected}")
+        self.key, self.stored, self.expected = key, stored, expected
 
 
 class Adapter(ABC):
@@ -166,6 +192,54 @@ class Adapter(ABC):
 
     @abstractmethod
     async def _remove_many(self, query: Query) -> int: ...
+
+    async def apply(
+        self,
+        changes: Changes,
+        *,
+        advance: tuple[str, int, int] | None = None,
+        also: Sequence[tuple[Adapter, Changes]] = (),
+    ) -> None:
+        """Write ``changes`` (and those of sibling tables in ``also``) in one transaction,
+        joining an enclosing one: inserts, then updates, then deletes, then meta.
+
+        ``advance=(key, old, new)`` moves the integer meta value ``key`` from ``old`` to
+        ``new`` (a missing key reads as 0); if it is not ``old`` under the table's write lock,
+        :class:`MetaMoved` is raised and nothing is written. After inserts with explicit ids,
+        ids this table hands out itself are past them. This is the projector's bulk path: one
+        round trip to the database where the backend can manage it.
+        """
+        for sibling, _ in also:
+            self._check_sibling(sibling)
+        await self._apply([(self, changes), *also], advance)
+
+    @abstractmethod
+    def _check_sibling(self, other: Adapter) -> None:
+        """Raise :class:`ConfigurationError` unless ``other`` shares this table's database
+        and transactions (a sibling)."""
+
+    async def _apply(
+        self, work: list[tuple[Adapter, Changes]], advance: tuple[str, int, int] | None
+    ) -> None:
+        """A generic :meth:`apply` through the other protected methods; backends that can do
+        it in fewer round trips override it."""
+        async with self.transaction():
+            if advance is not None:
+                key, old, new = advance
+                await self.set_meta(f"{key}.claim", new)  # a write: takes the write lock first
+                stored = int(await self.get_meta(key) or 0)
+                if stored != old:
+                    raise MetaMoved(key, stored, old)
+            for adapter, changes in work:
+                await adapter._apply_rows(changes)
+                for name, value in changes.meta.items():
+                    await adapter.set_meta(name, value)
+            if advance is not None:
+                await self.set_meta(advance[0], advance[2])
+
+    async def _apply_rows(self, changes: Changes) -> None:
+        """Inserts with their ids, updates, deletes (inside a transaction)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
 
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[None]:

@@ -72,6 +72,8 @@ class Compiler:
         self.fields = fields
         self.dialect = dialect
         self.columns = [ID, *fields]
+        self._selects: dict[Query, tuple[str, Params]] = {}
+        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
 
     def kind(self, name: str) -> FieldType | None:
         return None if name == ID else self.fields[name]
@@ -83,6 +85,19 @@ class Compiler:
         return " WHERE " + self._cond(cond, params), params
 
     def select(self, query: Query) -> tuple[str, Params]:
+        """The SELECT for ``query`` (a few hundred recent queries are kept compiled)."""
+        try:
+            sql, params = self._selects[query]
+        except TypeError:  # a json value in the query: not hashable, compile each time
+            return self._select(query)
+        except KeyError:
+            sql, params = self._select(query)
+            if len(self._selects) >= 256:
+                self._selects.pop(next(iter(self._selects)))
+            self._selects[query] = (sql, params)
+        return sql, list(params)
+
+    def _select(self, query: Query) -> tuple[str, Params]:
         cols = ", ".join(quote(c) for c in (query.fields or self.columns))
         where, params = self.where(query.where)
         order = ", ".join(
@@ -116,6 +131,23 @@ class Compiler:
         return f"DELETE FROM {self.table}{where}", params
 
     def insert(self, names: list[str]) -> str:
+        key = ("insert", tuple(names))
+        sql = self._statements.get(key)
+        if sql is None:
+            sql = self._statements[key] = self._insert(names)
+        return sql
+
+    def update_by_id(self, names: tuple[str, ...]) -> str:
+        """UPDATE of the columns ``names`` of one row: the values, then the id, bound."""
+        key = ("update", names)
+        sql = self._statements.get(key)
+        if sql is None:
+            p = self.dialect.placeholder
+            sets = ", ".join(f"{quote(n)} = {p}" for n in names)
+            sql = self._statements[key] = f"UPDATE {self.table} SET {sets} WHERE id = {p}"
+        return sql
+
+    def _insert(self, names: list[str]) -> str:
         if not names:
             return f"INSERT INTO {self.table} DEFAULT VALUES"
         p = self.dialect.placeholder

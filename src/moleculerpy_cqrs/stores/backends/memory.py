@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 
@@ -109,6 +109,7 @@ class _Work:
 
     def put(self, row: Record) -> None:
         self.changes[row[ID]] = row
+        self.seq = max(self.seq, row[ID])
 
     def delete(self, entity_id: int) -> None:
         self.changes[entity_id] = None
@@ -148,8 +149,11 @@ class _Work:
             elif entity_id in data.rows:
                 data.rows[entity_id] = row
             else:
-                data.rows[entity_id] = row  # new ids exceed every committed id: order holds
-                data.ids.append(entity_id)
+                data.rows[entity_id] = row
+                if data.ids and entity_id < data.ids[-1]:  # an id chosen by the caller
+                    bisect.insort(data.ids, entity_id)
+                else:
+                    data.ids.append(entity_id)
         if deleted:
             data.ids = [i for i in data.ids if i not in deleted]
         data.seq = self.seq
@@ -316,6 +320,26 @@ class MemoryAdapter(Adapter):
 
     async def _append(self, records: list[Record]) -> list[Record]:
         return await self._insert_many(records)
+
+    def _check_sibling(self, other: Adapter) -> None:
+        if not isinstance(other, MemoryAdapter) or other._database is not self._database:
+            raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
+
+    async def _apply_rows(self, changes: Changes) -> None:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            for row in changes.inserts:
+                if ID in row:
+                    work.put(self._own(row))
+                else:
+                    work.insert(self._own(row))
+            for entity_id, fields in changes.updates.items():
+                current = work.get(entity_id)
+                if current is None:
+                    raise StoreError(f"no row {entity_id} to update", store=self.name)
+                work.put({**current, **self._own(fields)})
+            for entity_id in changes.deletes:
+                work.delete(entity_id)
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         async with self._unit() as tx:

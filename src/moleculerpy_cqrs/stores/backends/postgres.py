@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -508,6 +508,41 @@ class PostgresAdapter(Adapter):
         async with self._session(write=write) as conn:
             cur = await conn.execute(_q(sql), params)
             return max(cur.rowcount, 0)
+
+    def _check_sibling(self, other: Adapter) -> None:
+        if not (
+            isinstance(other, PostgresAdapter)
+            and other._require() is self._require()
+            and other.schema == self.schema
+        ):
+            raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s schema")
+
+    async def _apply_rows(self, changes: Changes) -> None:
+        fields = self.fields
+        async with self._session(write=True) as conn, conn.cursor() as cur:
+            fresh = [row for row in changes.inserts if ID not in row]
+            if fresh:
+                await self._insert_rows(conn, fresh)
+            chosen = [row for row in changes.inserts if ID in row]
+            if chosen:
+                rows = [
+                    [row[ID], *(_DIALECT.encode(k, row.get(n)) for n, k in fields.items())]
+                    for row in chosen
+                ]
+                await cur.executemany(_q(self._compiler.insert([ID, *fields])), rows)
+                await self._advance_sequence(conn, max(row[ID] for row in chosen))
+            by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
+            for entity_id, changed in changes.updates.items():
+                names_ = tuple(changed)
+                values = [_DIALECT.encode(fields[n], changed[n]) for n in names_]
+                by_columns.setdefault(names_, []).append([*values, entity_id])
+            for names_, rows in by_columns.items():
+                await cur.executemany(_q(self._compiler.update_by_id(names_)), rows)
+            if changes.deletes:
+                await cur.execute(
+                    _q(f"DELETE FROM {self._table} WHERE id = ANY(%s::bigint[])"),
+                    [changes.deletes],
+                )
 
     # ------------------------------------------------------------------ event log
 

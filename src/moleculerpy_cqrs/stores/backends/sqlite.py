@@ -37,11 +37,11 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.request import pathname2url
 
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, StoreError
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta, declare_fields
 from moleculerpy_cqrs.stores.query import Compare, In, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -463,6 +463,66 @@ class SqliteAdapter(Adapter):
     async def _remove_many(self, query: Query) -> int:
         sql, params = self._sql.delete(query)
         return await self._write(partial(_rowcount, sql, params))
+
+    async def _apply(
+        self, work: list[tuple[Adapter, Changes]], advance: tuple[str, int, int] | None
+    ) -> None:
+        # Everything in one job on the writer's thread: one round trip, one commit.
+        jobs = [cast(SqliteAdapter, adapter)._rows_job(changes) for adapter, changes in work]
+        table = self.name
+
+        def job(conn: sqlite3.Connection) -> None:
+            if advance is not None:
+                key, old, _ = advance
+                row = conn.execute(
+                    f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, key)
+                ).fetchone()
+                stored = int(json.loads(row[0]) or 0) if row else 0
+                if stored != old:
+                    raise MetaMoved(key, stored, old)
+            for rows_job in jobs:
+                rows_job(conn)
+            if advance is not None:
+                _set_meta(table, advance[0], json.dumps(advance[2]), conn)
+
+        await self._write(job)
+
+    def _check_sibling(self, other: Adapter) -> None:
+        if not isinstance(other, SqliteAdapter) or other._db() is not self._db():
+            raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
+
+    def _rows_job(self, changes: Changes) -> Job[None]:
+        fields = self.fields
+        # An id of None makes SQLite choose one (INTEGER PRIMARY KEY).
+        inserts = [
+            [row.get(ID), *(_encode(k, row.get(n)) for n, k in fields.items())]
+            for row in changes.inserts
+        ]
+        insert_sql = self._sql.insert([ID, *fields]) if inserts else ""
+        by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
+        for entity_id, changed in changes.updates.items():
+            names = tuple(changed)
+            values = [_encode(fields[n], changed[n]) for n in names]
+            by_columns.setdefault(names, []).append([*values, entity_id])
+        updates = [(self._sql.update_by_id(names), rows) for names, rows in by_columns.items()]
+        deletes = [(i,) for i in changes.deletes]
+        delete_sql = f"DELETE FROM {self._sql.table} WHERE id = ?"
+        metas = [(k, check_meta(k, v)) for k, v in changes.meta.items()]
+        table = self.name
+
+        def job(conn: sqlite3.Connection) -> None:
+            if inserts:
+                conn.executemany(insert_sql, inserts)
+            for sql, rows in updates:
+                cursor = conn.executemany(sql, rows)
+                if cursor.rowcount != len(rows):
+                    raise StoreError(f"rows of {table!r} to update are missing", store=table)
+            if deletes:
+                conn.executemany(delete_sql, deletes)
+            for key, text in metas:
+                _set_meta(table, key, text, conn)
+
+        return job
 
     # ------------------------------------------------------------------ meta
 
