@@ -1,26 +1,31 @@
 """The dispatcher: emits every stored command, in position order, to whoever subscribes.
 
-Status per event: 0 created → 1 processing → 2 complete; a delivery that fails is retried with
-backoff (4 retrying) and marked 3 failed after ``max_attempts``. The position of the last
-settled event is kept in the store's meta in the same transaction as the statuses, so after a
-crash the events left at 1 are delivered again (at-least-once). Appends wake it; idle, it waits.
+Status per event: 0 created → 2 complete; a delivery that fails is retried with backoff
+(4 retrying) and marked 3 failed after ``max_attempts``. Events are emitted as soon as they are
+read (with status 1, processing, in the emitted payload); the bookkeeping — their statuses and
+the position of the last settled event — is written afterwards in one transaction per
+``batch_size`` events or per ``settle_interval`` seconds, whichever comes first, so the
+dispatcher costs the appenders one commit per batch, not one per event. After a crash the
+events past the last settled position are delivered again (at-least-once). Appends wake it;
+idle, it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Final
 
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, Status, delivered, now_ms
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Record
-from moleculerpy_cqrs.stores.query import In, Query
 
 CURSOR_KEY: Final = "dispatch.cursor"
+SETTLE_INTERVAL: Final = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +40,12 @@ class Dispatcher:
         backoff: float = 0.2,
         max_backoff: float = 10.0,
         lease: Lease | None = None,
+        settle_interval: float = SETTLE_INTERVAL,
     ) -> None:
+        self.settle_interval = settle_interval
+        self._settled: dict[int, int] = {}  # delivered, not yet written: id -> status
+        self._oldest: float | None = None  # when the first of those was delivered
+        self.settled = 0  # the position written as settled
         self._adapter = adapter
         self._lease = lease
         self.standby = False
@@ -88,35 +98,67 @@ class Dispatcher:
                 log.exception("dispatcher: could not release its lease")
 
     async def _run(self) -> None:
-        self.cursor = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
-        while not self._stopping.is_set():
-            self._wakeup.arm()
-            if self._lease is not None:
-                grant = await self._lease.acquire()
-                self.standby = not grant.held
-                if not grant.held:  # another node dispatches: wait for its lease to end
-                    await self._pause(grant.retry_in + 0.01)
+        self.cursor = self.settled = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
+        try:
+            while not self._stopping.is_set():
+                self._wakeup.arm()
+                if self._lease is not None:
+                    grant = await self._lease.acquire()
+                    self.standby = not grant.held
+                    if not grant.held:  # another node dispatches: wait for its lease to end
+                        self._settled, self._oldest = {}, None  # it delivers those again
+                        await self._pause(grant.retry_in + 0.01)
+                        continue
+                    if grant.fresh:
+                        await self._settle()
+                        self.cursor = self.settled = int(
+                            await self._adapter.get_meta(CURSOR_KEY) or 0
+                        )
+                try:
+                    rows = await self._adapter.read_after(self.cursor, max(self.batch_size, 1))
+                    if rows:
+                        await self._dispatch(rows)
+                    if self._due(idle=not rows):
+                        await self._settle()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # a store failure: try again later
+                    self.last_error = f"{type(error).__name__}: {error}"
+                    log.exception("dispatcher: store failure, retrying")
+                    await self._pause(self.backoff)
                     continue
-                if grant.fresh:
-                    self.cursor = int(await self._adapter.get_meta(CURSOR_KEY) or 0)
-            rows = await self._adapter.read_after(self.cursor, max(self.batch_size, 1))
-            if not rows:
-                await self._wakeup.wait()
-                continue
-            try:
-                await self._dispatch(rows)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # a store failure: try again later
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.exception("dispatcher: store failure, retrying")
-                await self._pause(self.backoff)
+                if not rows:
+                    await self._idle()
+        finally:
+            if self._settled and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                await self._settle()
+
+    def _due(self, *, idle: bool) -> bool:
+        if not self._settled:
+            return False
+        if len(self._settled) >= self.batch_size:
+            return True
+        assert self._oldest is not None
+        return time.monotonic() - self._oldest >= self.settle_interval
+
+    async def _idle(self) -> None:
+        """Wait for new events; settle what was delivered once its interval is over."""
+        if not self._settled:
+            await self._wakeup.wait()
+            return
+        assert self._oldest is not None
+        left = self._oldest + self.settle_interval - time.monotonic()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), max(left, 0))
+        except TimeoutError:
+            await self._settle()
 
     async def wait_settled(self, position: int) -> int:
-        """Wait until every event up to ``position`` is settled (complete or failed)."""
+        """Wait until every event up to ``position`` is settled (complete or failed) and
+        written so."""
         async with self._progress:
-            await self._progress.wait_for(lambda: self.cursor >= position)
-        return self.cursor
+            await self._progress.wait_for(lambda: self.settled >= position)
+        return self.settled
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, unless asked to stop meanwhile; answers whether a stop was asked."""
@@ -133,26 +175,32 @@ class Dispatcher:
             if r["eventType"] == EventType.COMMAND
             and r["status"] not in (Status.COMPLETE, Status.FAILED)
         ]
-        if commands:
-            ids = [r["id"] for r in commands]
-            await self._adapter.update_many(
-                Query(where=In("id", tuple(ids))),
-                {"status": int(Status.PROCESSING), "updated": now_ms()},
-            )
-        settled: dict[Status, list[int]] = {Status.COMPLETE: [], Status.FAILED: []}
         for row in commands:
-            outcome = await self._deliver(row, len(commands))
-            settled[outcome].append(row["id"])
-        async with self._adapter.transaction():
-            for status, ids in settled.items():
-                if ids:
-                    await self._adapter.update_many(
-                        Query(where=In("id", tuple(ids))),
-                        {"status": int(status), "updated": now_ms()},
-                    )
-            await self._adapter.set_meta(CURSOR_KEY, rows[-1]["id"])
+            self._settled[row["id"]] = int(await self._deliver(row, len(commands)))
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        self.cursor = rows[-1]["id"]
+        self._settled.setdefault(self.cursor, -1)  # -1: only the cursor moves
+
+    async def _settle(self) -> None:
+        """Write the statuses of the events delivered since the last time, and the cursor,
+        in one transaction."""
+        if not self._settled:
+            return
+        settled, cursor = self._settled, self.cursor
+        self._settled, self._oldest = {}, None
+        now = now_ms()
+        updates = {
+            i: {"status": status, "updated": now} for i, status in settled.items() if status >= 0
+        }
+        try:
+            await self._adapter.apply(Changes(updates=updates, meta={CURSOR_KEY: cursor}))
+        except BaseException:
+            self._settled = {**settled, **self._settled}  # try again with the next batch
+            self._oldest = time.monotonic()
+            raise
         async with self._progress:
-            self.cursor = rows[-1]["id"]
+            self.settled = cursor
             self._progress.notify_all()
 
     async def _deliver(self, row: Record, batch_size: int) -> Status:
