@@ -48,7 +48,7 @@ PHASES: Final = {
     # phase name: (the runtime's object, the method the node hangs in)
     "before-backup": ("adapter", "backup"),
     "between-backups": ("dead_letters", "backup"),
-    "before-settle": ("snapshots", "settle"),
+    "before-settle": ("source", "settle_snapshot"),
     "between-restores": ("dead_letters", "restore"),
     "before-swap": ("adapter", "replace_with"),
     "mid-swap": ("dead_letters", "replace_with"),
@@ -213,7 +213,7 @@ async def node(params: dict[str, Any]) -> None:
             await add(broker, 3, f"{seed}.lag.1")
         if phase is not None:
             owner, method = PHASES[phase]
-            target = runtime.maintenance if owner == "snapshots" else runtime
+            target = runtime.projector if owner == "source" else runtime
             hang_at(getattr(target, owner), method, phase)
 
         async def snapshot() -> None:

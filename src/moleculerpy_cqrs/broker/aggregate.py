@@ -11,7 +11,7 @@ from typing import Any, Literal
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
 from moleculerpy_cqrs.broker import compat
-from moleculerpy_cqrs.broker.eventstore import local_event_stores
+from moleculerpy_cqrs.broker.log import event_log, local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
@@ -19,7 +19,7 @@ from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.log import Listeners, LogSource, RemoteLog
+from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
 from moleculerpy_cqrs.core.projector import CONCURRENCY, Binding, Key, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
@@ -228,17 +228,10 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         await self.runtime.stop()
 
     async def _start_projector(self) -> None:
-        source = await self._source()
-        self.runtime.start_projector(source)
-
-    async def _source(self) -> LogSource:
         broker = self.broker
         assert broker is not None
-        local = local_event_stores(broker).get(self.event_store)
-        if local is not None:
-            return local.log
-        await self.port.wait_for_actions([f"{self.event_store}.read"])
-        return RemoteLog(self.event_store, self.port, self.remote_listeners)
+        log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
+        self.runtime.start_projector(log_)
 
     def on_appended(self) -> None:
         # Another node appended to the log (a remote event store, or the same database

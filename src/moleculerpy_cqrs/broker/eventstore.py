@@ -9,6 +9,7 @@ from typing import Any
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
 from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, SNAPSHOTS
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions
@@ -17,7 +18,7 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
-from moleculerpy_cqrs.stores.fields import check_id, declare_fields
+from moleculerpy_cqrs.stores.fields import Record, check_id, declare_fields
 
 ActionHandler = Callable[[Any, Context], Any]
 
@@ -173,7 +174,6 @@ class EventStore:
             lease_ttl=self.lease_ttl,
         )
         self._runtimes[broker] = runtime
-        _registry_for(broker)[self.name] = runtime
         await broker.register(_event_store_service(self.name, runtime))
 
     async def on_started(self, service: Any) -> None:
@@ -181,20 +181,6 @@ class EventStore:
 
     async def on_stopped(self, service: Any) -> None:
         pass
-
-
-def local_event_stores(broker: ServiceBroker) -> dict[str, EventStoreRuntime]:
-    """The event stores running on this broker, by name."""
-    return _registry_for(broker)
-
-
-_by_broker: weakref.WeakKeyDictionary[ServiceBroker, dict[str, EventStoreRuntime]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _registry_for(broker: ServiceBroker) -> dict[str, EventStoreRuntime]:
-    return _by_broker.setdefault(broker, {})
 
 
 class EventStoreService(ReadActions, Service):
@@ -223,7 +209,7 @@ class EventStoreService(ReadActions, Service):
     async def stopped(self) -> None:
         await self.runtime.stop()
 
-    @action(name="read")
+    @action(name=READ)
     async def read_action(self, ctx: Context) -> dict[str, Any]:
         params = ctx.params or {}
         unknown = [k for k in params if k not in ("after", "limit")]
@@ -242,7 +228,18 @@ class EventStoreService(ReadActions, Service):
         await self.wait_ready()
         return await self.runtime.status()
 
-    @action(name="recordSnapshot")
+    @action(name=SNAPSHOTS)
+    async def snapshots_action(self, ctx: Context) -> list[Record]:
+        """For aggregates: the snapshot events stored as ``event`` (``<agg>.snapshot``)."""
+        params = ctx.params or {}
+        event_name = params.get("event")
+        valid = isinstance(event_name, str) and event_name.endswith(".snapshot")
+        if not valid or len(params) != 1:
+            raise InvalidInput("snapshots takes event '<aggregate>.snapshot'", field="event")
+        await self.wait_ready()
+        return await self.runtime.snapshots(str(event_name))
+
+    @action(name=RECORD_SNAPSHOT)
     async def record_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: store a snapshot-created event (eventType 1)."""
         params = ctx.params or {}
@@ -253,7 +250,7 @@ class EventStoreService(ReadActions, Service):
             raise InvalidInput("recordSnapshot takes a payload object", field="payload")
         return await self.runtime.record_snapshot(event_name, payload)
 
-    @action(name="settleSnapshot")
+    @action(name=SETTLE_SNAPSHOT)
     async def settle_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: mark a snapshot event completed (2) or failed (3)."""
         params = ctx.params or {}

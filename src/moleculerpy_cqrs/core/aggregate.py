@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
-from moleculerpy_cqrs.core.log import LogSource
-from moleculerpy_cqrs.core.maintenance import Maintenance, SnapshotStore
+from moleculerpy_cqrs.core.log import EventLog
+from moleculerpy_cqrs.core.maintenance import Maintenance
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
@@ -69,12 +69,12 @@ class AggregateRuntime:
         await self.dead_letters.connect()
         self.connected.set()
 
-    def start_projector(self, source: LogSource) -> Projector:
+    def start_projector(self, log: EventLog) -> Projector:
         self.projector = Projector(
             self.name,
             self.adapter,
             self.dead_letters,
-            source,
+            log,
             self.bindings,
             self.port,
             batch_size=self.batch_size,
@@ -85,18 +85,13 @@ class AggregateRuntime:
             batches=self.batches,
         )
         self.projector.start()
-        snapshots = (
-            SnapshotStore(self.port.call, self.snapshot_event_store, self.name)
-            if self.snapshot_event_store
-            else None
-        )
         self.maintenance = Maintenance(
             self.name,
             self.adapter,
             self.dead_letters,
             self.projector,
             self.snapshot_strategy,
-            snapshots,
+            snapshots=self.snapshot_event_store is not None,
             replay_batch_size=self.replay_batch_size,
         )
         self.projecting.set()

@@ -11,13 +11,13 @@ from typing import Any, Final
 from moleculerpy_cqrs.core.committer import GroupCommitter
 from moleculerpy_cqrs.core.dispatcher import Dispatcher
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
-from moleculerpy_cqrs.core.log import Listeners, LocalLog
+from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
 from moleculerpy_cqrs.errors import InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import Record, check_record
-from moleculerpy_cqrs.stores.query import Query, parse_condition
+from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_condition
 
 MAX_PAYLOAD_BYTES: Final = 1_048_576
 READY_TIMEOUT: Final = 30.0
@@ -57,7 +57,6 @@ class EventStoreRuntime:
         self.committer = GroupCommitter(self.adapter, self._committed)
         lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
         self.dispatcher = Dispatcher(self.adapter, self.port, lease=lease, **self._dispatch)
-        self.log = LocalLog(self.name, self.adapter, self.listeners)
         self.closed = False
 
     async def start(self, *, dispatch: bool = True) -> None:
@@ -127,6 +126,16 @@ class EventStoreRuntime:
         if row is None:
             raise InvalidInput(f"no snapshot event with id {event_id}")
         return row
+
+    async def snapshots(self, event: str) -> list[Record]:
+        """The snapshot events stored as ``event`` (``<aggregate>.snapshot``), oldest first."""
+        kinds = (
+            EventType.SNAPSHOT_CREATED,
+            EventType.SNAPSHOT_COMPLETED,
+            EventType.SNAPSHOT_FAILED,
+        )
+        where = And((Compare("event", "=", event), In("eventType", tuple(int(k) for k in kinds))))
+        return await self.adapter.find(Query(where=where))
 
     async def read(self, after: int, limit: int) -> dict[str, Any]:
         events = await self.adapter.read_after(after, limit) if limit else []

@@ -1,8 +1,8 @@
-"""Where workers read the event log from, and how they learn that it grew.
+"""The event log as the core's workers see it (a port), and how they learn that it grew.
 
-A worker on the event store's own node reads the adapter directly and is woken by the
-committer; a worker elsewhere reads through ``<eventStore>.read`` and is woken by the
-``cqrs.<eventStore>.appended`` broadcast. Nothing polls.
+A worker on the event store's own node reads the log directly and is woken by the committer;
+a worker elsewhere reads it through the broker and is woken by the event store's broadcast.
+Nothing polls.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import Record
 
 
@@ -35,15 +33,40 @@ class Wakeup:
         await self._event.wait()
 
 
-class LogSource(Protocol):
+class EventLog(Protocol):
+    """The core's one view of an event store: its log and its snapshot records.
+
+    ``broker/log.py`` implements it twice: straight on the event store's runtime when it runs
+    on this node, and through the event store's actions when it runs on another (only the
+    broker layer knows those action names).
+    """
+
     name: str
 
-    async def read_after(self, position: int, limit: int) -> list[Record]: ...
+    async def read_after(self, position: int, limit: int) -> list[Record]:
+        """Committed events after ``position`` in position order, at most ``limit``."""
+        ...
 
-    async def head(self) -> int: ...
+    async def head(self) -> int:
+        """The last committed position (0: empty)."""
+        ...
 
     def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake`` whenever the log grows; answers a function that unsubscribes."""
+        ...
+
+    async def record_snapshot(self, aggregate: str, payload: dict[str, Any]) -> Record:
+        """Append a snapshot-created event (eventType 1) for ``aggregate``; answers it."""
+        ...
+
+    async def settle_snapshot(
+        self, event_id: int, payload: dict[str, Any], error: str | None
+    ) -> None:
+        """Mark a snapshot event completed (2), or failed (3) with ``error``."""
+        ...
+
+    async def snapshots(self, aggregate: str) -> list[Record]:
+        """Every snapshot event of ``aggregate``, oldest first."""
         ...
 
 
@@ -60,44 +83,3 @@ class Listeners:
     def notify(self) -> None:
         for wake in list(self._listeners):
             wake()
-
-
-class LocalLog:
-    """The log read straight from the event store's adapter, on its own node."""
-
-    def __init__(self, name: str, adapter: Adapter, listeners: Listeners) -> None:
-        self.name = name
-        self._adapter = adapter
-        self._listeners = listeners
-
-    async def read_after(self, position: int, limit: int) -> list[Record]:
-        return await self._adapter.read_after(position, limit)
-
-    async def head(self) -> int:
-        return await self._adapter.head()
-
-    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
-        return self._listeners.subscribe(wake)
-
-
-class RemoteLog:
-    """The log read through ``<eventStore>.read`` when the event store lives on another node."""
-
-    def __init__(self, name: str, port: BrokerPort, listeners: Listeners) -> None:
-        self.name = name
-        self._port = port
-        self._listeners = listeners
-
-    async def read_after(self, position: int, limit: int) -> list[Record]:
-        answer: dict[str, Any] = await self._port.call(
-            f"{self.name}.read", {"after": position, "limit": limit}
-        )
-        events: list[Record] = answer["events"]
-        return events
-
-    async def head(self) -> int:
-        answer: dict[str, Any] = await self._port.call(f"{self.name}.read", {"limit": 0})
-        return int(answer["head"])
-
-    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
-        return self._listeners.subscribe(wake)

@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from moleculerpy_cqrs.core.batch import LAST_ID_KEY, IdCounter
+from moleculerpy_cqrs.core.log import EventLog
 from moleculerpy_cqrs.core.projector import CHECKPOINT_KEY, LEASE_KEY, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, EventType
-from moleculerpy_cqrs.core.snapshots import NO_BACKUP_ERROR, SnapshotStrategy
+from moleculerpy_cqrs.core.snapshots import NO_BACKUP_ERROR, NOT_CONFIGURED_ERROR, SnapshotStrategy
 from moleculerpy_cqrs.errors import Conflict, EntityNotFound, StoreError
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.query import ALL
@@ -36,44 +37,6 @@ SNAPSHOT_STATES: Final = {
     EventType.SNAPSHOT_COMPLETED: "completed",
     EventType.SNAPSHOT_FAILED: "failed",
 }
-
-
-class SnapshotStore:
-    """The event store's side of snapshots, reached through the broker (it may be remote)."""
-
-    def __init__(self, call: Callable[..., Any], event_store: str, aggregate: str) -> None:
-        self._call = call
-        self.event_store = event_store
-        self.aggregate = aggregate
-
-    @property
-    def event_name(self) -> str:
-        return f"{self.aggregate}.snapshot"
-
-    async def record(self, payload: dict[str, Any]) -> dict[str, Any]:
-        row: dict[str, Any] = await self._call(
-            f"{self.event_store}.recordSnapshot", {"event": self.event_name, "payload": payload}
-        )
-        return row
-
-    async def settle(self, event_id: int, payload: dict[str, Any], error: str | None) -> None:
-        await self._call(
-            f"{self.event_store}.settleSnapshot",
-            {"id": event_id, "payload": payload, "error": error},
-        )
-
-    async def all(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = await self._call(
-            f"{self.event_store}.find",
-            {"query": {"event": self.event_name, "eventType": {"in": [1, 2, 3]}}, "sort": "id"},
-        )
-        return rows
-
-    async def find(self, snapshot_id: str) -> dict[str, Any]:
-        for row in await self.all():
-            if row["payload"].get("snapshotId") == snapshot_id:
-                return row
-        raise EntityNotFound(snapshot_id, store=f"snapshots of {self.aggregate}")
 
 
 @dataclass
@@ -101,8 +64,8 @@ class Maintenance:
         dead_letters: Adapter,
         projector: Projector,
         strategy: SnapshotStrategy,
-        snapshots: SnapshotStore | None,
         *,
+        snapshots: bool,
         replay_batch_size: int = REPLAY_BATCH,
     ) -> None:
         self.name = name
@@ -111,14 +74,14 @@ class Maintenance:
         self.dead_letters = dead_letters
         self.projector = projector
         self.strategy = strategy
-        self.snapshots = snapshots
+        self.snapshots_enabled = snapshots
         self.replay_progress = ReplayProgress()
         self.last_pause_ms: float | None = None
 
     # ------------------------------------------------------------------ snapshot
 
     async def snapshot(self) -> str:
-        store = self._snapshot_store()
+        log = self._log()
         snapshot_id = "snapshot_" + secrets.token_hex(8)
         location = self.strategy.location(snapshot_id, self.name)
         async with self.projector.paused() as checkpoint:
@@ -129,7 +92,7 @@ class Maintenance:
                 "checkpoint": checkpoint,
                 "location": location,
             }
-            created = await store.record(payload)
+            created = await log.record_snapshot(self.name, payload)
             try:
                 if location is None:
                     raise StoreError(NO_BACKUP_ERROR, store=self.name)
@@ -142,17 +105,16 @@ class Maintenance:
                     else "aggregate.snapshot action failed. We could not backup the aggregate. "
                     f"Error: {error}"
                 )
-                await store.settle(created["id"], payload, message)
+                await log.settle_snapshot(created["id"], payload, message)
                 raise StoreError(message, store=self.name) from error
             finally:
                 self.last_pause_ms = (time.perf_counter() - paused) * 1000
-        await store.settle(created["id"], {**payload, "size": size}, None)
+        await log.settle_snapshot(created["id"], {**payload, "size": size}, None)
         return snapshot_id
 
     async def list_snapshots(self) -> list[dict[str, Any]]:
-        store = self._snapshot_store()
         out = []
-        for row in await store.all():
+        for row in await self._log().snapshots(self.name):
             p = row["payload"]
             out.append(
                 {
@@ -172,8 +134,7 @@ class Maintenance:
     # ------------------------------------------------------------------ restore
 
     async def restore(self, snapshot_id: str) -> dict[str, Any]:
-        store = self._snapshot_store()
-        row = await store.find(snapshot_id)
+        row = await self._find_snapshot(snapshot_id)
         kind = EventType(row["eventType"])
         if kind == EventType.SNAPSHOT_FAILED:
             raise Conflict(
@@ -278,9 +239,13 @@ class Maintenance:
             await asyncio.sleep(0)  # a backend that never suspends must not starve appends
         return position
 
-    def _snapshot_store(self) -> SnapshotStore:
-        if self.snapshots is None:
-            from moleculerpy_cqrs.core.snapshots import NOT_CONFIGURED_ERROR
-
+    def _log(self) -> EventLog:
+        if not self.snapshots_enabled:
             raise Conflict(NOT_CONFIGURED_ERROR)
-        return self.snapshots
+        return self.projector.source
+
+    async def _find_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        for row in await self._log().snapshots(self.name):
+            if row["payload"].get("snapshotId") == snapshot_id:
+                return row
+        raise EntityNotFound(snapshot_id, store=f"snapshots of {self.name}")

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
-from moleculerpy_cqrs.core.log import LogSource, Wakeup
+from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.errors import InvalidInput
@@ -108,7 +108,7 @@ class Projector:
         name: str,
         adapter: Adapter,
         dead_letters: Adapter,
-        source: LogSource,
+        source: EventLog,
         bindings: list[Binding],
         port: BrokerPort,
         *,
