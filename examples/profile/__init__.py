@@ -29,8 +29,10 @@ def build(
     batch_size: int = 100,
     dispatch_batch_size: int = 100,
     lease_ttl: float = 5.0,
+    key: str | None = None,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
-    """The event store, the summary aggregate and the profile service, on ``store``."""
+    """The event store, the summary aggregate and the profile service, on ``store``
+    (``key="country"``: summaries of different countries are transformed concurrently)."""
     store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
     events = EventStore(
         "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
@@ -67,7 +69,9 @@ def build(
             result["country"] = summary["country"]
             return result
 
-        on_updated = summary.on("profile.updated").update("profile.transformProfileSummary")
+        on_updated = summary.on("profile.updated").update(
+            "profile.transformProfileSummary", key=key
+        )
 
     return events, summary, ProfileService
 

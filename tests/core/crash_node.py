@@ -2,7 +2,8 @@
 
 It writes one line per acknowledged command to stdout (``ack <nonce>``) after the answer
 came back, so the parent knows which commands were acknowledged before it kills this process.
-Run: ``python -m tests.core.crash_node <backend> <location> <seed>``.
+Run: ``python -m tests.core.crash_node <backend> <location> <seed> [keyed]`` (``keyed``: 64
+writers, the summary transformed concurrently by country).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def store_for(backend: str, location: str) -> stores.StoreFactory:
     return stores.postgres(dsn, schema=schema)
 
 
-async def main(backend: str, location: str, seed: int) -> None:
-    *_, service = profile.build(store_for(backend, location), batch_size=50)
+async def main(backend: str, location: str, seed: int, keyed: bool) -> None:
+    key = "country" if keyed else None
+    *_, service = profile.build(store_for(backend, location), batch_size=50, key=key)
     rng = random.Random(seed)
     async with running_broker(service()) as broker:
         print("ready", flush=True)
@@ -38,8 +40,8 @@ async def main(backend: str, location: str, seed: int) -> None:
                 sys.stdout.write(f"ack {command['nonce']}\n")
                 sys.stdout.flush()
 
-        await asyncio.gather(*(writer() for _ in range(8)))
+        await asyncio.gather(*(writer() for _ in range(64 if keyed else 8)))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["keyed"]))

@@ -26,10 +26,13 @@ KILLS = 20
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _run_and_kill(backend: str, location: str, seed: int, rng: random.Random) -> set[str]:
+async def _run_and_kill(
+    backend: str, location: str, seed: int, rng: random.Random, *, keyed: bool = False
+) -> set[str]:
     """Start a node, let it take load for a random moment, SIGKILL it; answers the acks."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.core.crash_node", backend, location, str(seed),
+        *(["keyed"] if keyed else []),
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -96,10 +99,14 @@ async def _check(backend: str, location: str, acked: set[str]) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize(
+    ("backend", "keyed"), [("sqlite", False), ("postgres", False), ("sqlite", True)]
+)
 async def test_sigkill_under_load_loses_and_doubles_nothing(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, keyed: bool, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """``keyed``: 64 writers, and the summary's transformations run concurrently by country
+    (the batch engine's concurrent path)."""
     if backend == "sqlite":
         location = str(tmp_path / "data")
         schema_cm = None
@@ -111,7 +118,7 @@ async def test_sigkill_under_load_loses_and_doubles_nothing(
         rng = random.Random(20261126)
         acked: set[str] = set()
         for kill in range(KILLS):
-            acked |= await _run_and_kill(backend, location, kill, rng)
+            acked |= await _run_and_kill(backend, location, kill, rng, keyed=keyed)
         stored = await _check(backend, location, acked)
     finally:
         if schema_cm is not None:

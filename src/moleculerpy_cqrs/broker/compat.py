@@ -45,13 +45,16 @@ from __future__ import annotations
 import asyncio
 import re
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 from moleculerpy.errors import MoleculerError, RequestTimeoutError, ServiceNotFoundError
 from moleculerpy.packet import Packet, Topic
+from moleculerpy.registry import Registry
 from moleculerpy.validator import validate_params
+
+from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY
 
 if TYPE_CHECKING:
     from moleculerpy.broker import ServiceBroker
@@ -115,6 +118,33 @@ async def broadcast(
     """Broadcast ``event`` to every handler (of ``groups`` only, if given), local and remote."""
     install(broker)
     await broker.broadcast(event, payload, meta or {}, groups)
+
+
+class _BatchReadRouting:
+    """Sends a transformation's read of its own aggregate to the node that holds the batch
+    (MoleculerPy's ``call`` has no ``nodeID`` option); every other call as the registry
+    would. The broker's registry becomes a :class:`_RoutingRegistry` on install."""
+
+    __slots__ = ()
+
+    def get_action_endpoint(self, name: Any, ctx: Context | None = None) -> Any:
+        meta = getattr(ctx, "meta", None)
+        if isinstance(meta, Mapping):
+            aggregate, node = meta.get(AGGREGATE_KEY), meta.get(NODE_KEY)
+            if isinstance(aggregate, str) and str(name).startswith(aggregate + "."):
+                for endpoint in cast(Any, self).get_all_actions(name):
+                    if endpoint.node_id == node:
+                        return endpoint
+        return cast(Any, super()).get_action_endpoint(name, ctx)
+
+
+class _RoutingRegistry(_BatchReadRouting, Registry):
+    __slots__ = ()
+
+
+# Registry.__setattr__ stores a name outside ``self.__slots__`` aside; the subclass must
+# answer the registry's own slot names there (its layout is unchanged: no new slots).
+_RoutingRegistry.__slots__ = Registry.__slots__  # type: ignore[assignment]
 
 
 def _state(broker: ServiceBroker) -> _Compat:
@@ -220,6 +250,11 @@ class _Compat:
         transit.disconnect = self.disconnect
         # A new list: the old one may be a Settings.middlewares list shared with other brokers.
         broker.middlewares = [*broker.middlewares, _BrokerHooks(self)]
+        # The registry has fixed slots: route through a subclass, not an instance attribute.
+        registry = cast(Any, broker.registry)
+        if type(registry) is Registry:
+            # Its __setattr__ keeps unknown names aside, so set the class past it.
+            object.__setattr__(registry, "__class__", _RoutingRegistry)
 
     # ------------------------------------------------------------------ emit / broadcast
 

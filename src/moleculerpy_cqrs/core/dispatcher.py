@@ -46,6 +46,7 @@ class Dispatcher:
         self._settled: dict[int, int] = {}  # delivered, not yet written: id -> status
         self._oldest: float | None = None  # when the first of those was delivered
         self.settled = 0  # the position written as settled
+        self.settlements = 0  # transactions that wrote statuses
         self._adapter = adapter
         self._lease = lease
         self.standby = False
@@ -199,6 +200,7 @@ class Dispatcher:
             self._settled = {**settled, **self._settled}  # try again with the next batch
             self._oldest = time.monotonic()
             raise
+        self.settlements += 1
         async with self._progress:
             self.settled = cursor
             self._progress.notify_all()

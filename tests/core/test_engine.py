@@ -1,0 +1,418 @@
+"""The batch engine: what a batch's transformations see, what a failure undoes, what runs at
+once, and that no transaction is open while they run (invariants 4, 5, 10 and 12)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from moleculerpy import Context, Service, ServiceBroker, action
+
+from examples import profile
+from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
+from moleculerpy_cqrs.core.aggregate import AggregateRuntime
+from moleculerpy_cqrs.core.batch import BatchView, IdCounter
+from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY, TOKEN_KEY
+from moleculerpy_cqrs.errors import Conflict
+from moleculerpy_cqrs.face.demo import random_profile
+from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.fields import ID, FieldType
+from moleculerpy_cqrs.stores.query import Query, parse_find
+from moleculerpy_cqrs.testing.brokers import running_broker
+from tests.core.conftest import MakeStore
+from tests.core.test_profile_example import expected
+
+FIELDS: dict[str, FieldType] = {"k": "string", "n": "integer"}
+
+
+@asynccontextmanager
+async def held(runtime: AggregateRuntime) -> AsyncIterator[None]:
+    """Hold the projector so that what is appended meanwhile makes one batch."""
+    await runtime.projecting.wait()
+    assert runtime.projector is not None
+    async with runtime.projector.paused():
+        yield
+
+
+# ---------------------------------------------------------------------- the view
+
+
+values = st.one_of(st.none(), st.integers(-3, 3))
+keys = st.sampled_from(["a", "b", "c", None])
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("create"), keys, values),
+        st.tuples(st.just("update"), st.integers(1, 12), values),
+        st.tuples(st.just("remove"), st.integers(1, 12), st.none()),
+        st.tuples(st.just("remove_where"), keys, st.none()),
+    ),
+    max_size=25,
+)
+queries = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "query": st.one_of(
+                st.fixed_dictionaries({"k": keys}),
+                st.fixed_dictionaries({"n": st.fixed_dictionaries({">": st.integers(-3, 3)})}),
+            ),
+            "sort": st.sampled_from(["n", "-n", "k -n", "-k", "-id"]),
+            "limit": st.integers(0, 6),
+            "offset": st.integers(0, 4),
+        },
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    initial=st.lists(st.tuples(keys, values), max_size=8),
+    ops=operations,
+    asked=queries,
+)
+def test_a_batch_reads_what_the_table_will_hold(
+    initial: list[tuple[str | None, int | None]],
+    ops: list[tuple[str, Any, Any]],
+    asked: list[dict[str, Any]],
+) -> None:
+    """Whatever a batch did, every read of its view answers what the table answers once the
+    batch's changes are written: same rows, order, ids, paging and counts (SQLite file)."""
+
+    async def check() -> None:
+        async with stores.sqlite(":memory:")("t", FIELDS) as table:
+            await table.insert_many([{"k": k, "n": n} for k, n in initial])
+            view = BatchView(table, IdCounter())
+            for op, a, b in ops:
+                if op == "create":
+                    await view.create({"k": a, "n": b})
+                elif op == "update":
+                    if await view.get(a) is not None:
+                        await view.update(a, {"n": b})
+                elif op == "remove":
+                    await view.remove(a)
+                else:
+                    await view.remove_where(parse_find(FIELDS, {"k": a}).where)
+            seen = [await _answers(view, q) for q in asked]
+            await table.apply(view.changes())
+            assert seen == [await _answers(table, q) for q in asked]
+
+    asyncio.run(check())
+
+
+async def _answers(store: Adapter | BatchView, params: dict[str, Any]) -> tuple[Any, ...]:
+    query = parse_find(FIELDS, params)
+    return (await store.find(query), await store.count(Query(where=query.where)))
+
+
+async def test_undo_takes_back_one_events_effects_and_its_ids(tmp_path: Path) -> None:
+    async with stores.sqlite(tmp_path / "db")("t", FIELDS) as table:
+        view = BatchView(table, IdCounter())
+        first = await view.create({"k": "a", "n": 1})
+        mark = view.mark()
+        await view.update(first[ID], {"n": 2})
+        await view.create({"k": "b", "n": 3})
+        view.undo(mark)
+        again = await view.create({"k": "c", "n": 4})
+        assert again[ID] == first[ID] + 1  # the undone create's id is given out again
+        await table.apply(view.changes())
+        rows = await table.find(Query(sort=((ID, False),)))
+        assert [(r["k"], r["n"]) for r in rows] == [("a", 1), ("c", 4)]
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def _lines_service(make_store: MakeStore, attempts: int = 1) -> tuple[Aggregate, type[Service]]:
+    factory = make_store()
+    events = EventStore("lineEventStore", factory)
+    lines = Aggregate(
+        "lineAggregate", stores.with_fields(factory, FIELDS), attempts=attempts
+    ).snapshot("lineEventStore")
+
+    async def explode(event: dict[str, Any]) -> list[dict[str, Any]]:
+        p = event["payload"]
+        rows: list[dict[str, Any]] = [{"k": p["k"], "n": 1}, {"k": p["k"], "n": 2}]
+        if p.get("bad"):
+            rows.append({"k": p["k"], "n": "not a number"})  # refused: the whole event fails
+        return rows
+
+    lines.on("line.added").create_many(explode)
+
+    class Lines(events.mixin(), lines.mixin(), Service):  # type: ignore[misc]
+        name = "lines"
+        add = events.map_action("add", "line.added")
+
+    return lines, Lines
+
+
+async def test_a_failing_event_discards_only_its_own_effects(make_store: MakeStore) -> None:
+    lines, service = _lines_service(make_store)
+    async with running_broker(service()) as broker:
+        runtime = lines.runtime(broker)
+        async with held(runtime):
+            for k, bad in (("a", False), ("b", True), ("c", False)):
+                await broker.call("lines.add", {"k": k, "bad": bad})
+        await runtime.wait_caught_up()
+        rows = await broker.call("lineAggregate.find", {"sort": "id"})
+        assert [(r["k"], r["n"]) for r in rows] == [("a", 1), ("a", 2), ("c", 1), ("c", 2)]
+        assert [r["id"] for r in rows] == [1, 2, 3, 4]  # b's undone rows left no gap
+        dead = await broker.call("lineAggregate.deadLetters", {})
+        assert [d["record"]["payload"]["k"] for d in dead["rows"]] == ["b"]
+        assert runtime.projector is not None
+        assert runtime.projector.stats.batches == 1  # one batch, the bad event inside it
+
+
+# ---------------------------------------------------------------------- no transaction open
+
+
+async def test_appends_go_on_while_a_transformation_runs(tmp_path: Path) -> None:
+    """The log and the aggregate share one SQLite file (one write lock): an append must not
+    wait for a transformation that has not answered yet."""
+    factory = stores.sqlite(tmp_path / "one.db")
+    events = EventStore("slowEventStore", factory)
+    slow = Aggregate("slowAggregate", stores.with_fields(factory, FIELDS)).snapshot(
+        "slowEventStore"
+    )
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def transform(event: dict[str, Any]) -> dict[str, Any]:
+        entered.set()
+        await release.wait()
+        return {"k": event["payload"]["k"], "n": 0}
+
+    slow.on("slow.added").create(transform)
+
+    class Slow(events.mixin(), slow.mixin(), Service):  # type: ignore[misc]
+        name = "slow"
+        add = events.map_action("add", "slow.added")
+
+    async with running_broker(Slow()) as broker:
+        await broker.call("slow.add", {"k": "first"})
+        await asyncio.wait_for(entered.wait(), 10)
+        second = await asyncio.wait_for(broker.call("slow.add", {"k": "second"}), 10)
+        assert second["id"] == 2
+        rows = await broker.call("slowAggregate.find", {})
+        assert rows == []  # nothing of the open batch is visible outside it
+        release.set()
+        await slow.runtime(broker).wait_caught_up()
+        assert len(await broker.call("slowAggregate.find", {})) == 2
+
+
+# ---------------------------------------------------------------------- concurrency by key
+
+
+def _keyed_service(
+    make_store: MakeStore, key: str | None
+) -> tuple[Aggregate, type[Service], dict[str, Any]]:
+    factory = make_store()
+    events = EventStore("keyEventStore", factory)
+    totals = Aggregate(
+        "keyTotals", stores.with_fields(factory, FIELDS), concurrency=4, batch_size=1000
+    ).snapshot("keyEventStore")
+    probe: dict[str, Any] = {"running": 0, "most": 0, "starts": [], "both": asyncio.Event()}
+
+    @action(name="count")
+    async def count(service: Service, ctx: Context) -> dict[str, Any]:
+        p = ctx.params["payload"]
+        probe["running"] += 1
+        probe["most"] = max(probe["most"], probe["running"])
+        probe["starts"].append((p["k"], p["seq"]))
+        try:
+            if probe["running"] >= 2:
+                probe["both"].set()
+            if p["seq"] == 0 and key is not None:
+                await probe["both"].wait()  # only ever set if another key runs meanwhile
+            else:
+                await asyncio.sleep(0)
+            found = await ctx.call("keyTotals.find", {"k": p["k"]})
+        finally:
+            probe["running"] -= 1
+        if found:
+            return {"id": found[0]["id"], "n": found[0]["n"] + 1}
+        return {"k": p["k"], "n": 1}
+
+    totals.on("key.seen").update("keys.count", key=key)
+
+    class Keys(events.mixin(), totals.mixin(), Service):  # type: ignore[misc]
+        name = "keys"
+        add = events.map_action("add", "key.seen")
+        count_action = count
+
+    return totals, Keys, probe
+
+
+@pytest.mark.parametrize("key", ["k", None])
+async def test_keys_transform_concurrently_and_each_key_in_log_order(
+    make_store: MakeStore, key: str | None
+) -> None:
+    totals, service, probe = _keyed_service(make_store, key)
+    sequence = [(k, i) for i in range(6) for k in ("a", "b", "c")]
+    async with running_broker(service()) as broker:
+        runtime = totals.runtime(broker)
+        async with held(runtime):
+            for k, i in sequence:
+                await broker.call("keys.add", {"k": k, "seq": i})
+        await asyncio.wait_for(runtime.wait_caught_up(), 20)
+        rows = await broker.call("keyTotals.find", {"sort": "k"})
+    assert [(r["k"], r["n"]) for r in rows] == [("a", 6), ("b", 6), ("c", 6)]
+    assert [r["id"] for r in rows] == [1, 2, 3]  # ids in log order, whatever ran first
+    for k in "abc":
+        assert [i for kk, i in probe["starts"] if kk == k] == list(range(6))
+    if key is None:
+        assert probe["most"] == 1, "without a key, transformations run one at a time"
+    else:
+        assert 2 <= probe["most"] <= 3  # one per key at most (and at most concurrency=4)
+
+
+async def test_keyed_summary_equals_the_recomputation(make_store: MakeStore) -> None:
+    _, summary, service = profile.build(make_store(), batch_size=500, key="country")
+    rng = random.Random(7)
+    profiles = [random_profile(rng) for _ in range(1500)]
+    async with running_broker(service()) as broker:
+        async with held(summary.runtime(broker)):
+            await asyncio.gather(*(broker.call("profile.update", p) for p in profiles))
+        await asyncio.wait_for(summary.runtime(broker).wait_caught_up(), 60)
+        rows = await broker.call("profileSummaryAggregate.find", {})
+    got = {r["country"]: (r["total"], r["totalMarried"], r["totalStudents"]) for r in rows}
+    assert got == expected(profiles)
+
+
+# ---------------------------------------------------------------------- batch tokens
+
+
+async def test_a_read_for_a_batch_this_node_does_not_hold_is_refused(
+    make_store: MakeStore,
+) -> None:
+    *_, service = profile.build(make_store())
+    async with running_broker(service(), node_id="here") as broker:
+        meta = {TOKEN_KEY: "0123", AGGREGATE_KEY: "profileSummaryAggregate", NODE_KEY: "there"}
+        with pytest.raises(Conflict) as raised:
+            await broker.call("profileSummaryAggregate.find", {}, meta)
+        assert raised.value.code == 409
+        assert "'there'" in str(raised.value)
+        assert "not on node 'here'" in str(raised.value)
+        # A token of another aggregate is none of this one's business.
+        other = {**meta, AGGREGATE_KEY: "someOtherAggregate"}
+        assert await broker.call("profileSummaryAggregate.find", {}, other) == []
+
+
+async def test_a_transformation_elsewhere_reads_the_batch_on_the_projectors_node(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Node A projects; the transformation lives on node B, which also serves the aggregate's
+    actions (its own projector waits for a transformation that never comes). B's reads of
+    the aggregate inside A's batch must reach A, not B's local service."""
+    events = EventStore("profileEventStore", stores.sqlite(tmp_path / "log"))
+    shared = stores.sqlite(tmp_path / "summary", fields=profile.SUMMARY_FIELDS)
+
+    def aggregate(transform: str) -> Aggregate:
+        agg = Aggregate("profileSummaryAggregate", shared, batch_size=200)
+        agg.snapshot("profileEventStore")
+        agg.on("profile.updated").update(transform)
+        return agg
+
+    summary_a, summary_b = aggregate("transformer.summary"), aggregate("transformer.missing")
+
+    class Writer(events.mixin(), summary_a.mixin(), Service):  # type: ignore[misc]
+        name = "profile"
+        update = events.map_action("update", "profile.updated")
+
+    class Transformer(summary_b.mixin(), Service):  # type: ignore[misc]
+        name = "transformer"
+
+        @action(name="summary")
+        async def summary(self, ctx: Context) -> dict[str, Any]:
+            p = ctx.params["payload"]
+            found = await ctx.call("profileSummaryAggregate.find", {"country": p["country"]})
+            row = found[0] if found else {"total": 0, "totalMarried": 0, "totalStudents": 0}
+            out = {
+                "country": p["country"],
+                "total": row["total"] + 1,
+                "totalMarried": row["totalMarried"] + bool(p.get("married")),
+                "totalStudents": row["totalStudents"] + bool(p.get("student")),
+            }
+            return {**out, "id": row["id"]} if found else out
+
+    rng = random.Random(11)
+    profiles = [random_profile(rng) for _ in range(600)]
+    async with running_broker(Writer(), node_id="node-a", transporter=nats_url) as a:
+        runtime_a = summary_a.runtime(a)
+        async with running_broker(Transformer(), node_id="node-b", transporter=nats_url):
+            await asyncio.gather(*(a.call("profile.update", p) for p in profiles))
+            await asyncio.wait_for(runtime_a.wait_caught_up(), 60)
+            rows = await a.call("profileSummaryAggregate.find", {})
+            dead = await a.call("profileSummaryAggregate.deadLetters", {})
+    assert dead["total"] == 0, dead["rows"][:1]
+    got = {r["country"]: (r["total"], r["totalMarried"], r["totalStudents"]) for r in rows}
+    assert got == expected(profiles)
+
+
+# ---------------------------------------------------------------------- ids and the dispatcher
+
+
+async def test_restore_and_replay_give_back_the_same_ids(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    factory = make_store()
+    events = EventStore("noteEventStore", factory)
+    notes = Aggregate(
+        "noteAggregate",
+        stores.with_fields(factory, FIELDS),
+        snapshot=StoreBackup(tmp_path / "backups"),
+    ).snapshot("noteEventStore")
+
+    async def note(event: dict[str, Any]) -> dict[str, Any]:
+        return {"k": event["payload"]["k"], "n": event["id"]}
+
+    async def drop(event: dict[str, Any]) -> dict[str, Any]:
+        return {"query": {"k": event["payload"]["k"]}}
+
+    notes.on("note.added").create(note)
+    notes.on("note.dropped").remove(drop)
+
+    class Notes(events.mixin(), notes.mixin(), Service):  # type: ignore[misc]
+        name = "notes"
+        add = events.map_action("add", "note.added")
+        drop_ = events.map_action("drop", "note.dropped")
+
+    async def rows(broker: ServiceBroker) -> list[tuple[int, str]]:
+        await notes.runtime(broker).wait_caught_up()
+        found = await broker.call("noteAggregate.find", {"sort": "id"})
+        return [(r["id"], r["k"]) for r in found]
+
+    async with running_broker(Notes()) as broker:
+        for k in ("a", "b", "c"):
+            await broker.call("notes.add", {"k": k})
+        await broker.call("notes.drop", {"k": "c"})  # the highest id is gone: not reused
+        snapshot_id = await broker.call("noteAggregate.snapshot", {})
+        await broker.call("notes.add", {"k": "d"})
+        before = await rows(broker)
+        assert before == [(1, "a"), (2, "b"), (4, "d")]
+        await broker.call("noteAggregate.restore", {"snapshotID": snapshot_id})
+        assert await rows(broker) == before
+        await broker.call("noteAggregate.replay", {"wait": True})
+        assert await rows(broker) == before
+
+
+async def test_the_dispatcher_writes_its_bookkeeping_once_per_batch(make_store: MakeStore) -> None:
+    events, _, service = profile.build(make_store(), dispatch_batch_size=100)
+    async with running_broker(service()) as broker:
+        await broker.call("profile.$stopDispatch", {})
+        for p in [random_profile(random.Random(i)) for i in range(1000)]:
+            await broker.call("profile.update", p)
+        dispatcher = events.runtime(broker).dispatcher
+        before = dispatcher.settlements
+        await broker.call("profile.$startDispatch", {})
+        await asyncio.wait_for(dispatcher.wait_settled(1000), 30)
+        assert dispatcher.settlements - before == 10
+        stored = await broker.call("profileEventStore.count", {"query": {"status": 2}})
+        assert stored == 1000
