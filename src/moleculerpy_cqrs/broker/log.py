@@ -12,7 +12,7 @@ from typing import Any
 
 from moleculerpy import ServiceBroker
 
-from moleculerpy_cqrs.core.eventstore import EventStoreRuntime
+from moleculerpy_cqrs.core.eventstore import EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.log import EventLog, Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.stores.fields import Record
@@ -113,6 +113,7 @@ async def event_log(
     """The log of event store ``name``: local if it runs here, else through the broker."""
     local = local_event_stores(broker).get(name)
     if local is not None:
+        await until_ready(local.ready, name)  # its table exists once it has started
         return LocalEventLog(local)
     await port.wait_for_actions([f"{name}.{READ}"])
     return RemoteEventLog(name, port, listeners)

@@ -27,6 +27,9 @@ class MoleculerPort:
         if self.broker.registry.get_all_events(event):
             await self.broker.broadcast(event, payload)
 
+    def is_available(self, action: str) -> bool:
+        return self.broker.registry.get_action(action) is not None
+
     async def wait_for_actions(self, actions: list[str]) -> None:
         # Start-up only: MoleculerPy has no "action available" signal to await.
         delay = 0.01

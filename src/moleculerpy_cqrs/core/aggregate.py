@@ -128,6 +128,7 @@ class AggregateRuntime:
             "name": self.name,
             "eventStore": p.source.name if p else None,
             "state": p.state if p else "stopped",
+            "waitingFor": list(p.waiting_for) if p else [],
             "checkpoint": checkpoint,
             "head": head,
             "lag": {"events": lag_events, "seconds": lag_seconds},

@@ -22,3 +22,6 @@ class BrokerPort(Protocol):
 
     async def wait_for_actions(self, actions: list[str]) -> None:
         """Return once every action is callable somewhere in the cluster."""
+
+    def is_available(self, action: str) -> bool:
+        """Whether some node (this one or another) serves ``action`` now."""

@@ -34,6 +34,7 @@ from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 CHECKPOINT_KEY: Final = "checkpoint"
 LEASE_KEY: Final = "projector.lease"
 CONCURRENCY: Final = 16
+WARN_AFTER: Final = 3.0  # seconds a projector waits for its transformations before it warns
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
 Key = str | Callable[[dict[str, Any]], Hashable]
@@ -138,6 +139,7 @@ class Projector:
         for b in bindings:
             self._bindings.setdefault(b.event, []).append(b)
         self.checkpoint = 0
+        self.waiting_for: list[str] = []  # transformations not served anywhere yet
         self.stats = ProjectorStats()
         self._wakeup = Wakeup()
         self._gate = asyncio.Lock()
@@ -157,6 +159,8 @@ class Projector:
     def state(self) -> str:
         if not self.running:
             return "stopped"
+        if self.waiting_for:
+            return "waiting"
         if self.stats.halted_at is not None:
             return "halted"
         if self.standby:
@@ -164,6 +168,29 @@ class Projector:
         if self._gate.locked() and getattr(self, "_paused", False):
             return "paused"
         return "running"
+
+    async def _wait_for_transformations(self) -> None:
+        """Wait until every transformation action is served somewhere; meanwhile ``state``
+        says so, and a warning names the missing ones every ``WARN_AFTER`` seconds."""
+        missing = [a for a in self.transforms() if not self.port.is_available(a)]
+        if not missing:
+            return
+        self.waiting_for = missing
+        waiter = asyncio.ensure_future(self.port.wait_for_actions(missing))
+        try:
+            while not (await asyncio.wait({waiter}, timeout=WARN_AFTER))[0]:
+                still = [a for a in missing if not self.port.is_available(a)]
+                self.waiting_for = still
+                log.warning(
+                    "projector %s cannot start: no node serves the transformation(s) %s "
+                    "(a misspelled action name, or their service is not running yet)",
+                    self.name,
+                    ", ".join(still),
+                )
+            waiter.result()
+        finally:
+            waiter.cancel()
+            self.waiting_for = []
 
     def transforms(self) -> list[str]:
         return sorted(
@@ -242,7 +269,7 @@ class Projector:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        await self.port.wait_for_actions(self.transforms())
+        await self._wait_for_transformations()
         await self.reload_checkpoint()
         failures = 0
         while True:
