@@ -226,3 +226,41 @@ async def test_writes_and_reads_never_stop(
     assert max(waits) < 2.0, f"an append waited {max(waits):.2f}s"
     assert total == (300 + written) * 5  # equals a recomputation from the whole log
     assert names == {f"x{i}" for i in range(300)} | {f"w{i}" for i in range(written)}
+
+
+async def test_an_interrupted_snapshot_is_marked_failed_once_nobody_takes_it(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    """The node taking a snapshot dies mid-backup (its task is cancelled, so it neither
+    settles the snapshot nor renews its heartbeat): once the heartbeat has expired, the
+    snapshot is listed failed, and a restore of it is refused with 409."""
+    _, rooms, service = build(make_store(), StoreBackup(tmp_path))
+    async with running_broker(service) as broker:
+        await create(broker, rooms, 2)
+        maintenance = rooms.runtime(broker).maintenance
+        assert maintenance is not None
+        maintenance.heartbeat_ttl = 0.3
+        entered = asyncio.Event()
+
+        async def hang(location: str) -> int:
+            entered.set()
+            await asyncio.Event().wait()
+            raise AssertionError("never")
+
+        maintenance.adapter.backup = hang  # type: ignore[method-assign]
+        taking = asyncio.create_task(broker.call("roomAggregate.snapshot", {}))
+        await asyncio.wait_for(entered.wait(), 10)
+        (listed,) = await broker.call("roomAggregate.snapshots", {})
+        assert listed["status"] == "created"  # still being taken: not failed
+        taking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taking
+        alive = await maintenance.adapter.get_meta(f"snapshot.taking.{listed['snapshotId']}")
+        expiry = max(float(alive["until"]), listed["created"] / 1000 + 0.3)
+        await asyncio.sleep(max(expiry - time.time(), 0) + 0.05)  # until the heartbeat expires
+        (listed,) = await broker.call("roomAggregate.snapshots", {})
+        assert listed["status"] == "failed"
+        assert "interrupted" in listed["error"]
+        with pytest.raises(Conflict) as refused:
+            await broker.call("roomAggregate.restore", {"snapshotID": listed["snapshotId"]})
+        assert refused.value.code == 409

@@ -93,6 +93,7 @@ class AggregateRuntime:
             self.snapshot_strategy,
             snapshots=self.snapshot_event_store is not None,
             replay_batch_size=self.replay_batch_size,
+            node_id=self.node_id,
         )
         self.projecting.set()
         return self.projector

@@ -30,6 +30,8 @@ from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.query import ALL
 
 REPLAY_BATCH: Final = 1000
+HEARTBEAT_TTL: Final = 5.0
+_ALIVE: Final = "snapshot.taking."
 SHADOW_SUFFIX: Final = "__shadow"
 LEASE_KEYS: Final = (LEASE_KEY, f"{LEASE_KEY}.claim")
 SNAPSHOT_STATES: Final = {
@@ -67,6 +69,8 @@ class Maintenance:
         *,
         snapshots: bool,
         replay_batch_size: int = REPLAY_BATCH,
+        node_id: str = "node",
+        heartbeat_ttl: float = HEARTBEAT_TTL,
     ) -> None:
         self.name = name
         self.replay_batch_size = replay_batch_size
@@ -75,6 +79,9 @@ class Maintenance:
         self.projector = projector
         self.strategy = strategy
         self.snapshots_enabled = snapshots
+        self.taker = f"{node_id}/{secrets.token_hex(4)}"
+        self.taking: set[str] = set()  # snapshots this node is taking now
+        self.heartbeat_ttl = heartbeat_ttl
         self.replay_progress = ReplayProgress()
         self.last_pause_ms: float | None = None
 
@@ -92,12 +99,24 @@ class Maintenance:
                 "checkpoint": checkpoint,
                 "location": location,
             }
-            created = await log.record_snapshot(self.name, payload)
+            payload["taker"] = self.taker
+            self.taking.add(snapshot_id)
+            heartbeat = asyncio.create_task(self._heartbeat(snapshot_id))
+            try:
+                created = await log.record_snapshot(self.name, payload)
+            except BaseException:
+                self.taking.discard(snapshot_id)
+                heartbeat.cancel()
+                raise
             try:
                 if location is None:
                     raise StoreError(NO_BACKUP_ERROR, store=self.name)
                 size = await self.adapter.backup(location)
                 size += await self.dead_letters.backup(location)
+            except asyncio.CancelledError:
+                self.taking.discard(snapshot_id)  # as if the node died: its heartbeat stops
+                heartbeat.cancel()
+                raise
             except Exception as error:
                 message = (
                     str(error)
@@ -105,16 +124,52 @@ class Maintenance:
                     else "aggregate.snapshot action failed. We could not backup the aggregate. "
                     f"Error: {error}"
                 )
+                heartbeat.cancel()
+                self.taking.discard(snapshot_id)
                 await log.settle_snapshot(created["id"], payload, message)
                 raise StoreError(message, store=self.name) from error
             finally:
                 self.last_pause_ms = (time.perf_counter() - paused) * 1000
         await log.settle_snapshot(created["id"], {**payload, "size": size}, None)
+        heartbeat.cancel()
+        self.taking.discard(snapshot_id)
+        await self.adapter.set_meta(_ALIVE + snapshot_id, None)
         return snapshot_id
+
+    async def _heartbeat(self, snapshot_id: str) -> None:
+        """Say, in the aggregate's meta, that this node is still taking the snapshot."""
+        while True:
+            until = time.time() + self.heartbeat_ttl
+            await self.adapter.set_meta(_ALIVE + snapshot_id, {"taker": self.taker, "until": until})
+            await asyncio.sleep(self.heartbeat_ttl / 3)
+
+    async def _settle_interrupted(self, rows: list[dict[str, Any]]) -> None:
+        """Mark failed every snapshot still "created" that no node is taking any more: not
+        this one, and no heartbeat within ``heartbeat_ttl`` (so node clocks must agree to
+        well within it)."""
+        now = time.time()
+        for row in rows:
+            snapshot_id = row["payload"].get("snapshotId")
+            if row["eventType"] != EventType.SNAPSHOT_CREATED or snapshot_id in self.taking:
+                continue
+            if now - row["created"] / 1000 < self.heartbeat_ttl:
+                continue  # its heartbeat may not be written yet
+            alive = await self.adapter.get_meta(_ALIVE + str(snapshot_id))
+            if isinstance(alive, dict) and float(alive.get("until", 0)) > now:
+                continue
+            error = (
+                f"interrupted: the node taking it ({row['payload'].get('taker', '?')}) stopped "
+                "before it finished"
+            )
+            await self._log().settle_snapshot(row["id"], row["payload"], error)
+            row["eventType"], row["error"] = int(EventType.SNAPSHOT_FAILED), error
+            await self.adapter.set_meta(_ALIVE + str(snapshot_id), None)
 
     async def list_snapshots(self) -> list[dict[str, Any]]:
         out = []
-        for row in await self._log().snapshots(self.name):
+        rows = await self._log().snapshots(self.name)
+        await self._settle_interrupted(rows)
+        for row in rows:
             p = row["payload"]
             out.append(
                 {
@@ -247,5 +302,6 @@ class Maintenance:
     async def _find_snapshot(self, snapshot_id: str) -> dict[str, Any]:
         for row in await self._log().snapshots(self.name):
             if row["payload"].get("snapshotId") == snapshot_id:
+                await self._settle_interrupted([row])
                 return row
         raise EntityNotFound(snapshot_id, store=f"snapshots of {self.name}")
