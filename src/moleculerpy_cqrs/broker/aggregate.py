@@ -21,7 +21,7 @@ from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
-from moleculerpy_cqrs.core.projector import CONCURRENCY, Binding, Key, Kind, Transform
+from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, Binding, Key, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
@@ -91,7 +91,7 @@ class Aggregate:
         store_factory: StoreFactory,
         snapshot: SnapshotStrategy = NoSnapshot,
         *,
-        batch_size: int = 100,
+        batch_size: int = BATCH_SIZE,
         attempts: int = 3,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
         replay_batch_size: int = 1000,

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import re
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
@@ -129,7 +129,7 @@ class _BatchReadRouting:
 
     def get_action_endpoint(self, name: Any, ctx: Context | None = None) -> Any:
         meta = getattr(ctx, "meta", None)
-        if isinstance(meta, Mapping):
+        if isinstance(meta, dict) and AGGREGATE_KEY in meta:
             aggregate, node = meta.get(AGGREGATE_KEY), meta.get(NODE_KEY)
             if isinstance(aggregate, str) and str(name).startswith(aggregate + "."):
                 for endpoint in cast(Any, self).get_all_actions(name):

@@ -11,7 +11,7 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import EventLog
 from moleculerpy_cqrs.core.maintenance import Maintenance
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.projector import CONCURRENCY, LEASE_KEY, Binding, Projector
+from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.stores.base import Adapter
@@ -26,7 +26,7 @@ class AggregateRuntime:
         port: BrokerPort,
         bindings: list[Binding],
         *,
-        batch_size: int = 100,
+        batch_size: int = BATCH_SIZE,
         attempts: int = 3,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",
         snapshot: SnapshotStrategy = NoSnapshot,

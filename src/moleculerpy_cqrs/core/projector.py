@@ -34,6 +34,7 @@ from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 CHECKPOINT_KEY: Final = "checkpoint"
 LEASE_KEY: Final = "projector.lease"
 CONCURRENCY: Final = 16
+BATCH_SIZE: Final = 1000  # events per batch; a batch is one short transaction
 WARN_AFTER: Final = 3.0  # seconds a projector waits for its transformations before it warns
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
@@ -113,7 +114,7 @@ class Projector:
         bindings: list[Binding],
         port: BrokerPort,
         *,
-        batch_size: int = 100,
+        batch_size: int = BATCH_SIZE,
         attempts: int = 3,
         retry_delay: float = 0.01,
         on_error: Literal["dead_letter", "halt"] = "dead_letter",

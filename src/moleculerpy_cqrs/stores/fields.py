@@ -80,6 +80,8 @@ def check_value(field: str, kind: FieldType, value: Any) -> Any:
     """
     if value is None:
         return None
+    if kind == "string" and type(value) is str and value.isascii() and "\x00" not in value:
+        return value  # the common case, first
     match kind:
         case "string":
             if isinstance(value, str):

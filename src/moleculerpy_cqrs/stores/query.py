@@ -25,6 +25,7 @@ descending last, and ``id`` breaks ties so paging is stable.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -362,6 +363,7 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
     raise AssertionError(f"unknown condition {cond!r}")
 
 
+@functools.lru_cache(maxsize=256)
 def sort_key(sort: tuple[tuple[str, bool], ...]) -> Any:
     """A key for ``list.sort`` giving the documented order (NULLs first ascending; id last)."""
 
