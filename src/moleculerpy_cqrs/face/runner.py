@@ -244,8 +244,10 @@ def public_url(url: str) -> str:
 # --------------------------------------------------------------------------- running
 
 
-async def until_signalled() -> str:
-    """The name of the first SIGINT or SIGTERM this process gets."""
+@contextmanager
+def signalled() -> Iterator[asyncio.Future[str]]:
+    """A future that gets the name of the first SIGINT or SIGTERM this process receives
+    while the block runs (installed before the node says it is ready, so none is missed)."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[str] = loop.create_future()
     wanted = (signal.SIGINT, signal.SIGTERM)
@@ -257,7 +259,7 @@ async def until_signalled() -> str:
     for sig in wanted:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await got
+        yield got
     finally:
         for sig in wanted:
             loop.remove_signal_handler(sig)
@@ -278,12 +280,13 @@ def run(
         broker, services = await start_node(
             targets, node_id=node_id, transporter=transporter, log_level=log_level
         )
-        for line in describe(broker, services):
-            say(line)
-        # METRICS: the --metrics-port change says "metrics endpoint: http://HOST:PORT/metrics"
-        # here (one more line, after the services).
-        say("ready; Ctrl-C or SIGTERM stops it")
-        signal_name = await until_signalled()
+        with signalled() as stop:
+            for line in describe(broker, services):
+                say(line)
+            # METRICS: the --metrics-port change says "metrics endpoint:
+            # http://HOST:PORT/metrics" here (one more line, after the services).
+            say("ready; Ctrl-C or SIGTERM stops it")
+            signal_name = await stop
         await broker.stop()
         say(f"node {broker.nodeID} stopped ({signal_name})")
 
