@@ -150,3 +150,13 @@ def test_the_demo_runs_from_any_folder_and_its_piped_lines_stay_whole(tmp_path: 
     assert again.code == 0, again
     assert f"Continuing: 30 events already stored in {tmp_path / 'data'}/" in again.out
     assert again.out.splitlines()[-1].endswith("log head 35, checkpoint 35, dead letters 0.")
+
+
+def test_no_arguments_show_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err
+    assert "Usage: cqrs" in out
+    for command in ("run", "demo", "status", "snapshot", "restore", "replay", "dead-letters"):
+        assert command in out
