@@ -6,7 +6,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,8 +29,6 @@ Transporter = Annotated[
     typer.Option("--transporter", "-t", envvar="TRANSPORTER", help="e.g. nats://127.0.0.1:4222"),
 ]
 NodeId = Annotated[str | None, typer.Option("--node-id", help="this node's ID")]
-
-
 LogLevel = Annotated[
     str,
     typer.Option("--log-level", "-l", help="MoleculerPy's log level: debug, info, warning, error"),
@@ -56,16 +54,14 @@ def run(
     from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.runner import run as run_node
 
-    checked = _checked(
+    url, node, level = _checked(
         lambda: (
             options.transporter(transporter) if transporter else None,
             options.node_id(node_id) if node_id is not None else None,
             options.log_level(log_level),
         )
     )
-    _guard(
-        lambda: run_node(modules, transporter=checked[0], node_id=checked[1], log_level=checked[2])
-    )
+    _guard(lambda: run_node(modules, transporter=url, node_id=node, log_level=level))
 
 
 @app.command()
@@ -99,7 +95,6 @@ def _checked[T](check: Callable[[], T]) -> T:
         return check()
     except BadOption as error:
         _fail(str(error))
-        raise  # _fail never returns
 
 
 def _guard(work: Callable[[], object]) -> None:
@@ -261,7 +256,7 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         _fail(f"{type(error).__name__}: {error}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(
         f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
     )
