@@ -63,7 +63,7 @@ def service_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     saved = set(sys.modules)
     yield folder
     for name in set(sys.modules) - saved:
-        if name in ("my_service", "helper", "app", "mine"):
+        if name in ("my_service", "helper", "app", "mine", "bankapp"):
             del sys.modules[name]
 
 
@@ -96,6 +96,20 @@ def test_a_path_is_loaded_with_its_folder_on_the_path(service_folder: Path) -> N
     # Every Service subclass the module defines, not the ones it imports (Service itself).
     assert sorted(getattr(klass, "__name__", "") for klass in found) == ["BankService", "Plain"]
     assert runner.load_module(str(service_folder / "my_service.py")).__name__ == "my_service"
+
+
+def test_a_package_folder_is_loaded_and_a_plain_folder_is_not_taken_for_one(
+    service_folder: Path,
+) -> None:
+    package = service_folder / "bankapp"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from moleculerpy import Service\n\nclass Teller(Service):\n    name = 'teller'\n"
+    )
+    found = runner.services_of(runner.load_module("bankapp"))
+    assert [getattr(klass, "name", None) for klass in found] == ["teller"]
+    (service_folder / "profile").mkdir()  # a folder of data, say: the example still wins
+    assert runner.load_module("profile").__name__ == "moleculerpy_cqrs.examples.profile"
 
 
 def test_a_services_list_names_what_runs(tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 How ``cqrs run TARGET`` finds a module (the first rule that applies):
 
-1. ``TARGET`` ends in ``.py``, names an existing folder, or contains a path separator: the file
-   (a folder: its ``__init__.py``) is loaded as a module named after it, with its folder first
-   on ``sys.path`` (so that it imports its neighbours, as ``python file.py`` would).
+1. ``TARGET`` ends in ``.py``, names a folder with an ``__init__.py``, or contains a path
+   separator: the file (a folder: its ``__init__.py``) is loaded as a module named after it,
+   with its folder first on ``sys.path`` (so that it imports its neighbours, as ``python
+   file.py`` would).
 2. ``TARGET`` is the name of an example shipped with the package (``profile``, ``property``):
    ``moleculerpy_cqrs.examples.<TARGET>``. (Python's standard library has a ``profile`` module
    too; the example wins.)
@@ -55,7 +56,8 @@ JOIN_TIMEOUT = 15.0
 def load_module(target: str) -> ModuleType:
     """The module ``target`` names (see the module's docstring for the rules)."""
     path = Path(target)
-    if path.suffix == ".py" or path.is_dir() or os.sep in target or "/" in target:
+    package = path.is_dir() and (path / "__init__.py").is_file()
+    if path.suffix == ".py" or package or os.sep in target or "/" in target:
         return _load_file(target, path)
     if target in EXAMPLES:
         return importlib.import_module(f"moleculerpy_cqrs.examples.{target}")
