@@ -179,10 +179,12 @@ def test_a_node_says_what_it_started_and_that_it_stopped(
     process = _start(["./my_service.py", "profile", "-t", nats_url, "--node-id", "bank-1"],
                      service_folder, {"CQRS_DATA": str(tmp_path / "profile-data")})  # fmt: skip
     try:
-        lines = _until_ready(process)
+        printed = _until_ready(process)
     finally:
         process.send_signal(sig)
         out, err = process.communicate(timeout=30)
+    # What the node says, from its first line on (a log line may come before).
+    lines = printed[[line.startswith("node ") for line in printed].index(True) :]
     data = (tmp_path / "data").resolve()
     profile_data = (tmp_path / "profile-data").resolve()
     assert lines == [
