@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from _common import (
@@ -52,11 +50,9 @@ from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import EventStoreRuntime
 from moleculerpy_cqrs.core.projector import Projector
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, EVENT_VERSION, EventType, Status, now_ms
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.testing.brokers import running_broker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for examples/
-from examples import profile
 
 WARM_UP = 200  # calls before each measured run (not counted)
 PROJECTOR_FEED_CALLERS = 64

@@ -23,11 +23,19 @@ find_python() {
     return 1
 }
 
+# ensure_venv [EXTRA]: .venv with the package (editable) and, when given, one of its extras
+# (`dev` for the tests). Each set has its own stamp holding pyproject.toml's hash, so the demo's
+# environment stays small and `./scripts/test` adds only what it needs on top of it.
 ensure_venv() {
-    local stamp="$VENV/.installed" want
-    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
-    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    local extra="${1:-}" want stamp spec
+    want="$(sha256sum <"$ROOT/pyproject.toml" | cut -c1-16)"
+    stamp="$VENV/.installed-${extra:-base}"
+    spec="$ROOT${extra:+[$extra]}"
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
+    fi
+    if [ -z "$extra" ] && [ "$(cat "$VENV/.installed-dev" 2>/dev/null)" = "$want" ]; then
+        return 0  # the development set holds the package too
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         local py
@@ -35,10 +43,9 @@ ensure_venv() {
         echo "Creating $VENV with $py" >&2
         "$py" -m venv "$VENV"
     fi
-    local log="$VENV/install.log"
-    echo "Installing moleculerpy-cqrs and its dependencies into $VENV (log: $log)" >&2
-    if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
-        "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[dev]"; } >"$log" 2>&1; then
+    local log="$VENV/install${extra:+-$extra}.log"
+    echo "Installing moleculerpy-cqrs${extra:+ with its $extra extras} into $VENV (log: $log)" >&2
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$spec" >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "Installing failed; the whole log is in $log" >&2
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -48,3 +49,42 @@ def test_the_quickstart_runs_and_does_what_it_says(tmp_path: Path) -> None:
     assert "'country': 'NZ'" in found
     assert "'total': 1" in found
     assert (tmp_path / "data" / "profileEventStore.sqlite3").exists()
+
+
+def command_block() -> str:
+    """The README's block of ``cqrs`` commands (the one that starts a node)."""
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
+                if "cqrs run" in b]  # fmt: skip
+    return str(block)
+
+
+def test_every_cqrs_command_of_the_readme_runs_as_written(tmp_path: Path, nats_url: str) -> None:
+    """The block runs in bash, in an empty folder, with the installed ``cqrs`` on PATH; the one
+    change is the NATS server's address (``nats_url``, a private server, for 127.0.0.1:4222)."""
+    block = command_block()
+    assert "export TRANSPORTER=nats://127.0.0.1:4222" in block
+    script = block.replace("nats://127.0.0.1:4222", nats_url)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSPORTER", "CQRS_DATA")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["COLUMNS"] = "200"
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", f"{script}\nwait\n"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    assert "2000 updates stored and projected" in out  # the demo
+    assert "node n1 started on " + nats_url in out  # the node says what it runs
+    assert "aggregate profileSummaryAggregate (fed by profileEventStore)" in out
+    assert f"snapshots in {tmp_path / 'data' / 'backups'}" in out
+    snapshot = re.search(r"restored profileSummaryAggregate from (snapshot_[0-9a-f]{16})", out)
+    assert snapshot is not None, out  # snapshot, then restore, of the example's own aggregate
+    assert (tmp_path / "data" / "backups" / snapshot[1] / "profileSummaryAggregate").exists()
+    assert re.search(r"replay of profileSummaryAggregate done: 20\d\d events", out), out
+    assert "node n1 stopped (SIGTERM)" in out
+    assert "Traceback" not in done.stderr

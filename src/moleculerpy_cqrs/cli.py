@@ -6,7 +6,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,41 +29,79 @@ Transporter = Annotated[
     typer.Option("--transporter", "-t", envvar="TRANSPORTER", help="e.g. nats://127.0.0.1:4222"),
 ]
 NodeId = Annotated[str | None, typer.Option("--node-id", help="this node's ID")]
+LogLevel = Annotated[
+    str,
+    typer.Option("--log-level", "-l", help="MoleculerPy's log level: debug, info, warning, error"),
+]
 
 
 @app.command()
 def run(
-    modules: Annotated[list[str], typer.Argument(help="modules (dotted names or .py paths)")],
+    modules: Annotated[
+        list[str],
+        typer.Argument(
+            help="what to run: an example's name (profile, property), a dotted module name "
+            "importable from here, or a path to a .py file or package folder",
+            show_default=False,
+        ),
+    ],
     transporter: Transporter = None,
     node_id: NodeId = None,
+    log_level: LogLevel = "warning",
 ) -> None:
-    """Start a node with the services of the given modules (like moleculer-runner)."""
+    """Start a node with the services of the given modules (like moleculer-runner); it says
+    what it started, and stops cleanly on Ctrl-C or SIGTERM."""
+    from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.runner import run as run_node
 
-    _guard(lambda: run_node(modules, node_id=node_id, transporter=transporter))
+    url, node, level = _checked(
+        lambda: (
+            options.transporter(transporter) if transporter else None,
+            options.node_id(node_id) if node_id is not None else None,
+            options.log_level(log_level),
+        )
+    )
+    _guard(lambda: run_node(modules, transporter=url, node_id=node, log_level=level))
 
 
 @app.command()
 def demo(
-    data: Annotated[Path, typer.Option(help="folder for the SQLite files")] = Path("data"),
-    count: Annotated[int, typer.Option(help="profile updates to send")] = 2000,
-    concurrency: Annotated[int, typer.Option(help="updates in flight at once")] = 32,
+    data: Annotated[
+        Path, typer.Option(help="folder for the SQLite files and snapshots", envvar="CQRS_DATA")
+    ] = Path("data"),
+    count: Annotated[int, typer.Option(help="profile updates to send (>= 1)")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="updates in flight at once (>= 1)")] = 32,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
 ) -> None:
     """Run the profile example on SQLite files and feed it profile updates."""
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.demo import run_demo
 
+    _checked(
+        lambda: (
+            options.at_least(count, 1, "--count"),
+            options.at_least(concurrency, 1, "--concurrency"),
+            options.writable_folder(data, "--data"),
+        )
+    )
     _guard(lambda: asyncio.run(run_demo(data, count, concurrency, seed)))
+
+
+def _checked[T](check: Callable[[], T]) -> T:
+    """The checks' answer; a bad value is one line on stderr and exit code 2."""
+    from moleculerpy_cqrs.face.options import BadOption
+
+    try:
+        return check()
+    except BadOption as error:
+        _fail(str(error))
 
 
 def _guard(work: Callable[[], object]) -> None:
     try:
         work()
     except CqrsError as error:
-        err.print(f"[red]error:[/] {escape(str(error))}")
-        raise typer.Exit(2) from None
+        _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -77,9 +115,7 @@ Json = Annotated[
 ]
 Timeout = Annotated[
     float,
-    typer.Option(
-        "--timeout", min=0.0, help="seconds to wait for the services to appear and for answers"
-    ),
+    typer.Option("--timeout", help="seconds to wait for the services to appear and for answers"),
 ]
 CallTimeout = Annotated[
     float,
@@ -192,9 +228,16 @@ def dead_letters(
 
 
 def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
+    from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.operator import Options
 
-    return Options(transporter=transporter, timeout=timeout, as_json=as_json)
+    def check() -> Options:
+        if timeout <= 0:
+            raise options.BadOption("--timeout", timeout, "give seconds > 0, e.g. 10")
+        url = options.transporter(transporter) if transporter else None
+        return Options(transporter=url, timeout=timeout, as_json=as_json)
+
+    return _checked(check)
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -203,6 +246,8 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
     try:
         asyncio.run(work())
+    except typer.Exit:
+        raise  # a bad option, already said
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (OperatorError, CqrsError) as error:
@@ -211,15 +256,37 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         _fail(f"{type(error).__name__}: {error}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(
         f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
     )
     raise typer.Exit(2)
 
 
-def main() -> None:
-    app()
+def main(args: list[str] | None = None) -> None:
+    """The ``cqrs`` command. A usage error (an unknown option, a value of the wrong type) is
+    one line on stderr and exit code 2, as every other bad value is."""
+    args = sys.argv[1:] if args is None else args
+    if not args:
+        args = ["--help"]
+    try:
+        result = app(args=args, prog_name="cqrs", standalone_mode=False)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as error:
+        show = getattr(error, "format_message", None)
+        code = getattr(error, "exit_code", None)
+        if show is None or not isinstance(code, int):
+            raise
+        command = getattr(getattr(error, "ctx", None), "command_path", None) or "cqrs"
+        err.print(
+            f"[red]error:[/] {escape(' '.join(str(show()).split()))} "
+            f"(see `{escape(command)} --help`)",
+            soft_wrap=True,
+            highlight=False,
+        )
+        sys.exit(code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from moleculerpy import Context, Service, ServiceBroker, Settings, action
 
-from examples.profile import SUMMARY_FIELDS
 from moleculerpy_cqrs import Aggregate, EventStore, stores
+from moleculerpy_cqrs.examples.profile import SUMMARY_FIELDS
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.testing.nats_server import NatsServer
 from tests.core.test_profile_example import expected

@@ -13,8 +13,8 @@ import random
 import sys
 import uuid
 
-from examples import profile
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.testing.brokers import running_broker
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from examples import profile
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.testing.brokers import running_broker
 from moleculerpy_cqrs.testing.postgres_server import isolated_schema
 

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moleculerpy import Context, Service, ServiceBroker, action
 
-from examples import profile
 from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY, TOKEN_KEY
 from moleculerpy_cqrs.errors import Conflict
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import ID, FieldType

@@ -160,7 +160,7 @@ async def test_aggregate_create_many(make_store: MakeStore) -> None:
 
 
 async def test_property_example(make_store: MakeStore) -> None:
-    from examples import property as example
+    from moleculerpy_cqrs.examples import property as example
 
     _, properties, summary, service = example.build(make_store())
     async with running_broker(service()) as broker:

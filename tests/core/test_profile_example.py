@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from examples import profile
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.core.conftest import MakeStore

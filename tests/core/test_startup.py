@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from moleculerpy import Service
 
-from examples import profile
 from moleculerpy_cqrs import Aggregate, EventStore, stores
 from moleculerpy_cqrs.core import projector as projector_module
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.testing.brokers import running_broker
 
 MISSPELLED = "shop.transfromOrder"

@@ -9,8 +9,8 @@ from typing import Any
 
 from moleculerpy import Context, Service, ServiceBroker, event
 
-from examples import profile
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.core.conftest import MakeStore

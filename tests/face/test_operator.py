@@ -1,6 +1,6 @@
 """The operator's commands against a real cluster.
 
-A private NATS server, one node started as ``cqrs run examples.profile tests/face/ops_node.py``
+A private NATS server, one node started as ``cqrs run profile tests/face/ops_node.py``
 in a subprocess (SQLite files under ``$CQRS_DATA``), fed through a broker in this process; each
 operator command runs as ``python -m moleculerpy_cqrs.cli ...`` in a subprocess of its own, as an
 operator would run it. Independent commands of one test run side by side.
@@ -144,7 +144,7 @@ async def _feed(broker: ServiceBroker) -> None:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     data = tmp_path_factory.mktemp("cqrs-data")
     with NatsServer() as server, (data / "node.log").open("wb") as log:
-        command = [sys.executable, "-m", "moleculerpy_cqrs.cli", "run", "examples.profile",
+        command = [sys.executable, "-m", "moleculerpy_cqrs.cli", "run", "profile",
                    str(OPS_NODE), "--transporter", server.url, "--node-id", NODE_ID]  # fmt: skip
         env = {**os.environ, "CQRS_DATA": str(data)}
         env.pop("TRANSPORTER", None)
@@ -293,7 +293,7 @@ def test_nothing_discovered_within_the_timeout() -> None:
 def test_snapshot_snapshots_restore(node: Node) -> None:
     made, refused = cqrs(
         ["snapshot", "orderTotals"],
-        ["snapshot", "profileSummaryAggregate", "--json"],  # NoSnapshot: it fails, and says so
+        ["snapshot", "shipments", "--json"],  # NoSnapshot: it fails, and says so
         transporter=node.url,
     )
     assert made.code == 0, made
@@ -304,7 +304,7 @@ def test_snapshot_snapshots_restore(node: Node) -> None:
     table, listed, failed_listed = cqrs(
         ["snapshots", "orderTotals"],
         ["snapshots", "orderTotals", "--json"],
-        ["snapshots", "profileSummaryAggregate", "--json"],
+        ["snapshots", "shipments", "--json"],
         transporter=node.url,
     )
     (ours,) = [s for s in listed.json() if s["snapshotId"] == snapshot_id]
@@ -326,7 +326,7 @@ def test_snapshot_snapshots_restore(node: Node) -> None:
     restored, bogus, refused_restore = cqrs(
         ["restore", "orderTotals", snapshot_id],
         ["restore", "orderTotals", "snapshot_0000000000000000"],
-        ["restore", "profileSummaryAggregate", failed[-1]["snapshotId"]],
+        ["restore", "shipments", failed[-1]["snapshotId"]],
         transporter=node.url,
     )
     assert restored.code == 0, restored

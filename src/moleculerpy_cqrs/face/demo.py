@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.errors import ConfigurationError
+from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.runner import make_broker
 
 COUNTRIES = {"NZ": 5, "AU": 8, "US": 20, "GB": 10, "DE": 9, "BR": 12, "IN": 25, "JP": 11}
@@ -31,25 +34,35 @@ def random_profile(rng: random.Random) -> dict[str, Any]:
     }
 
 
-async def run_demo(data: Path, count: int, concurrency: int, seed: int | None) -> None:
-    from examples import profile
+def _console() -> Console:
+    # Piped, rich would wrap at 80 columns, in the middle of the summary's sentence.
+    return Console() if sys.stdout.isatty() else Console(width=200, highlight=False)
 
-    console = Console()
+
+async def run_demo(data: Path, count: int, concurrency: int, seed: int | None) -> None:
+    """Feed ``count`` random profile updates (``concurrency`` at a time) to the profile example
+    on SQLite files in ``data`` (snapshots in ``data/backups``), then show the summary."""
+    if count < 1 or concurrency < 1:
+        raise ConfigurationError("the demo sends at least 1 update, at least 1 at a time")
+    console = _console()
     await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
-    _, summary, service_class = profile.build(stores.sqlite(data))
+    _, summary, service_class = profile.build(stores.sqlite(data), backups=data / "backups")
     broker = make_broker("cqrs-demo", "memory://")
     await broker.register(service_class())
     await broker.start()
     try:
         before = await broker.call("profileEventStore.status", {})
         if before["head"]:
-            console.print(f"[bold]Continuing[/]: {before['head']} events already stored in {data}/")
+            console.print(
+                f"[bold]Continuing[/]: {before['head']} events already stored in {data}/",
+                soft_wrap=True,
+            )
         rng = random.Random(seed)
         queue = [random_profile(rng) for _ in range(count)]
         started = time.perf_counter()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())  # fmt: skip
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
             sent = progress.add_task("profile.update", total=count)
             applied = progress.add_task("summary projected", total=count)
 
@@ -84,7 +97,8 @@ async def run_demo(data: Path, count: int, concurrency: int, seed: int | None) -
         console.print(
             f"{count} updates stored and projected in {elapsed:.2f}s "
             f"({count / elapsed:,.0f}/s); log head {status['head']}, "
-            f"checkpoint {status['checkpoint']}, dead letters {status['deadLetters']}."
+            f"checkpoint {status['checkpoint']}, dead letters {status['deadLetters']}.",
+            soft_wrap=True,
         )
     finally:
         await broker.stop()

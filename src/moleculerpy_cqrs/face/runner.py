@@ -1,4 +1,22 @@
-"""Loading services from modules and running a node (what ``cqrs run`` does)."""
+"""Loading services from modules and running a node (what ``cqrs run`` does).
+
+How ``cqrs run TARGET`` finds a module (the first rule that applies):
+
+1. ``TARGET`` ends in ``.py``, names a folder with an ``__init__.py``, or contains a path
+   separator: the file (a folder: its ``__init__.py``) is loaded as a module named after it,
+   with its folder first on ``sys.path`` (so that it imports its neighbours, as ``python
+   file.py`` would).
+2. ``TARGET`` is the name of an example shipped with the package (``profile``, ``property``):
+   ``moleculerpy_cqrs.examples.<TARGET>``. (Python's standard library has a ``profile`` module
+   too; the example wins.)
+3. Otherwise ``TARGET`` is a dotted module name, imported with the working folder first on
+   ``sys.path``.
+
+Which services of a module it starts: the module's ``services`` list when it has one (each item a
+``Service`` subclass, instantiated without arguments, or a ``Service`` instance); otherwise one
+instance of every ``Service`` subclass the module itself defines (classes it imports are left
+alone). Services found twice (two modules listing one class) start once.
+"""
 
 from __future__ import annotations
 
@@ -6,83 +24,276 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import moleculerpy
 from moleculerpy import Service, ServiceBroker, Settings
 
+import moleculerpy_cqrs
+from moleculerpy_cqrs.broker.aggregate import Aggregate
+from moleculerpy_cqrs.broker.eventstore import EventStore
+from moleculerpy_cqrs.broker.mixin_base import components
+from moleculerpy_cqrs.core.snapshots import StoreBackup
 from moleculerpy_cqrs.errors import ConfigurationError
+from moleculerpy_cqrs.examples import NAMES as EXAMPLES
 
 DEFAULT_TRANSPORTER = "memory://"
+DEFAULT_LOG_LEVEL = "warning"
+JOIN_TIMEOUT = 15.0
+"""Seconds ``cqrs run`` waits for the transporter's server before it gives up."""
 
 
 def load_module(target: str) -> ModuleType:
-    """A dotted module name (``examples.profile``) or a path to a ``.py`` file or package."""
+    """The module ``target`` names (see the module's docstring for the rules)."""
     path = Path(target)
-    if path.suffix == ".py" or path.is_dir():
-        if path.is_dir():
-            path = path / "__init__.py"
-        if not path.exists():
-            raise ConfigurationError(f"no module at {target!r}")
-        name = path.parent.name if path.name == "__init__.py" else path.stem
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ConfigurationError(f"cannot load {target!r}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
+    package = path.is_dir() and (path / "__init__.py").is_file()
+    if path.suffix == ".py" or package or os.sep in target or "/" in target:
+        return _load_file(target, path)
+    if target in EXAMPLES:
+        return importlib.import_module(f"moleculerpy_cqrs.examples.{target}")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as error:
-        raise ConfigurationError(f"cannot import {target!r}: {error}") from error
+        if error.name is not None and not (target + ".").startswith(error.name + "."):
+            raise  # the module exists; something it imports does not
+        raise ConfigurationError(
+            f"no module {target!r} here ({Path.cwd()}): give an example's name "
+            f"({', '.join(EXAMPLES)}), a dotted module name importable from this folder, "
+            "or a path to a .py file"
+        ) from None
 
 
-def services_of(module: ModuleType) -> list[type[Service]]:
+def _load_file(target: str, path: Path) -> ModuleType:
+    if path.is_dir():
+        path = path / "__init__.py"
+    if not path.is_file():
+        raise ConfigurationError(f"no Python file at {target!r}: give a path to a .py file")
+    path = path.resolve()
+    name = path.parent.name if path.name == "__init__.py" else path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"cannot load {target!r} as a Python module")
+    folder = str(path.parent.parent if path.name == "__init__.py" else path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def services_of(module: ModuleType) -> list[Service | type[Service]]:
     """The module's ``services`` list, else every Service subclass it defines."""
     declared = getattr(module, "services", None)
-    if declared is not None:
-        return list(declared)
-    return [
-        obj
-        for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, Service) and obj.__module__ == module.__name__
-    ]
+    if declared is None:
+        return [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj)
+            and issubclass(obj, Service)
+            and obj.__module__ == module.__name__
+        ]
+    if not isinstance(declared, list | tuple):
+        raise ConfigurationError(
+            f"{module.__name__}.services must be a list of Service classes or instances"
+        )
+    for item in declared:
+        if not (isinstance(item, Service) or (inspect.isclass(item) and issubclass(item, Service))):
+            raise ConfigurationError(
+                f"{module.__name__}.services holds {item!r}: give Service classes or instances"
+            )
+    return list(declared)
 
 
-def make_broker(node_id: str | None = None, transporter: str | None = None) -> ServiceBroker:
+def make_broker(
+    node_id: str | None = None,
+    transporter: str | None = None,
+    log_level: str = DEFAULT_LOG_LEVEL,
+) -> ServiceBroker:
     transporter = transporter or os.environ.get("TRANSPORTER") or DEFAULT_TRANSPORTER
     node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
-    return ServiceBroker(node_id, settings=Settings(transporter=transporter, log_level="WARNING"))
+    settings = Settings(transporter=transporter, log_level=log_level.upper())
+    # ServiceBroker's own default version is a stale "0.14.1": it would log "MoleculerPy
+    # v0.14.1 is starting..." while 0.14.22 runs.
+    return ServiceBroker(node_id, settings=settings, version=moleculerpy.__version__)
 
 
 async def start_node(
-    targets: Iterable[str], *, node_id: str | None = None, transporter: str | None = None
-) -> ServiceBroker:
-    broker = make_broker(node_id, transporter)
-    classes = [klass for target in targets for klass in services_of(load_module(target))]
-    if not classes:
-        raise ConfigurationError("no services found in the given modules")
-    for klass in classes:
-        await broker.register(klass())
-    await broker.start()
-    return broker
+    targets: Iterable[str],
+    *,
+    node_id: str | None = None,
+    transporter: str | None = None,
+    log_level: str = DEFAULT_LOG_LEVEL,
+    join_timeout: float = JOIN_TIMEOUT,
+) -> tuple[ServiceBroker, list[Service]]:
+    """A started broker with the targets' services, and those services."""
+    found: list[Service | type[Service]] = []
+    for target in targets:
+        for item in services_of(load_module(target)):
+            if item not in found:
+                found.append(item)
+    if not found:
+        raise ConfigurationError(
+            "no services found in the given modules (define a Service subclass, "
+            "or list them in `services = [...]`)"
+        )
+    broker = make_broker(node_id, transporter, log_level)
+    services = [item if isinstance(item, Service) else item() for item in found]
+    for service in services:
+        await broker.register(service)
+    url = public_url(broker.settings.transporter)
+    with _held_back("nats") as failures:
+        try:
+            await asyncio.wait_for(broker.start(), join_timeout)
+        except TimeoutError:
+            # Not stopped: stopping a broker that never connected logs a warning to stdout,
+            # and the process ends here anyway (asyncio.run cancels the connection attempts).
+            why = f": {failures[-1]}" if failures else ""
+            raise ConfigurationError(
+                f"could not join the cluster on {url} within {join_timeout:g}s{why} "
+                "(is its server running? give another --transporter)"
+            ) from None
+        except BaseException:
+            await _stop_quietly(broker)
+            raise
+    return broker, services
 
 
-async def run_until_signalled(broker: ServiceBroker) -> None:
-    await broker.wait_for_shutdown()
+@contextmanager
+def _held_back(logger_name: str) -> Iterator[list[str]]:
+    """While joining, the NATS client logs a traceback for each failed connection attempt;
+    the caller reports the last one in one line instead."""
+    failures: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            error = record.exc_info[1] if record.exc_info else None
+            failures.append(str(error) if error else record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler, propagate = Keep(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
-def run(targets: list[str], *, node_id: str | None, transporter: str | None) -> None:
+async def _stop_quietly(broker: ServiceBroker) -> None:
+    try:
+        await asyncio.wait_for(broker.stop(), 5)
+    except Exception:
+        pass  # it did not start; what failed is what the caller reports
+
+
+# --------------------------------------------------------------------------- saying what runs
+
+
+def describe(broker: ServiceBroker, services: Iterable[Service]) -> list[str]:
+    """What the node runs, in lines for its operator: the node, then each service with its
+    event stores and aggregates and where their data lives."""
+    lines = [
+        f"node {broker.nodeID} started on {public_url(broker.settings.transporter)} "
+        f"(moleculerpy-cqrs {moleculerpy_cqrs.__version__}, MoleculerPy {moleculerpy.__version__},"
+        f" log level {broker.settings.log_level.lower()})"
+    ]
+    for service in services:
+        lines.append(f"  service {service.name}")
+        for component in components(service):
+            if isinstance(component, EventStore):
+                adapter = component.runtime(broker).adapter
+                lines.append(f"    event store {component.name}: {adapter.where()}")
+            elif isinstance(component, Aggregate):
+                runtime = component.runtime(broker)
+                source = component.event_store_name or "the local event store"
+                strategy = runtime.snapshot_strategy
+                snapshots = (
+                    f"snapshots in {Path(strategy.location_root).resolve()}"
+                    if isinstance(strategy, StoreBackup)
+                    else f"no snapshots ({strategy!r})"
+                )
+                lines.append(
+                    f"    aggregate {component.name} (fed by {source}): "
+                    f"{runtime.adapter.where()}; {snapshots}"
+                )
+    return lines
+
+
+def public_url(url: str) -> str:
+    """``url`` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextmanager
+def signalled() -> Iterator[asyncio.Future[str]]:
+    """A future that gets the name of the first SIGINT or SIGTERM this process receives
+    while the block runs (installed before the node says it is ready, so none is missed)."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[str] = loop.create_future()
+    wanted = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig.name)
+
+    for sig in wanted:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield got
+    finally:
+        for sig in wanted:
+            loop.remove_signal_handler(sig)
+
+
+def run(
+    targets: list[str],
+    *,
+    node_id: str | None,
+    transporter: str | None,
+    log_level: str = DEFAULT_LOG_LEVEL,
+    say: Callable[[str], None] | None = None,
+) -> None:
+    """Start a node, say what runs, wait for Ctrl-C or SIGTERM, stop it and say so."""
+    say = say or _say
+
     async def main() -> Any:
-        broker = await start_node(targets, node_id=node_id, transporter=transporter)
-        await run_until_signalled(broker)
+        broker, services = await start_node(
+            targets, node_id=node_id, transporter=transporter, log_level=log_level
+        )
+        with signalled() as stop:
+            for line in describe(broker, services):
+                say(line)
+            # METRICS: the --metrics-port change says "metrics endpoint:
+            # http://HOST:PORT/metrics" here (one more line, after the services).
+            say("ready; Ctrl-C or SIGTERM stops it")
+            signal_name = await stop
+        await broker.stop()
+        say(f"node {broker.nodeID} stopped ({signal_name})")
 
     asyncio.run(main())
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

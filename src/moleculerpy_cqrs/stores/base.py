@@ -94,6 +94,10 @@ class Adapter(ABC):
     async def close(self) -> None:
         """Release every connection, thread and task; idempotent. Siblings close with it."""
 
+    def where(self) -> str:
+        """Where the table lives, for people (``cqrs run`` prints it); never a password."""
+        return f"{type(self).__name__} table {self.name}"
+
     async def __aenter__(self) -> Adapter:
         await self.connect()
         return self

@@ -262,6 +262,9 @@ class MemoryAdapter(Adapter):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def where(self) -> str:
+        return f"memory of this process (gone when it stops), table {self.name}"
+
     async def connect(self) -> None:
         self._open()
         self._database.tables.setdefault(self.name, _Data())

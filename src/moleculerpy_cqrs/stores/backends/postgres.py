@@ -254,6 +254,15 @@ class PostgresAdapter(Adapter):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def where(self) -> str:
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.ProgrammingError:
+            info = {}
+        server = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}"
+        database = info.get("dbname") or info.get("user") or ""
+        return f"PostgreSQL {server}/{database}, table {self.schema}.{self.name}"
+
     async def connect(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.name!r} is closed", store=self.name)

@@ -332,6 +332,12 @@ class SqliteAdapter(Adapter):
                     await _release(database)
         await self._write(partial(_create_table, self.name, self.fields))
 
+    def where(self) -> str:
+        _, target, uri = _resolve(self._location, self.name, self._memory_key)
+        if target == ":memory:":
+            return f"SQLite in this process's memory, table {self.name}"
+        return f"SQLite {target.split('?')[0] if uri else target}, table {self.name}"
+
     async def close(self) -> None:
         if self._closed:
             return

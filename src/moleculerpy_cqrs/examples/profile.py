@@ -1,17 +1,19 @@
 """The seed's profile example: ``profile.update`` → ``profile.updated`` → a summary by country.
 
-``cqrs run examples.profile`` serves it on SQLite files under ``$CQRS_DATA`` (default
-``data``); tests and benchmarks call :func:`build` with the stores they want.
+``cqrs run profile`` serves it on SQLite files under ``$CQRS_DATA`` (default ``data``), with
+snapshots in ``$CQRS_DATA/backups``; tests and benchmarks call :func:`build` with the stores
+they want.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any
 
 from moleculerpy import Context, Service, action
 
-from moleculerpy_cqrs import Aggregate, EventStore, NoSnapshot, stores
+from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
+from moleculerpy_cqrs.examples import data_folder
 from moleculerpy_cqrs.stores import StoreFactory
 
 SUMMARY_FIELDS = {
@@ -26,21 +28,24 @@ def build(
     store: StoreFactory | None = None,
     *,
     summary_store: StoreFactory | None = None,
-    batch_size: int = 100,
+    backups: str | Path | None = None,
+    batch_size: int = 1000,
     dispatch_batch_size: int = 100,
     lease_ttl: float = 5.0,
     key: str | None = None,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
-    """The event store, the summary aggregate and the profile service, on ``store``
-    (``key="country"``: summaries of different countries are transformed concurrently)."""
-    store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
+    """The event store, the summary aggregate and the profile service, on ``store`` (default:
+    SQLite files in the data folder); snapshots go to ``backups`` (default:
+    ``<data folder>/backups``). ``key="country"``: summaries of different countries are
+    transformed concurrently."""
+    store = store or stores.sqlite(data_folder())
     events = EventStore(
         "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
     )
     summary = Aggregate(
         "profileSummaryAggregate",
         summary_store or stores.with_fields(store, SUMMARY_FIELDS),
-        snapshot=NoSnapshot,
+        snapshot=StoreBackup(backups or data_folder() / "backups"),
         batch_size=batch_size,
         lease_ttl=lease_ttl,
     ).snapshot("profileEventStore")

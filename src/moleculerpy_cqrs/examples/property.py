@@ -2,17 +2,19 @@
 
 ``propertyAggregate`` gets one row per property (``create``); ``propertySummaryAggregate``
 keeps totals per country (``update``): how many properties, how many in beach cities and how
-many in mountain towns.
+many in mountain towns. ``cqrs run property`` serves it on SQLite files under ``$CQRS_DATA``
+(default ``data``), with snapshots in ``$CQRS_DATA/backups``.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any
 
 from moleculerpy import Context, Service, action
 
-from moleculerpy_cqrs import Aggregate, EventStore, NoSnapshot, stores
+from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
+from moleculerpy_cqrs.examples import data_folder
 from moleculerpy_cqrs.stores import StoreFactory
 
 PROPERTY_FIELDS = {
@@ -34,20 +36,27 @@ MOUNTAIN_TOWNS = frozenset({"Wanaka", "Queenstown", "Ohakune", "Aspen", "Zermatt
 
 
 def build(
-    store: StoreFactory | None = None, *, batch_size: int = 100
+    store: StoreFactory | None = None,
+    *,
+    backups: str | Path | None = None,
+    batch_size: int = 100,
 ) -> tuple[EventStore, Aggregate, Aggregate, type[Service]]:
-    store = store or stores.sqlite(os.environ.get("CQRS_DATA", "data"))
+    """The event store, both aggregates and the property service, on ``store`` (default:
+    SQLite files in the data folder); snapshots go to ``backups`` (default:
+    ``<data folder>/backups``)."""
+    store = store or stores.sqlite(data_folder())
+    snapshots = StoreBackup(backups or data_folder() / "backups")
     events = EventStore("propertyEventStore", store)
     properties = Aggregate(
         "propertyAggregate",
         stores.with_fields(store, PROPERTY_FIELDS),
-        NoSnapshot,
+        snapshots,
         batch_size=batch_size,
     ).snapshot("propertyEventStore")
     summary = Aggregate(
         "propertySummaryAggregate",
         stores.with_fields(store, SUMMARY_FIELDS),
-        NoSnapshot,
+        snapshots,
         batch_size=batch_size,
     ).snapshot("propertyEventStore")
 
