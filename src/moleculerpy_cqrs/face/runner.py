@@ -80,9 +80,26 @@ async def run_until_signalled(broker: ServiceBroker) -> None:
     await broker.wait_for_shutdown()
 
 
-def run(targets: list[str], *, node_id: str | None, transporter: str | None) -> None:
+def run(
+    targets: list[str],
+    *,
+    node_id: str | None,
+    transporter: str | None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+) -> None:
     async def main() -> Any:
         broker = await start_node(targets, node_id=node_id, transporter=transporter)
-        await run_until_signalled(broker)
+        metrics = None
+        if metrics_port is not None:
+            from moleculerpy_cqrs.face.metrics import serve_metrics
+
+            metrics = serve_metrics(broker, metrics_host, metrics_port)
+            print(f"metrics on {metrics.url}", file=sys.stderr, flush=True)
+        try:
+            await run_until_signalled(broker)
+        finally:
+            if metrics is not None:
+                metrics.close()
 
     asyncio.run(main())

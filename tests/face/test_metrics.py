@@ -1,0 +1,206 @@
+"""The Prometheus endpoint of a node, scraped over real HTTP, and who holds each lease.
+
+Nodes serve the profile example on SQLite files; the endpoint is ``face.metrics`` (what
+``cqrs run --metrics-port`` starts), read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from moleculerpy import Service, ServiceBroker
+from moleculerpy.errors import MoleculerError
+from prometheus_client.parser import text_string_to_metric_families
+
+from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.face.metrics import serve_metrics
+from moleculerpy_cqrs.testing.brokers import running_broker
+from tests.profile_example import PROFILE_MODULE, build
+
+ROOT = Path(__file__).resolve().parents[2]
+STORE, AGGREGATE = "profileEventStore", "profileSummaryAggregate"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=20) as answer:
+        assert answer.status == 200
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample ``name`` whose labels include ``labels`` (exactly one must)."""
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+async def test_a_node_exposes_its_figures(tmp_path: Path) -> None:
+    events, summary, service = build(stores.sqlite(tmp_path), lease_ttl=30)
+    async with running_broker(service(), node_id="metrics-n1") as broker:
+        metrics = serve_metrics(broker, port=0)
+        try:
+            for i in range(5):
+                await broker.call("profile.update", {"name": f"p{i}", "country": "NZ"})
+            with pytest.raises(MoleculerError) as refused:
+                await broker.call("profile.update", {"name": "nul \u0000"})
+            assert refused.value.code == 422
+            await broker.call("profile.update", {"name": "no country"})  # a dead letter
+            await asyncio.wait_for(summary.runtime(broker).wait_caught_up(6), 30)
+            await asyncio.wait_for(events.runtime(broker).dispatcher.wait_settled(6), 30)
+            await broker.call("profile.$stopDispatch", {})
+            for i in range(2):  # stored, projected, not dispatched
+                await broker.call("profile.update", {"name": f"q{i}", "country": "AU"})
+            await asyncio.wait_for(summary.runtime(broker).wait_caught_up(8), 30)
+
+            samples = await asyncio.to_thread(scrape, metrics.url)
+            store_status = await broker.call(f"{STORE}.status", {})
+            aggregate_status = await broker.call(f"{AGGREGATE}.status", {})
+        finally:
+            metrics.close()
+
+    update = {"event_store": STORE, "action": "profile.update"}
+    assert value(samples, "cqrs_append_seconds_count", **update) == 8
+    assert value(samples, "cqrs_append_calls_total", **update, result="stored") == 8
+    assert value(samples, "cqrs_append_calls_total", **update, result="refused") == 1
+    assert value(samples, "cqrs_append_seconds_bucket", **update, le="+Inf") == 8
+    assert value(samples, "cqrs_append_seconds_sum", **update) > 0
+
+    es = {"event_store": STORE}
+    assert value(samples, "cqrs_event_store_head", **es) == store_status["head"] == 8
+    assert value(samples, "cqrs_events_appended_total", **es) == 8
+    assert value(samples, "cqrs_dispatcher_cursor", **es) == 6
+    assert value(samples, "cqrs_dispatcher_lag_events", **es) == 2
+    assert value(samples, "cqrs_dispatcher_state", **es, state="stopped") == 1
+    assert value(samples, "cqrs_dispatcher_state", **es, state="running") == 0
+
+    agg = {"aggregate": AGGREGATE, "event_store": STORE}
+    assert value(samples, "cqrs_aggregate_checkpoint", **agg) == aggregate_status["checkpoint"]
+    assert value(samples, "cqrs_aggregate_head", **agg) == 8
+    assert value(samples, "cqrs_aggregate_lag_events", **agg) == 0
+    assert value(samples, "cqrs_aggregate_lag_seconds", **agg) == 0
+    assert value(samples, "cqrs_aggregate_dead_letters", **agg) == 1
+    assert value(samples, "cqrs_aggregate_rows", **agg) == 2  # NZ and AU
+    assert value(samples, "cqrs_aggregate_state", **agg, state="running") == 1
+    assert value(samples, "cqrs_aggregate_lease_held", **agg) == 1
+    assert value(samples, "cqrs_aggregate_lease_holder", **agg, node="metrics-n1") == 1
+    # A stopped dispatcher gave its lease up, so that another node can take over at once.
+    assert value(samples, "cqrs_dispatcher_lease_held", **es) == 0
+    assert not [name for name, _ in samples if name == "cqrs_dispatcher_lease_holder"]
+    assert any(name == "process_cpu_seconds_total" for name, _ in samples)
+
+
+def test_cqrs_run_serves_metrics(tmp_path: Path) -> None:
+    env = {**os.environ, "CQRS_DATA": str(tmp_path)}
+    env.pop("TRANSPORTER", None)
+    command = [sys.executable, "-m", "moleculerpy_cqrs.cli", "run", PROFILE_MODULE,
+               "--metrics-port", "0", "--node-id", "run-n1"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # ends if the node exits
+            seen.append(line)
+            if found := re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", line):
+                break
+        else:
+            raise AssertionError(f"no metrics line: {''.join(seen)}")
+        samples = scrape(found[1])
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert value(samples, "cqrs_event_store_head", event_store=STORE) == 0
+    assert value(samples, "cqrs_aggregate_head", aggregate=AGGREGATE) == 0
+    assert value(samples, "cqrs_dispatcher_lease_holder", event_store=STORE, node="run-n1") == 1
+
+
+# --------------------------------------------------------------------------- two nodes
+
+
+Runtimes = tuple[ServiceBroker, Any, Any]
+
+
+@asynccontextmanager
+async def node(data: Path, url: str, node_id: str) -> AsyncIterator[Runtimes]:
+    """A node of the profile example on the shared SQLite files under ``data``: its broker,
+    its event store's runtime and its aggregate's."""
+    events, summary, service = build(stores.sqlite(data), lease_ttl=30)  # no lease lapses here
+    instance: Service = service()
+    async with running_broker(instance, transporter=url, node_id=node_id) as broker:
+        yield broker, events.runtime(broker), summary.runtime(broker)
+
+
+async def until(node: Runtimes, check: Callable[[dict[str, Any]], bool]) -> None:
+    """Until both statuses of ``node`` pass ``check`` (the workers take or wait for the
+    lease in their own time: nothing announces it)."""
+    _, store, aggregate = node
+    async with asyncio.timeout(20):
+        while True:
+            if check(await store.status()) and check(await aggregate.status()):
+                return
+            await asyncio.sleep(0.05)
+
+
+def _lease(status: dict[str, Any]) -> dict[str, Any]:
+    lease = status["dispatcher"]["lease"] if "dispatcher" in status else status["lease"]
+    return lease or {}
+
+
+async def test_status_says_which_node_holds_each_lease(tmp_path: Path, nats_url: str) -> None:
+    async with node(tmp_path, nats_url, "lease-n1") as first:
+        await until(first, lambda status: bool(_lease(status).get("mine")))
+        async with node(tmp_path, nats_url, "lease-n2") as second:
+            n1, n2 = first[0], second[0]
+            await until(second, lambda status: _lease(status).get("node") == "lease-n1")
+            await until(
+                second,
+                lambda s: bool(
+                    s["dispatcher"]["standby"] if "dispatcher" in s else s["state"] == "standby"
+                ),
+            )
+            await n1.wait_for_services([STORE, AGGREGATE], timeout=10)
+            metrics = serve_metrics(n2, port=0)
+            try:
+                samples = await asyncio.to_thread(scrape, metrics.url)
+            finally:
+                metrics.close()
+            env = {**os.environ, "COLUMNS": "200"}
+            cli = [sys.executable, "-m", "moleculerpy_cqrs.cli", "status", "-t", nats_url]
+            table = await asyncio.create_subprocess_exec(
+                *cli, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(table.communicate(), 60)
+            assert table.returncode == 0, err.decode()
+
+    rows = {line.split("│")[2].strip(): line for line in out.decode().splitlines() if "│" in line}
+    for name in (STORE, AGGREGATE):
+        *_, lease, standby = (cell.strip() for cell in rows[name].split("│")[1:-1])
+        assert (lease, standby) == ("lease-n1", "lease-n2")
+
+    # n2 stands by: it says so, and names the holder.
+    es, agg = {"event_store": STORE}, {"aggregate": AGGREGATE}
+    assert value(samples, "cqrs_dispatcher_state", **es, state="standby") == 1
+    assert value(samples, "cqrs_dispatcher_lease_held", **es) == 0
+    assert value(samples, "cqrs_dispatcher_lease_holder", **es, node="lease-n1") == 1
+    assert value(samples, "cqrs_aggregate_state", **agg, state="standby") == 1
+    assert value(samples, "cqrs_aggregate_lease_held", **agg) == 0
+    assert value(samples, "cqrs_aggregate_lease_holder", **agg, node="lease-n1") == 1
