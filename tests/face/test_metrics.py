@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -204,3 +206,80 @@ async def test_status_says_which_node_holds_each_lease(tmp_path: Path, nats_url:
     assert value(samples, "cqrs_aggregate_state", **agg, state="standby") == 1
     assert value(samples, "cqrs_aggregate_lease_held", **agg) == 0
     assert value(samples, "cqrs_aggregate_lease_holder", **agg, node="lease-n1") == 1
+
+
+# --------------------------------------------------------------------------- status --watch
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class Terminal:
+    """A pseudo-terminal's output, collected as the program writes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = ""
+        self.changed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # the program closed the terminal
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(self.fd)
+        self.text += ANSI.sub("", chunk.decode(errors="replace"))
+        self.changed.set()
+
+    async def wait_for(self, pattern: str, *, after: int = 0, within: float = 30.0) -> int:
+        """Until ``pattern`` shows after offset ``after``; answers where its match ends."""
+        async with asyncio.timeout(within):
+            while not (found := re.compile(pattern).search(self.text, after)):
+                self.changed.clear()
+                await self.changed.wait()
+        return found.end()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
+
+
+async def test_status_watch_redraws_the_table(tmp_path: Path, nats_url: str) -> None:
+    async with node(tmp_path, nats_url, "watch-n1") as (broker, _, aggregate):
+        for i in range(3):
+            await broker.call("profile.update", {"name": f"p{i}", "country": "NZ"})
+        primary, secondary = pty.openpty()
+        env = {**os.environ, "COLUMNS": "200", "LINES": "50", "TERM": "xterm"}
+        watch = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moleculerpy_cqrs.cli", "status", "--watch",
+            "--interval", "0.2", "-t", nats_url,
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
+        )  # fmt: skip
+        os.close(secondary)
+        terminal = Terminal(primary)
+        try:
+            seen = await terminal.wait_for(rf"{STORE}\s*│\s*3\s*│")
+            for i in range(2):  # the next redraws show them
+                await broker.call("profile.update", {"name": f"q{i}", "country": "AU"})
+            await aggregate.wait_caught_up(5)
+            await terminal.wait_for(rf"{AGGREGATE}\s*│\s*5\s*│\s*5\s*│", after=seen)
+            watch.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(watch.wait(), 20) == 130
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+                await watch.wait()
+            terminal.close()
+    assert "Traceback" not in terminal.text
+    assert "watch-n1" in terminal.text  # the lease column
+
+
+def test_watch_and_json_do_not_mix() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "moleculerpy_cqrs.cli", "status", "--watch", "--json",
+         "-t", "nats://127.0.0.1:4222"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == "error: --watch draws a live table; leave out --json"
