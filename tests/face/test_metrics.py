@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -283,3 +284,19 @@ def test_watch_and_json_do_not_mix() -> None:
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.strip() == "error: --watch draws a live table; leave out --json"
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "moleculerpy_cqrs.cli", "run", PROFILE_MODULE,
+             "--metrics-port", str(port)],
+            cwd=ROOT, env={**os.environ, "CQRS_DATA": str(tmp_path)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"error: cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -94,7 +94,13 @@ def run(
         if metrics_port is not None:
             from moleculerpy_cqrs.face.metrics import serve_metrics
 
-            metrics = serve_metrics(broker, metrics_host, metrics_port)
+            try:
+                metrics = serve_metrics(broker, metrics_host, metrics_port)
+            except OSError as error:
+                await broker.stop()
+                raise ConfigurationError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}"
+                ) from None
             print(f"metrics on {metrics.url}", file=sys.stderr, flush=True)
         try:
             await run_until_signalled(broker)
