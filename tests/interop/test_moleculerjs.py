@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from moleculerpy import ServiceBroker
+from moleculerpy import Context, Service, ServiceBroker, event
 
 from moleculerpy_cqrs import stores
 from moleculerpy_cqrs.testing.brokers import running_broker
@@ -110,12 +110,27 @@ async def until_subscribed(
         broker.local_bus.off("$node.*", on_change)
 
 
+class PyWatcher(Service):
+    """A Python subscriber beside the Node one: each service hears each event once."""
+
+    name = "pyWatcher"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heard: Counter[int] = Counter()
+
+    @event(name="profile.updated")
+    async def on_updated(self, ctx: Context) -> None:
+        self.heard[int(ctx.params["id"])] += 1
+
+
 async def test_a_moleculerjs_node_on_the_same_cluster(
     tmp_path: Path, nats_url: str, node_dir: Path
 ) -> None:
     events, summary, service = build(stores.sqlite(tmp_path))
+    watcher = PyWatcher()
     async with (
-        running_broker(service(), transporter=nats_url, node_id="py-node") as broker,
+        running_broker(service(), watcher, transporter=nats_url, node_id="py-node") as broker,
         js_node(node_dir, nats_url, UPDATES) as js,
     ):
         assert await js.receive("started") == JS_NODE
@@ -136,6 +151,7 @@ async def test_a_moleculerjs_node_on_the_same_cluster(
                                    "student": True}  # fmt: skip
     # Each stored event reached the Moleculer.js subscriber exactly once.
     assert {int(k): v for k, v in report["heard"].items()} == dict.fromkeys(ids, 1)
+    assert dict(watcher.heard) == dict.fromkeys(ids, 1)  # and the Python one too
     assert report["eventStore"]["dispatcher"]["lag"] == 0
 
     per_country = Counter(COUNTRIES[i % 3] for i in range(UPDATES))
