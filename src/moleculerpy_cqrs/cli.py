@@ -48,6 +48,15 @@ def run(
     transporter: Transporter = None,
     node_id: NodeId = None,
     log_level: LogLevel = "warning",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="serve Prometheus metrics on this port (0: any free port)"
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="address the metrics endpoint listens on")
+    ] = "127.0.0.1",
 ) -> None:
     """Start a node with the services of the given modules (like moleculer-runner); it says
     what it started, and stops cleanly on Ctrl-C or SIGTERM."""
@@ -61,7 +70,16 @@ def run(
             options.log_level(log_level),
         )
     )
-    _guard(lambda: run_node(modules, transporter=url, node_id=node, log_level=level))
+    _guard(
+        lambda: run_node(
+            modules,
+            transporter=url,
+            node_id=node,
+            log_level=level,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+    )
 
 
 @app.command()
@@ -125,12 +143,23 @@ AggregateName = Annotated[str, typer.Argument(help="the aggregate's name", show_
 
 
 @app.command()
-def status(transporter: Transporter = None, timeout: Timeout = 10.0, as_json: Json = False) -> None:
+def status(
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    as_json: Json = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="redraw the table until Ctrl-C")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between redraws with --watch")
+    ] = 2.0,
+) -> None:
     """A table of every event store and aggregate in the cluster: head, checkpoint, lag,
-    state, dead letters."""
+    state, dead letters, the node holding each lease and the nodes standing by."""
     from moleculerpy_cqrs.face import operator
 
-    _operate(lambda: operator.status(_options(transporter, timeout, as_json)))
+    options = _options(transporter, timeout, as_json)
+    _operate(lambda: operator.status(options, watch=watch, interval=interval))
 
 
 @app.command()

@@ -240,14 +240,15 @@ def test_status_lists_every_event_store_and_aggregate_with_its_head(node: Node) 
 
     assert table.code == 0, table
     for name in EVENT_STORES:
-        kind, _, head, cursor, *_ = row_of(table.out, name)
+        kind, _, head, cursor, *_, lease, standby = row_of(table.out, name)
         assert (kind, int(head)) == ("event store", expected[name]["head"])
+        assert (lease, standby) == (NODE_ID, "-")
         assert int(cursor) == expected[name]["dispatcher"]["cursor"]
     for name in AGGREGATES:
-        kind, _, head, checkpoint, lag, _, state, dead, nodes = row_of(table.out, name)
+        kind, _, head, checkpoint, lag, _, state, dead, lease, standby = row_of(table.out, name)
         assert (kind, int(head), int(checkpoint)) == ("aggregate", expected[name]["head"],
                                                       expected[name]["checkpoint"])  # fmt: skip
-        assert (lag, state, nodes) == ("0", "running", NODE_ID)
+        assert (lag, state, lease, standby) == ("0", "running", NODE_ID, "-")
         assert int(dead) == expected[name]["deadLetters"]
     assert expected["profileEventStore"]["head"] >= PROFILES
 

@@ -13,6 +13,7 @@ from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, 
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions
+from moleculerpy_cqrs.broker.timings import append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
@@ -98,8 +99,7 @@ class EventStore:
         store = self
         allowed = set(params) if params and strict else None
 
-        @action(name=action_name, params=dict(params) if params else None)
-        async def handler(service: Any, ctx: Context) -> dict[str, Any]:
+        async def save(service: Any, ctx: Context) -> dict[str, Any]:
             payload = ctx.params if ctx.params is not None else {}
             if not isinstance(payload, dict):
                 raise InvalidInput("params must be an object")
@@ -127,6 +127,12 @@ class EventStore:
                     f"could not save {event_name}: {error}", store=store.name
                 ) from error
             return answer(row, tuple(store.extra_fields))
+
+        @action(name=action_name, params=dict(params) if params else None)
+        async def handler(service: Any, ctx: Context) -> dict[str, Any]:
+            timings = append_timings(service.broker)
+            with timings.measure(store.name, f"{service.name}.{action_name}"):
+                return await save(service, ctx)
 
         handler.__name__ = f"cqrs_map_action_{action_name}"
         return handler

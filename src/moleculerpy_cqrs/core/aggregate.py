@@ -140,4 +140,5 @@ class AggregateRuntime:
             "rows": await self.adapter.count(Query()),
             "replay": self.maintenance.replay_progress.public() if self.maintenance else None,
             "lastPauseMs": self.maintenance.last_pause_ms if self.maintenance else None,
+            "lease": await p.lease.holder() if p and p.lease else None,
         }

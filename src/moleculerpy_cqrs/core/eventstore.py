@@ -55,8 +55,8 @@ class EventStoreRuntime:
         """Fresh parts around a fresh adapter (an adapter is not reopened once closed)."""
         self.adapter = self._make_adapter()
         self.committer = GroupCommitter(self.adapter, self._committed)
-        lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
-        self.dispatcher = Dispatcher(self.adapter, self.port, lease=lease, **self._dispatch)
+        self.lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
+        self.dispatcher = Dispatcher(self.adapter, self.port, lease=self.lease, **self._dispatch)
         self.closed = False
 
     async def start(self, *, dispatch: bool = True) -> None:
@@ -160,6 +160,7 @@ class EventStoreRuntime:
                 "delivered": d.delivered,
                 "failed": d.failed,
                 "lastError": d.last_error,
+                "lease": await self.lease.holder(),
             },
         }
 

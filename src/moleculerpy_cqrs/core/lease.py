@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from moleculerpy_cqrs.stores.base import Adapter
 
@@ -68,3 +68,17 @@ class Lease:
             current = await self.adapter.get_meta(self.key)
             if isinstance(current, dict) and current.get("owner") == self.owner:
                 await self.adapter.set_meta(self.key, None)
+
+    async def holder(self) -> dict[str, Any] | None:
+        """Who holds the lease, for status: the holder's node id, whether it is this very
+        lease, and the seconds left (negative once it lapsed: the holder went idle, and the
+        next node with work takes it). None when nobody took it or it was given up."""
+        current = await self.adapter.get_meta(self.key)
+        if not isinstance(current, dict) or not current.get("owner"):
+            return None
+        owner = str(current["owner"])
+        return {
+            "node": owner.rpartition("/")[0] or owner,
+            "mine": owner == self.owner,
+            "expiresIn": round(float(current.get("until", 0)) - time.time(), 3),
+        }

@@ -5,6 +5,7 @@ work wherever the package is installed.
   country).
 - ``property``: ``property.create`` → ``property.created`` → ``propertyAggregate`` (one row per
   property) and ``propertySummaryAggregate`` (totals per country).
+- ``web``: an HTTP gateway (moleculerpy-web, the ``web`` extra) in front of ``profile``.
 
 Both keep their SQLite files in ``$CQRS_DATA`` (default ``data``, relative to the working
 folder) and their snapshots in ``$CQRS_DATA/backups``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-NAMES = ("profile", "property")
+NAMES = ("profile", "property", "web")
 """What ``cqrs run NAME`` finds here before looking for a module of that name."""
 
 

@@ -27,10 +27,12 @@ from typing import Any, Final, Literal
 
 from moleculerpy import ServiceBroker, Settings
 from moleculerpy.errors import MoleculerError, RequestTimeoutError
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from moleculerpy_cqrs.broker import compat
 
@@ -311,14 +313,15 @@ def _size(size: Any) -> str:
 # --------------------------------------------------------------------------- status
 
 
-async def status(options: Options) -> None:
+async def status(options: Options, *, watch: bool = False, interval: float = 2.0) -> None:
+    if watch and options.as_json:
+        raise OperatorError("--watch draws a live table; leave out --json")
     async with session(options) as s:
         await s.discover()
-        found = s.cqrs_services()
-        answers = await asyncio.gather(
-            *(s.call(f"{f.name}.status", {}) for f in found), return_exceptions=True
-        )
-    rows = sorted(zip(found, answers, strict=True), key=_status_order)
+        if watch:
+            await _watch_status(s, interval)
+            return
+        rows = await _status_rows(s)
     if options.as_json:
         print_json(
             {
@@ -327,11 +330,40 @@ async def status(options: Options) -> None:
             }
         )
     else:
-        _print_status(rows)
+        table, notes = status_table(rows)
+        console = _stdout()
+        console.print(table)
+        for note in notes:
+            console.print(escape(note), soft_wrap=True)
     failures = [a for _, a in rows if isinstance(a, BaseException)]
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise OperatorError(f"{failures[0]}{more}")
+
+
+async def _status_rows(s: Session) -> list[tuple[Found, Any]]:
+    found = s.cqrs_services()
+    answers = await asyncio.gather(
+        *(s.call(f"{f.name}.status", {}) for f in found), return_exceptions=True
+    )
+    return sorted(zip(found, answers, strict=True), key=_status_order)
+
+
+async def _watch_status(s: Session, interval: float) -> None:
+    """Redraw the status table every ``interval`` seconds until interrupted; services
+    that appear or go away meanwhile come and go in the table."""
+    console = _stdout()
+
+    def render(rows: list[tuple[Found, Any]]) -> Group:
+        table, notes = status_table(rows)
+        stamp = datetime.now().strftime("%H:%M:%S")
+        table.caption = f"every {interval:g}s, last {stamp}; Ctrl-C ends"
+        return Group(table, *(Text(note) for note in notes))
+
+    with Live(render(await _status_rows(s)), console=console, auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(interval)
+            live.update(render(await _status_rows(s)), refresh=True)
 
 
 def _status_order(row: tuple[Found, Any]) -> tuple[str, int, str]:
@@ -351,27 +383,38 @@ def _status_row(found: Found, answer: Any) -> dict[str, Any]:
     return row
 
 
-def _print_status(rows: list[tuple[Found, Any]]) -> None:
-    console = _stdout()
+def _lease_cells(found: Found, lease: Any) -> tuple[str, str]:
+    """The node that holds (or last held) the lease, and the other nodes running the
+    service: they stand by and take over once the lease lapses."""
+    holder = str(lease["node"]) if isinstance(lease, dict) and lease.get("node") else None
+    standby = [node for node in found.nodes if node != holder]
+    return holder or "-", ", ".join(standby) or "-"
+
+
+def status_table(rows: list[tuple[Found, Any]]) -> tuple[Table, list[str]]:
+    """The status table, and the notes (last errors) to print under it."""
     table = Table(title="cqrs status")
     numbers = ("head", "checkpoint/cursor", "lag (events)", "lag (s)", "dead letters")
-    for column in ("kind", "name", *numbers[:4], "state", numbers[4], "nodes"):
+    for column in ("kind", "name", *numbers[:4], "state", numbers[4], "lease", "standby"):
         right = column in numbers
         table.add_column(column, justify="right" if right else "left", no_wrap=not right)
     notes: list[str] = []
     for f, answer in rows:
-        nodes = ", ".join(f.nodes)
         if isinstance(answer, BaseException):
-            table.add_row(f.kind, f.name, "-", "-", "-", "-", "[red]unreachable[/]", "-", nodes)
+            nodes = ", ".join(f.nodes)
+            table.add_row(
+                f.kind, f.name, "-", "-", "-", "-", "[red]unreachable[/]", "-", "-", nodes
+            )  # fmt: skip
             continue
         if f.kind == "event store":
             d = answer.get("dispatcher") or {}
+            lease, standby = _lease_cells(f, d.get("lease"))
             state = "standby" if d.get("standby") else "running" if d.get("running") else "stopped"
             if d.get("failed"):
                 state += f" ({d['failed']} failed)"
             table.add_row(
                 "event store", f.name, _cell(answer.get("head")), _cell(d.get("cursor")),
-                _cell(d.get("lag")), "-", state, "-", nodes,
+                _cell(d.get("lag")), "-", state, "-", lease, standby,
             )  # fmt: skip
             if d.get("lastError"):
                 notes.append(f"{f.name}: dispatcher's last error: {d['lastError']}")
@@ -384,17 +427,16 @@ def _print_status(rows: list[tuple[Found, Any]]) -> None:
             if replay.get("state") in ("running", "swapping"):
                 state += f", replaying {replay.get('done', 0)}/{replay.get('total', 0)}"
             seconds = lag.get("seconds")
+            lease, standby = _lease_cells(f, answer.get("lease"))
             table.add_row(
                 "aggregate", f.name, _cell(answer.get("head")), _cell(answer.get("checkpoint")),
                 _cell(lag.get("events")),
                 f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
-                state, _cell(answer.get("deadLetters")), nodes,
+                state, _cell(answer.get("deadLetters")), lease, standby,
             )  # fmt: skip
             if answer.get("lastError"):
                 notes.append(f"{f.name}: last error: {answer['lastError']}")
-    console.print(table)
-    for note in notes:
-        console.print(escape(note), soft_wrap=True)
+    return table, notes
 
 
 # --------------------------------------------------------------------------- snapshots

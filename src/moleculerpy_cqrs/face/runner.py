@@ -274,6 +274,8 @@ def run(
     transporter: str | None,
     log_level: str = DEFAULT_LOG_LEVEL,
     say: Callable[[str], None] | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Start a node, say what runs, wait for Ctrl-C or SIGTERM, stop it and say so."""
     say = say or _say
@@ -282,13 +284,27 @@ def run(
         broker, services = await start_node(
             targets, node_id=node_id, transporter=transporter, log_level=log_level
         )
-        with signalled() as stop:
-            for line in describe(broker, services):
-                say(line)
-            # METRICS: the --metrics-port change says "metrics endpoint:
-            # http://HOST:PORT/metrics" here (one more line, after the services).
-            say("ready; Ctrl-C or SIGTERM stops it")
-            signal_name = await stop
+        metrics = None
+        if metrics_port is not None:
+            from moleculerpy_cqrs.face.metrics import serve_metrics
+
+            try:
+                metrics = serve_metrics(broker, metrics_host, metrics_port)
+            except OSError as error:
+                await broker.stop()
+                raise ConfigurationError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}"
+                ) from None
+        try:
+            with signalled() as stop:
+                for line in describe(broker, services):
+                    say(line)
+                say(f"metrics on {metrics.url}" if metrics else "metrics: off (--metrics-port)")
+                say("ready; Ctrl-C or SIGTERM stops it")
+                signal_name = await stop
+        finally:
+            if metrics is not None:
+                metrics.close()
         await broker.stop()
         say(f"node {broker.nodeID} stopped ({signal_name})")
 
