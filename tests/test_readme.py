@@ -52,9 +52,9 @@ def test_the_quickstart_runs_and_does_what_it_says(tmp_path: Path) -> None:
 
 
 def command_block() -> str:
-    """The README's block of ``cqrs`` commands (the one that starts a node)."""
+    """The README's block of operator commands (the one that exports TRANSPORTER)."""
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
-                if "cqrs run" in b]  # fmt: skip
+                if "export TRANSPORTER" in b]  # fmt: skip
     return str(block)
 
 

@@ -202,6 +202,7 @@ def test_a_node_says_what_it_started_and_that_it_stopped(
         "    aggregate profileSummaryAggregate (fed by profileEventStore): SQLite "
         f"{profile_data}/profileSummaryAggregate.sqlite3, table profileSummaryAggregate; "
         f"snapshots in {profile_data}/backups",
+        "metrics: off (--metrics-port)",
         "ready; Ctrl-C or SIGTERM stops it",
     ]
     assert out == f"node bank-1 stopped ({sig.name})\n"
