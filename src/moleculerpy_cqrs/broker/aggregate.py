@@ -73,6 +73,9 @@ class Aggregate:
     one memory database or one SQLite file, appends wait for each such transaction).
     ``lease_ttl``: when several nodes serve this aggregate on one database, one projects and
     the others take over within this many seconds after it stops or dies.
+    ``write_actions``: serve moleculer-db's ``create``/``insert``/``update``/``remove`` as the
+    Go library does. Off by default (they answer 405 ``ReadOnlyAggregateError``): rows written
+    through them are not events, so a replay (and a restore's catch-up) drops them.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class Aggregate:
         replay_batch_size: int = 1000,
         lease_ttl: float = DEFAULT_TTL,
         settings: Mapping[str, Any] | None = None,
+        write_actions: bool = False,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
@@ -102,6 +106,7 @@ class Aggregate:
         self.replay_batch_size = replay_batch_size
         self.lease_ttl = lease_ttl
         self.settings = dict(settings or {})
+        self.write_actions = write_actions
         self.bindings: list[Binding] = []
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
             weakref.WeakKeyDictionary()
@@ -175,8 +180,11 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     """The ``<aggregate>`` service: store actions, ``status``, ``snapshot``, ``snapshots``,
     ``restore``, ``replay``, ``deadLetters``, ``retryDeadLetters``."""
 
-    def __init__(self, name: str, runtime: AggregateRuntime, event_store: str) -> None:
+    def __init__(
+        self, name: str, runtime: AggregateRuntime, event_store: str, *, write_actions: bool
+    ) -> None:
         super().__init__(name=name)
+        self.write_actions = write_actions
         self.runtime = runtime
         self.port = runtime.port
         self.event_store = event_store
@@ -345,5 +353,7 @@ def _aggregate_service(
         service.on_appended()
 
     klass = type(f"{aggregate.name}Service", (AggregateServiceBase,), {"cqrs_appended": appended})
-    service: AggregateServiceBase = klass(aggregate.name, runtime, event_store)
+    service: AggregateServiceBase = klass(
+        aggregate.name, runtime, event_store, write_actions=aggregate.write_actions
+    )
     return service

@@ -173,7 +173,15 @@ class EventStoreRuntime:
             encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError) as error:
             raise InvalidInput(f"the payload must be JSON: {error}", field="payload") from None
-        size = len(encoded.encode())
+        try:
+            size = len(encoded.encode())
+        except UnicodeEncodeError as error:
+            bad = encoded[error.start : error.end]
+            raise InvalidInput(
+                f"the payload holds a lone surrogate ({', '.join(f'U+{ord(c):04X}' for c in bad)}),"
+                " which is not text: send the character itself or a complete surrogate pair",
+                field="payload",
+            ) from None
         if size > self.max_payload_bytes:
             raise InvalidInput(
                 f"the payload is {size} bytes; the limit is {self.max_payload_bytes} "
@@ -186,11 +194,7 @@ class EventStoreRuntime:
 
     def _clean_meta(self, meta: Mapping[str, Any] | None) -> dict[str, Any]:
         out = {k: v for k, v in (meta or {}).items() if k not in _PRIVATE_META}
-        try:
-            json.dumps(out, allow_nan=False)
-        except (TypeError, ValueError):
-            return {k: v for k, v in out.items() if _is_json(v)}
-        return out
+        return out if _is_json(out) else {k: v for k, v in out.items() if _is_json({k: v})}
 
 
 async def until_ready(ready: asyncio.Event, name: str) -> None:
@@ -207,8 +211,9 @@ async def until_ready(ready: asyncio.Event, name: str) -> None:
 
 
 def _is_json(value: Any) -> bool:
+    """Whether ``value`` can be stored as JSON text (lone surrogates cannot: not UTF-8)."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
         return False
     return True

@@ -71,6 +71,16 @@ class _PgDialect(Dialect):
     def like(self, column: str, negate: bool) -> str:
         return f"{column} {'NOT ' if negate else ''}LIKE %s ESCAPE '\\'"
 
+    def in_list(self, column: str, kind: FieldType | None, negate: bool, count: int) -> str:
+        # One array parameter: an IN of placeholders stops at 65,535 bound parameters.
+        array = "bigint" if kind is None else _COLUMN_TYPES[kind].split()[0]
+        if negate:
+            return f"{column} <> ALL(%s::{array}[])"
+        return f"{column} = ANY(%s::{array}[])"
+
+    def in_params(self, kind: FieldType | None, values: list[Any]) -> list[Any]:
+        return [values]
+
     def contains_ci(self, column: str) -> str:
         # ASCII-only folding, exactly as query.ascii_lower (lower() would fold more).
         return f"translate({column}, '{_UPPER}', '{_UPPER.lower()}') LIKE %s ESCAPE '\\'"
