@@ -605,6 +605,10 @@ async def test_an_answer_too_large_for_nats_fails_at_once_and_says_how_to_page(
     assert error.data["size"] > error.data["limit"] == 1_048_576
     assert "limit and offset" in error.message
     assert "page and pageSize" in error.message
+    # params too large to send are the caller's error too, also at once
+    entities = [{"text": "y" * 400_000} for _ in range(3)]
+    with pytest.raises(InvalidInput, match=r"params of bigAggregate\.insert are too large"):
+        await asyncio.wait_for(client.call("bigAggregate.insert", {"entities": entities}), 5)
     # and the node goes on serving: a page of it fits
     page = await client.call("bigAggregate.list", {"page": 2, "pageSize": 2, "fields": ["id"]})
     assert [r["id"] for r in page["rows"]] == [3, 4]

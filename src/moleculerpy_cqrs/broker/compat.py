@@ -590,11 +590,7 @@ class _Compat:
                 size: int | None = len(json.dumps(response["data"], default=str).encode())
             except Exception:
                 size = None
-            nc = getattr(getattr(self.transit, "transporter", None), "nc", None)
-            limit = getattr(nc, "max_payload", None)
-            replacement = errors.ResponseTooLargeError(
-                action_name, size, limit if isinstance(limit, int) else None
-            )
+            replacement = errors.ResponseTooLargeError(action_name, size, self._max_payload())
         else:
             replacement = MoleculerError(
                 f"the answer of {action_name} could not be sent: {error!r}",
@@ -655,6 +651,10 @@ class _Compat:
             # Only transit's own wait raises the builtin; remote errors arrive as MoleculerErrors.
             effective = limit or endpoint.timeout or self.transit.settings.request_timeout
             raise RequestTimeoutError(str(endpoint.name), effective) from None
+        except Exception as error:
+            if _too_large(error):
+                raise self._params_too_large(str(endpoint.name)) from None
+            raise
 
     async def request_without_endpoint(
         self,
@@ -668,6 +668,24 @@ class _Compat:
         except TimeoutError:
             effective = limit or self.transit.settings.request_timeout
             raise RequestTimeoutError(action_name, effective) from None
+        except Exception as error:
+            if _too_large(error):
+                raise self._params_too_large(action_name) from None
+            raise
+
+    def _params_too_large(self, action_name: str) -> errors.InvalidInput:
+        limit = self._max_payload()
+        most = f" (at most {limit} bytes)" if limit is not None else ""
+        return errors.InvalidInput(
+            f"the params of {action_name} are too large for the transporter{most}: "
+            "send less in one call, e.g. insert entities a few at a time",
+            field="params",
+        )
+
+    def _max_payload(self) -> int | None:
+        nc = getattr(getattr(self.transit, "transporter", None), "nc", None)
+        limit = getattr(nc, "max_payload", None)
+        return limit if isinstance(limit, int) else None
 
     # ------------------------------------------------------------------ late services
 
