@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from moleculerpy import Service
 
-from moleculerpy_cqrs import Aggregate, EventStore, ReadOnlyAggregateError, stores
+from moleculerpy_cqrs import Aggregate, EventStore, InvalidInput, ReadOnlyAggregateError, stores
 from moleculerpy_cqrs.testing.brokers import running_broker
 
 WRITES: list[tuple[str, dict[str, Any]]] = [
@@ -72,3 +72,17 @@ async def test_write_actions_opt_in_serves_moleculer_db_writes() -> None:
     assert (updated["id"], updated["name"]) == (created["id"], "c")
     assert removed["deletedCount"] == 1
     assert [(r["id"], r["name"]) for r in rows] == [(created["id"], "c")]
+
+
+async def test_the_log_cannot_be_rewritten_through_the_snapshot_actions() -> None:
+    _, service = _service(write_actions=None)
+    async with running_broker(service) as broker:
+        stored = await broker.call("notes.add", {"name": "from the log"})
+        with pytest.raises(InvalidInput, match="not a snapshot event"):
+            await broker.call(
+                "noteEventStore.settleSnapshot",
+                {"id": stored["id"], "payload": {"name": "rewritten"}, "error": None},
+            )
+        after = await broker.call("noteEventStore.get", {"id": stored["id"]})
+    assert after["payload"] == {"name": "from the log"}
+    assert (after["eventType"], after["event"]) == (0, "note.added")

@@ -113,6 +113,14 @@ class EventStoreRuntime:
         self, event_id: int, payload: dict[str, Any], error: str | None
     ) -> Record:
         """Mark a snapshot event completed (2) or failed (3, with the error)."""
+        # The action that calls this is open to any client: it must never rewrite a command.
+        current = await self.adapter.get(event_id)
+        if current is None or not _is_snapshot(current):
+            raise InvalidInput(
+                f"event {event_id} is not a snapshot event: only a '<aggregate>.snapshot' "
+                "event recorded by recordSnapshot can be settled",
+                field="id",
+            )
         kind = EventType.SNAPSHOT_FAILED if error else EventType.SNAPSHOT_COMPLETED
         row = await self.adapter.update(
             event_id,
@@ -208,6 +216,15 @@ async def until_ready(ready: asyncio.Event, name: str) -> None:
         raise StoreError(
             f"{name} is not running (it did not start within {READY_TIMEOUT:g}s)", store=name
         ) from None
+
+
+def _is_snapshot(row: Record) -> bool:
+    snapshot_kinds = (
+        EventType.SNAPSHOT_CREATED,
+        EventType.SNAPSHOT_COMPLETED,
+        EventType.SNAPSHOT_FAILED,
+    )
+    return row.get("eventType") in snapshot_kinds and str(row.get("event")).endswith(".snapshot")
 
 
 def _is_json(value: Any) -> bool:
