@@ -205,3 +205,14 @@ async def test_an_operator_object_as_a_command_field_cannot_reach_other_rows(
     assert [(r["country"], r["total"]) for r in rows] == [("AT", 1), ("AU", 1)]
     assert [d["eventId"] for d in dead["rows"]] == [evil["id"]]
     assert "equality filter" in dead["rows"][0]["error"]
+
+
+async def test_meta_that_is_not_text_is_left_out_and_the_command_stored(
+    make_store: MakeStore,
+) -> None:
+    *_, service = _services(make_store)
+    async with running_broker(service) as broker:
+        meta = {"who": "\ud83d", "ok": "yes", "also": ["\udc00"]}
+        saved = await broker.call("users.note", {"n": 1}, meta=meta)
+        stored = await broker.call("userEventStore.get", {"id": saved["id"]})
+    assert stored["meta"] == {"ok": "yes"}
