@@ -32,6 +32,7 @@ STORE_ACTIONS = ["find", "count", "list", "get", "create", "insert", "update", "
 ACTIONS = (
     [f"hostileAggregate.{a}" for a in STORE_ACTIONS]
     + [f"readOnlyAggregate.{a}" for a in STORE_ACTIONS]
+    + ["hostileAggregate.deadLetters", "hostileAggregate.retryDeadLetters"]
     + [f"hostileEventStore.{a}" for a in ("find", "count", "list", "get", "read")]
     + ["hostile.note", "hostile.register"]
 )
@@ -40,7 +41,7 @@ ACTIONS = (
 
 WORDS = [
     *FIELDS, "id", "query", "sort", "limit", "offset", "fields", "search", "searchFields",
-    "page", "pageSize", "entity", "entities", "after", "name", "age",
+    "page", "pageSize", "entity", "entities", "after", "name", "age", "ids",
     "=", "!=", "<>", ">", ">=", "<", "<=", "$gt", "$in", "like", "not like", "in", "not in",
     "between", "not between", "or", "and", "$or",
 ]  # fmt: skip

@@ -90,6 +90,8 @@ async def test_bad_commands_are_refused_and_store_nothing(
         ("userAggregate.list", {"page": 2**70}, "page"),
         ("userAggregate.get", {"id": 2**63}, "id"),
         ("userAggregate.get", {"id": [1, 2**64]}, "id"),
+        ("userAggregate.retryDeadLetters", {"ids": [2**64]}, "id"),
+        ("userAggregate.deadLetters", {"page": 2**63}, "page"),
         ("userAggregate.find", {"query": {"id": {"in": [2**64]}}}, "id"),
         ("userAggregate.find", {"query": {"age": {">": 2**63}}}, "64-bit"),
         ("userAggregate.find", {"query": {"score": {">": 10**400}}}, "float range"),
@@ -147,7 +149,13 @@ async def test_an_in_list_beyond_postgresqls_bind_parameters_is_answered(
     many = list(range(1, 70_001))
     async with running_broker(service) as broker:
         for age in (5, 70_000, 80_000):
-            await broker.call("userAggregate.create", {"name": f"u{age}", "age": age})
+            await broker.call(
+                "userAggregate.create", {"name": f"u{age}", "age": age, "score": age / 2}
+            )
+        scores = await broker.call(
+            "userAggregate.count", {"query": {"score": {"in": [i / 2 for i in many]}}}
+        )
+        ids = await broker.call("userAggregate.count", {"query": {"id": {"not in": many}}})
         found = await broker.call(
             "userAggregate.find", {"query": {"age": {"in": many}}, "sort": "age"}
         )
@@ -158,6 +166,8 @@ async def test_an_in_list_beyond_postgresqls_bind_parameters_is_answered(
     assert [r["age"] for r in found] == [5, 70_000]
     assert not_in == 1
     assert names == 2
+    assert scores == 2
+    assert ids == 0
 
 
 async def test_hostile_strings_are_stored_verbatim(make_store: MakeStore) -> None:

@@ -26,6 +26,7 @@ from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
+from moleculerpy_cqrs.stores.fields import check_id
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
         ):
             raise InvalidInput("ids must be a list of dead-letter ids", field="ids")
+        if ids is not None:
+            ids = [check_id(i) for i in ids]  # 64-bit, as every store holds them
         projector = self.runtime.projector
         if projector is None:
             raise InvalidInput(f"the projector of {self.name!r} is not running yet")
