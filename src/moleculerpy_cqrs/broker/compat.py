@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from moleculerpy.registry import Action, Event
     from moleculerpy.service import Service
 
-__all__ = ["broadcast", "emit", "install", "is_installed"]
+__all__ = ["broadcast", "emit", "install", "is_client_error", "is_installed", "remote_error"]
 
 _STATE_ATTR = "_moleculerpy_cqrs_compat"
 
