@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
@@ -48,7 +49,7 @@ MAX_INT: Final = 2**63 - 1
 """The largest integer every backend stores (SQLite INTEGER, PostgreSQL BIGINT)."""
 _MAX_INT: Final = MAX_INT
 _MAX_JSON_DEPTH: Final = 200
-_MAX_FLOAT_INT: Final = 2**1023 * (2 - 2**-52)  # the largest finite float, exactly
+_MAX_FLOAT_INT: Final = int(sys.float_info.max)
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _ASCII_DIGITS: Final = re.compile("[0-9]+")
 
