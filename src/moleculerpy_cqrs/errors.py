@@ -189,5 +189,8 @@ def restore(plain: dict[str, Any]) -> MoleculerError | None:
 
 
 def _short(value: Any, limit: int = 200) -> Any:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(nested too deeply to show)"
     return value if len(text) <= limit else text[:limit] + "..."

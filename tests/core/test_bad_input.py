@@ -14,6 +14,14 @@ from moleculerpy_cqrs.stores import with_fields
 from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.core.conftest import MakeStore
 
+
+def _deep(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 HOSTILE = ["'; DROP TABLE profileEventStore; --", 'x" OR 1=1 --', "Robert'); --", "%_\\"]
 
 
@@ -53,6 +61,7 @@ async def _stored(broker: Any) -> int:
         ("users.note", {"emoji": "\ud83d"}, "lone surrogate"),
         ("users.note", {"\udc00key": 1}, "lone surrogate"),
         ("users.note", {"deep": [{"text": "ok \ud83d\ude00 then \ud83d"}]}, "U+D83D"),
+        ("users.note", {"deep": _deep(100_000)}, "nests too deeply"),
     ],
 )
 async def test_bad_commands_are_refused_and_store_nothing(
@@ -113,6 +122,9 @@ async def test_bad_commands_are_refused_and_store_nothing(
         ("userAggregate.count", {"age": {">": 1}}, "under query"),
         ("userAggregate.list", {"name": ["Ann"]}, "equality filter"),
         ("userAggregate.find", {"id": {"in": [1]}}, "equality filter"),
+        ("userAggregate.find", {"query": _deep(100_000)}, "must be an object"),
+        ("userAggregate.find", {"query": {"name": {"in": _deep(100_000)}}}, "not a value"),
+        ("userAggregate.get", {"id": _deep(100_000)}, "id"),
         # queries too big for some backend are refused alike on all of them
         ("userAggregate.find", {"query": {"or": [{"age": i} for i in range(501)]}}, "at most"),
         ("userAggregate.find", {"query": {"name": {"like": "%" * 20_000}}}, "like pattern"),

@@ -181,6 +181,8 @@ class EventStoreRuntime:
             encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError) as error:
             raise InvalidInput(f"the payload must be JSON: {error}", field="payload") from None
+        except RecursionError:
+            raise InvalidInput("the payload nests too deeply", field="payload") from None
         try:
             size = len(encoded.encode())
         except UnicodeEncodeError as error:
@@ -231,6 +233,6 @@ def _is_json(value: Any) -> bool:
     """Whether ``value`` can be stored as JSON text (lone surrogates cannot: not UTF-8)."""
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
-    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return False
     return True

@@ -230,7 +230,10 @@ def check_count(name: str, value: Any, *, minimum: int, maximum: int = _MAX_INT)
 
 
 def _short(value: Any, limit: int = 60) -> Any:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(nested too deeply to show)"
     return value if len(text) <= limit else text[:limit] + "..."
 
 
