@@ -14,6 +14,9 @@ from typing import Any
 
 from moleculerpy.errors import MoleculerClientError, MoleculerError, ValidationError
 
+MAX_MESSAGE = 1000
+"""Characters of an error message (and of a field name in its data) that reach the caller."""
+
 
 class CqrsError(Exception):
     """Root of every error raised by moleculerpy-cqrs (a marker; catch this one)."""
@@ -28,6 +31,11 @@ class InvalidInput(CqrsError, ValidationError):
         data: dict[str, Any] = {}
         if got is not None:
             data["got"] = _short(got)
+        # A message quotes what was sent (a field name, say): keep it readable, and small.
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "..."
+        if field is not None and len(field) > MAX_MESSAGE:
+            field = field[:MAX_MESSAGE] + "..."
         ValidationError.__init__(self, message, field=field, data=data)
 
     def to_dict(self) -> dict[str, Any]:

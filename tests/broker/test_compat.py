@@ -614,6 +614,27 @@ async def test_an_answer_too_large_for_nats_fails_at_once_and_says_how_to_page(
     assert [r["id"] for r in page["rows"]] == [3, 4]
 
 
+async def test_an_error_too_large_to_send_is_answered_shortened(nats: Cluster) -> None:
+    class Loud(Service):
+        name = "loud"
+
+        @action()
+        async def fail(self, ctx: Context) -> None:
+            raise MoleculerError("x" * 2_000_000, code=500, data={"blob": "y" * 2_000_000})
+
+    server = await nats.node("server", Loud(), _big_aggregate())
+    client = await nats.node("client", request_timeout=30.0)
+    await wait_for_nodes(client, {server.nodeID: {"loud", "bigAggregate"}})
+    with pytest.raises(MoleculerError) as caught:
+        await asyncio.wait_for(client.call("loud.fail", {}), 5)
+    assert caught.value.code == 500
+    assert caught.value.message == "x" * 1000
+    # a 422 that quotes a huge unknown parameter stays a short 422
+    with pytest.raises(InvalidInput, match="unknown parameter") as refused:
+        await asyncio.wait_for(client.call("bigAggregate.find", {"k" * 600_000: 1}), 5)
+    assert len(refused.value.message) < 1100
+
+
 async def test_defect_still_present_answer_too_large_is_never_answered(nats: Cluster) -> None:
     class Huge(Service):
         name = "huge"

@@ -575,9 +575,16 @@ class _Compat:
         try:
             await self.transit.publish(Packet(Topic.RESPONSE, packet.sender, response))
         except Exception as error:
-            if not response["success"]:
+            if response["success"]:
+                await self._answer_unsendable(str(action_name), packet, response, error)
+            elif _too_large(error):  # an error that quotes too much of a huge request
+                slim = {**response["error"], "data": {}, "stack": None}
+                slim["message"] = str(slim.get("message"))[: errors.MAX_MESSAGE]
+                await self.transit.publish(
+                    Packet(Topic.RESPONSE, packet.sender, {**response, "error": slim})
+                )
+            else:
                 raise
-            await self._answer_unsendable(str(action_name), packet, response, error)
 
     async def _answer_unsendable(
         self, action_name: str, packet: Packet, response: dict[str, Any], error: Exception
