@@ -32,7 +32,9 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   1 MB by default) was only logged on the serving node (``MaxPayloadError``) and the caller
   waited for its timeout. The caller now gets :class:`~moleculerpy_cqrs.errors.
   ResponseTooLargeError` (413) at once, saying how to ask for less; an answer that cannot be
-  sent for another reason becomes a 500 error answer.
+  sent for another reason becomes a 500 error answer, and an error answer too large to send is
+  sent without its data and stack, its message cut short. Params too large to send are an
+  ``InvalidInput`` (422) on the calling node.
 * **errors across nodes** — an error that is not in MoleculerPy's registry (ours:
   ``EntityNotFoundError``, ``ConflictError``, ...) arrived as ``RemoteCallError`` (500-ish, the
   server's stack in its data), while a 422 arrived as ``ValidationError``. Each of our errors
