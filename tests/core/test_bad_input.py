@@ -238,3 +238,23 @@ async def test_meta_that_is_not_text_is_left_out_and_the_command_stored(
         saved = await broker.call("users.note", {"n": 1}, meta=meta)
         stored = await broker.call("userEventStore.get", {"id": saved["id"]})
     assert stored["meta"] == {"ok": "yes"}
+
+
+@pytest.mark.parametrize("params", [[1], "x", 5, 1.5, True])
+async def test_every_action_refuses_params_that_are_not_an_object(
+    make_store: MakeStore, params: Any
+) -> None:
+    *_, service = _services(make_store)
+    actions = [
+        *(f"userAggregate.{a}" for a in ("find", "count", "list", "get", "create", "insert")),
+        *(f"userAggregate.{a}" for a in ("update", "remove", "status", "snapshot", "snapshots")),
+        *(f"userAggregate.{a}" for a in ("restore", "replay", "deadLetters", "retryDeadLetters")),
+        *(f"userEventStore.{a}" for a in ("find", "count", "list", "get", "read")),
+        *(f"userEventStore.{a}" for a in ("recordSnapshot", "settleSnapshot")),
+        "users.note",
+    ]
+    async with running_broker(service) as broker:
+        for action in actions:
+            with pytest.raises(ValidationError, match="must be an object"):
+                await broker.call(action, params)
+        assert await _stored(broker) == 0

@@ -14,7 +14,7 @@ from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.broker.eventstore import local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
-from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
+from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions, params_of
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
@@ -239,6 +239,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        _no_params(ctx, "status")
         await self.wait_ready()
         return await self.runtime.status()
 
@@ -268,7 +269,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     async def replay_action(self, ctx: Context) -> dict[str, Any]:
         """Rebuild from the log into a shadow table and swap it in (``wait`` to block until
         done), or with ``snapshotID`` restore that snapshot and catch up from it."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k not in ("wait", "snapshotID", "snapshotId")]
         if unknown:
             raise InvalidInput(
@@ -308,11 +309,11 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     async def dead_letters_action(self, ctx: Context) -> Any:
         await self.wait_ready()
         store = StoreActions(self.runtime.dead_letters)
-        return await store.list_page(ctx.params or {})
+        return await store.list_page(params_of(ctx))
 
     @action(name="retryDeadLetters")
     async def retry_dead_letters_action(self, ctx: Context) -> dict[str, Any]:
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k != "ids"]
         if unknown:
             raise InvalidInput(f"retryDeadLetters takes ids, not {unknown[0]!r}", field=unknown[0])
@@ -331,12 +332,13 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
 
 def _no_params(ctx: Context, action_name: str) -> None:
-    if ctx.params:
-        raise InvalidInput(f"{action_name} takes no parameters", field=next(iter(ctx.params)))
+    params = params_of(ctx)
+    if params:
+        raise InvalidInput(f"{action_name} takes no parameters", field=next(iter(params)))
 
 
 def _snapshot_id(ctx: Context, *, required: bool) -> str | None:
-    params = ctx.params or {}
+    params = params_of(ctx)
     value = params.get("snapshotID", params.get("snapshotId"))
     if value is None and not required:
         return None

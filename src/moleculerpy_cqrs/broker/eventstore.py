@@ -11,7 +11,7 @@ from moleculerpy import Context, Service, ServiceBroker, action, event
 from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
-from moleculerpy_cqrs.broker.store_service import ReadActions
+from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
@@ -225,7 +225,7 @@ class EventStoreService(ReadActions, Service):
 
     @action(name="read")
     async def read_action(self, ctx: Context) -> dict[str, Any]:
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k not in ("after", "limit")]
         if unknown:
             raise InvalidInput(f"read takes after and limit, not {unknown[0]!r}", field=unknown[0])
@@ -239,13 +239,15 @@ class EventStoreService(ReadActions, Service):
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        if params_of(ctx):
+            raise InvalidInput("status takes no parameters", field=next(iter(params_of(ctx))))
         await self.wait_ready()
         return await self.runtime.status()
 
     @action(name="recordSnapshot")
     async def record_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: store a snapshot-created event (eventType 1)."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         event_name, payload = params.get("event"), params.get("payload")
         if not isinstance(event_name, str) or not event_name.endswith(".snapshot"):
             raise InvalidInput("recordSnapshot takes event '<aggregate>.snapshot'", field="event")
@@ -256,7 +258,7 @@ class EventStoreService(ReadActions, Service):
     @action(name="settleSnapshot")
     async def settle_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: mark a snapshot event completed (2) or failed (3)."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         error = params.get("error")
         if not isinstance(params.get("payload"), dict) or not (
             error is None or isinstance(error, str)

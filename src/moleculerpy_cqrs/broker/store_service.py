@@ -12,9 +12,19 @@ from moleculerpy import Context, action
 
 from moleculerpy_cqrs.core import joins
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.errors import ReadOnlyAggregateError
+from moleculerpy_cqrs.errors import InvalidInput, ReadOnlyAggregateError
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter
+
+
+def params_of(ctx: Context) -> dict[str, Any]:
+    """An action's params: an object, or none at all (then ``{}``)."""
+    params = ctx.params
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"params must be an object, got {type(params).__name__}")
+    return params
 
 
 class _StoreBase:
