@@ -32,18 +32,23 @@ STORE_ACTIONS = ["find", "count", "list", "get", "create", "insert", "update", "
 ACTIONS = (
     [f"hostileAggregate.{a}" for a in STORE_ACTIONS]
     + [f"readOnlyAggregate.{a}" for a in STORE_ACTIONS]
-    + ["hostileAggregate.deadLetters", "hostileAggregate.retryDeadLetters"]
+    + [f"hostileAggregate.{a}" for a in ("deadLetters", "retryDeadLetters", "snapshots")]
+    + [f"hostileAggregate.{a}" for a in ("snapshot", "restore")]
+    + [f"hostileEventStore.{a}" for a in ("recordSnapshot", "settleSnapshot")]
     + [f"hostileEventStore.{a}" for a in ("find", "count", "list", "get", "read")]
     + ["hostile.note", "hostile.register"]
 )
 
 # --------------------------------------------------------------------------- the values
 
-WORDS = [
-    *FIELDS, "id", "query", "sort", "limit", "offset", "fields", "search", "searchFields",
-    "page", "pageSize", "entity", "entities", "after", "name", "age", "ids",
+OPERATORS = [
     "=", "!=", "<>", ">", ">=", "<", "<=", "$gt", "$in", "like", "not like", "in", "not in",
     "between", "not between", "or", "and", "$or",
+]  # fmt: skip
+WORDS = [
+    *FIELDS, "id", "query", "sort", "limit", "offset", "fields", "search", "searchFields",
+    "page", "pageSize", "entity", "entities", "after", "name", "age", "ids", "snapshotID",
+    "payload", "event", "error", "wait", "hostileAggregate.snapshot", *OPERATORS,
 ]  # fmt: skip
 STRANGE_TEXT = [
     "\ud83d", "\udc00x", "\x00", "\u0663", "\u00b2", "\uff15", "12", "-3", "0", " 1",
@@ -126,7 +131,7 @@ params = st.one_of(
     st.builds(
         lambda f, op, v: {"query": {f: {op: v}}},
         st.sampled_from([*FIELDS, "id"]),
-        st.sampled_from(WORDS[-17:]),
+        st.sampled_from(OPERATORS),
         values,
     ),
     st.builds(lambda e: {"entity": e}, st.dictionaries(field_names, values)),
