@@ -10,6 +10,7 @@ Cross-node tests run two or three brokers in this process on a private NATS serv
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,10 +20,27 @@ import pytest
 from moleculerpy import ServiceBroker, Settings
 from moleculerpy.context import Context
 from moleculerpy.decorators import action, event
-from moleculerpy.errors import RequestTimeoutError, ServiceNotFoundError
+from moleculerpy.errors import (
+    MoleculerError,
+    RemoteCallError,
+    RequestTimeoutError,
+    ServiceNotFoundError,
+    ValidationError,
+)
 from moleculerpy.registry import Action
 from moleculerpy.service import Service
 
+from moleculerpy_cqrs import (
+    Aggregate,
+    ConflictError,
+    EntityNotFoundError,
+    EventStore,
+    InvalidInput,
+    ReadOnlyAggregateError,
+    ResponseTooLargeError,
+    StoreError,
+    stores,
+)
 from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.testing.nats_server import NatsServer
 
@@ -149,10 +167,14 @@ class Cluster:
         *services: Service,
         fixed: bool = True,
         request_timeout: float = 5.0,
+        logger: Any = None,
     ) -> ServiceBroker:
         """A started broker with ``services``; ``fixed`` applies ``compat.install`` first."""
         settings = Settings(
-            transporter=self.transporter, request_timeout=request_timeout, log_level="WARNING"
+            transporter=self.transporter,
+            request_timeout=request_timeout,
+            log_level="DEBUG" if logger is not None else "WARNING",
+            logger=logger,
         )
         broker = ServiceBroker(f"{label}-{uuid.uuid4().hex[:8]}", settings=settings)
         self.brokers.append(broker)
@@ -483,6 +505,215 @@ async def test_default_remote_timeout_raises_request_timeout_error(nats: Cluster
     with pytest.raises(RequestTimeoutError):
         await asyncio.wait_for(client.call("slow.hold", {}), 4)
     slow.release.set()
+
+
+# --------------------------------------------------------------------------- errors across nodes
+
+FAILURES: dict[str, MoleculerError] = {
+    "invalid": InvalidInput("age must be an integer", field="age", got="ten"),
+    "missing": EntityNotFoundError(7, store="things"),
+    "conflict": ConflictError("a replay of things is already running", aggregate="things"),
+    "readonly": ReadOnlyAggregateError("things", "create"),
+    "toolarge": ResponseTooLargeError("things.find", 2_000_000, 1_048_576),
+    "store": StoreError("the database is down", store="things"),
+}
+
+
+class Faulty(Service):
+    """``fail {kind}`` raises a fresh copy of ``FAILURES[kind]``, as the toolkit raises them."""
+
+    name = "faulty"
+
+    @action()
+    async def fail(self, ctx: Context) -> None:
+        template = FAILURES[ctx.params["kind"]]
+        raise compat.remote_error(template.to_dict(), None)
+
+
+def _shape(error: BaseException) -> tuple[Any, ...]:
+    assert isinstance(error, MoleculerError)
+    return (type(error), error.code, error.type, error.data, error.message, error.retryable)
+
+
+async def _caught(broker: ServiceBroker, kind: str) -> BaseException:
+    with pytest.raises(MoleculerError) as caught:
+        await asyncio.wait_for(broker.call("faulty.fail", {"kind": kind}), 4)
+    return caught.value
+
+
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+async def test_an_error_arrives_from_another_node_as_it_was_raised(
+    nats: Cluster, kind: str
+) -> None:
+    server = await nats.node("server", Faulty())
+    client = await nats.node("client")
+    await wait_for_nodes(client, {server.nodeID: {"faulty"}})
+    local, remote = await _caught(server, kind), await _caught(client, kind)
+    assert _shape(local) == _shape(remote) == _shape(FAILURES[kind])
+    assert getattr(remote, "nodeID", None) == server.nodeID
+    assert "Traceback" in str(getattr(remote, "remote_stack", ""))
+
+
+async def test_a_validation_error_is_both_ours_and_moleculerpys(nats: Cluster) -> None:
+    server = await nats.node("server", Faulty())
+    client = await nats.node("client")
+    await wait_for_nodes(client, {server.nodeID: {"faulty"}})
+    remote = await _caught(client, "invalid")
+    assert isinstance(remote, InvalidInput)
+    assert isinstance(remote, ValidationError)
+    assert remote.to_dict()["name"] == "ValidationError"
+    assert EntityNotFoundError(1).to_dict()["name"] == "EntityNotFoundError"  # moleculer-db's
+
+
+async def test_defect_still_present_remote_404_arrives_as_remote_call_error(nats: Cluster) -> None:
+    server = await nats.node("server", Faulty(), fixed=False)
+    client = await nats.node("client", fixed=False)
+    await wait_for_nodes(client, {server.nodeID: {"faulty"}})
+    remote = await _caught(client, "missing")
+    assert type(remote) is RemoteCallError
+    assert "stack" in remote.data  # the server's stack, in place of the error's own data
+
+
+# --------------------------------------------------------------------------- answers too large
+
+
+def _big_aggregate() -> Service:
+    events = EventStore("bigEventStore", stores.memory())
+    big = Aggregate(
+        "bigAggregate", stores.memory(fields={"text": "string"}), write_actions=True
+    ).snapshot("bigEventStore")
+
+    class Big(events.mixin(), big.mixin(), Service):  # type: ignore[misc]
+        name = "big"
+
+    return Big()
+
+
+async def test_an_answer_too_large_for_nats_fails_at_once_and_says_how_to_page(
+    nats: Cluster,
+) -> None:
+    server = await nats.node("server", _big_aggregate())
+    client = await nats.node("client", request_timeout=30.0)
+    await wait_for_nodes(client, {server.nodeID: {"bigAggregate"}})
+    for _ in range(4):
+        await client.call("bigAggregate.create", {"text": "x" * 400_000})
+    with pytest.raises(ResponseTooLargeError) as caught:  # at once: far below the 30 s timeout
+        await asyncio.wait_for(client.call("bigAggregate.find", {}), 5)
+    error = caught.value
+    assert error.code == 413
+    assert error.data["action"] == "bigAggregate.find"
+    assert error.data["size"] > error.data["limit"] == 1_048_576
+    assert "limit and offset" in error.message
+    assert "page and pageSize" in error.message
+    # params too large to send are the caller's error too, also at once
+    entities = [{"text": "y" * 400_000} for _ in range(3)]
+    with pytest.raises(InvalidInput, match=r"params of bigAggregate\.insert are too large"):
+        await asyncio.wait_for(client.call("bigAggregate.insert", {"entities": entities}), 5)
+    # and the node goes on serving: a page of it fits
+    page = await client.call("bigAggregate.list", {"page": 2, "pageSize": 2, "fields": ["id"]})
+    assert [r["id"] for r in page["rows"]] == [3, 4]
+
+
+async def test_an_error_too_large_to_send_is_answered_shortened(nats: Cluster) -> None:
+    class Loud(Service):
+        name = "loud"
+
+        @action()
+        async def fail(self, ctx: Context) -> None:
+            raise MoleculerError("x" * 2_000_000, code=500, data={"blob": "y" * 2_000_000})
+
+    server = await nats.node("server", Loud(), _big_aggregate())
+    client = await nats.node("client", request_timeout=30.0)
+    await wait_for_nodes(client, {server.nodeID: {"loud", "bigAggregate"}})
+    with pytest.raises(MoleculerError) as caught:
+        await asyncio.wait_for(client.call("loud.fail", {}), 5)
+    assert caught.value.code == 500
+    assert caught.value.message == "x" * 1000
+    # a 422 that quotes a huge unknown parameter stays a short 422
+    with pytest.raises(InvalidInput, match="unknown parameter") as refused:
+        await asyncio.wait_for(client.call("bigAggregate.find", {"k" * 600_000: 1}), 5)
+    assert len(refused.value.message) < 1100
+
+
+async def test_defect_still_present_answer_too_large_is_never_answered(nats: Cluster) -> None:
+    class Huge(Service):
+        name = "huge"
+
+        @action()
+        async def blob(self, ctx: Context) -> str:
+            return "x" * 2_000_000
+
+    server = await nats.node("server", Huge(), fixed=False)
+    client = await nats.node("client", fixed=False, request_timeout=1.0)
+    await wait_for_nodes(client, {server.nodeID: {"huge"}})
+    with pytest.raises(TimeoutError):  # the caller hears nothing until its timeout
+        await asyncio.wait_for(client.call("huge.blob", {}), 5)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+class ToStdlib:
+    """A MoleculerPy custom logger that writes to Python's logging (where caplog sees it)."""
+
+    def __init__(self, name: str) -> None:
+        self.log = logging.getLogger(f"moleculerpy.test.{name}")
+
+    def debug(self, message: str, **_: Any) -> None:
+        self.log.debug(message)
+
+    def info(self, message: str, **_: Any) -> None:
+        self.log.info(message)
+
+    def warning(self, message: str, **_: Any) -> None:
+        self.log.warning(message)
+
+    def error(self, message: str, **_: Any) -> None:
+        self.log.error(message)
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_client_errors_are_not_logged_as_errors_and_failures_once(
+    nats: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="moleculerpy.test")
+    server = await nats.node("server", Faulty(), logger=ToStdlib("server"))
+    client = await nats.node("client", logger=ToStdlib("client"))
+    await wait_for_nodes(client, {server.nodeID: {"faulty"}})
+    caplog.clear()
+    for kind in sorted(FAILURES):
+        if kind != "store":
+            for broker in (server, client, server, client):
+                await _caught(broker, kind)
+    assert _errors(caplog) == []
+    assert any("age must be an integer" in r.getMessage() for r in caplog.records)  # at DEBUG
+
+    for _ in range(3):  # as a retrying caller does
+        await _caught(client, "store")
+        await _caught(server, "store")
+    failures = [r.getMessage() for r in _errors(caplog)]
+    assert len(failures) == 2, failures  # once served to another node, once called locally
+    assert all("the database is down" in line for line in failures)
+    assert all(r.name.endswith("server") for r in _errors(caplog))  # the caller logs nothing
+    assert not any("Traceback" in line for line in failures)
+
+
+async def test_defect_still_present_client_errors_logged_at_error_with_a_stack(
+    nats: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="moleculerpy.test")
+    server = await nats.node("server", Faulty(), fixed=False, logger=ToStdlib("server"))
+    client = await nats.node("client", fixed=False, logger=ToStdlib("client"))
+    await wait_for_nodes(client, {server.nodeID: {"faulty"}})
+    caplog.clear()
+    await _caught(client, "invalid")
+    await _caught(server, "invalid")
+    lines = [(r.name.rsplit(".", 1)[1], r.getMessage()) for r in _errors(caplog)]
+    assert any(who == "client" and "Traceback" in line for who, line in lines)
+    assert any(who == "server" and "age must be an integer" in line for who, line in lines)
 
 
 # --------------------------------------------------------------------------- defects still present

@@ -36,6 +36,7 @@ def build(
         with_fields(factory, {"room": "integer", "name": "string"}),
         strategy,
         replay_batch_size=50,
+        write_actions=True,  # the tests write stray rows to see what a replay does to them
     )
     if snapshot_store:
         rooms.snapshot("propertyEventStore")

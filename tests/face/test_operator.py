@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -283,6 +284,27 @@ def test_unknown_names_are_one_line_errors(node: Node) -> None:
         assert name in unknown.err  # the message lists the aggregates there are
     assert "'opsEventStore' is an event store, not an aggregate" in store.one_error_line()
     assert "'ops' is not an aggregate" in service.one_error_line()
+
+
+def test_a_refused_connection_is_said_at_once_with_its_address() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    runs = cqrs(
+        ["status"],
+        ["status", "--json"],
+        ["snapshot", "orderTotals"],
+        ["snapshots", "orderTotals"],
+        ["restore", "orderTotals", "snapshot_x"],
+        ["replay", "orderTotals"],
+        ["dead-letters", "orderTotals"],
+        transporter=url,
+    )
+    for run in runs:
+        line = run.one_error_line()
+        assert f"connection refused by 127.0.0.1:{port} ({url})" in line, run
+        assert "no node answered" not in line
 
 
 def test_nothing_discovered_within_the_timeout() -> None:

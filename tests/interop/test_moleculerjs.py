@@ -30,7 +30,7 @@ JS_NODE = "js-node"
 UPDATES = 30
 COUNTRIES = ("NZ", "AU", "US")  # as client.mjs assigns them: index % 3
 
-NOT_FOUND_NAMES = {"EntityNotFoundError", "EntityNotFound"}
+NOT_FOUND_NAMES = {"EntityNotFoundError"}
 """moleculer-db's name is ``EntityNotFoundError``; ours is being renamed to it. Once it is,
 this becomes ``{"EntityNotFoundError"}``."""
 

@@ -14,7 +14,7 @@ from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.broker.log import event_log, local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
-from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions
+from moleculerpy_cqrs.broker.store_service import ReadActions, WriteActions, params_of
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.joins import OpenBatches
@@ -27,6 +27,7 @@ from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
+from moleculerpy_cqrs.stores.fields import check_id
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class Aggregate:
     the others take over within this many seconds after it stops or dies. ``concurrency``:
     how many transformations of events with different keys run at once (bindings with a
     ``key`` only).
+    ``write_actions``: serve moleculer-db's ``create``/``insert``/``update``/``remove`` as the
+    Go library does. Off by default (they answer 405 ``ReadOnlyAggregateError``): rows written
+    through them are not events, so a replay (and a restore's catch-up) drops them.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Aggregate:
         lease_ttl: float = DEFAULT_TTL,
         concurrency: int = CONCURRENCY,
         settings: Mapping[str, Any] | None = None,
+        write_actions: bool = False,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
@@ -116,6 +121,7 @@ class Aggregate:
         self.replay_batch_size = replay_batch_size
         self.lease_ttl = lease_ttl
         self.settings = dict(settings or {})
+        self.write_actions = write_actions
         self.bindings: list[Binding] = []
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
             weakref.WeakKeyDictionary()
@@ -190,8 +196,11 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     """The ``<aggregate>`` service: store actions, ``status``, ``snapshot``, ``snapshots``,
     ``restore``, ``replay``, ``deadLetters``, ``retryDeadLetters``."""
 
-    def __init__(self, name: str, runtime: AggregateRuntime, event_store: str) -> None:
+    def __init__(
+        self, name: str, runtime: AggregateRuntime, event_store: str, *, write_actions: bool
+    ) -> None:
         super().__init__(name=name)
+        self.write_actions = write_actions
         self.runtime = runtime
         self.port = runtime.port
         self.event_store = event_store
@@ -242,6 +251,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        _no_params(ctx, "status")
         await self.wait_ready()
         return await self.runtime.status()
 
@@ -271,7 +281,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     async def replay_action(self, ctx: Context) -> dict[str, Any]:
         """Rebuild from the log into a shadow table and swap it in (``wait`` to block until
         done), or with ``snapshotID`` restore that snapshot and catch up from it."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k not in ("wait", "snapshotID", "snapshotId")]
         if unknown:
             raise InvalidInput(
@@ -311,11 +321,11 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     async def dead_letters_action(self, ctx: Context) -> Any:
         await self.wait_ready()
         store = StoreActions(self.runtime.dead_letters)
-        return await store.list_page(ctx.params or {})
+        return await store.list_page(params_of(ctx))
 
     @action(name="retryDeadLetters")
     async def retry_dead_letters_action(self, ctx: Context) -> dict[str, Any]:
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k != "ids"]
         if unknown:
             raise InvalidInput(f"retryDeadLetters takes ids, not {unknown[0]!r}", field=unknown[0])
@@ -325,6 +335,8 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
         ):
             raise InvalidInput("ids must be a list of dead-letter ids", field="ids")
+        if ids is not None:
+            ids = [check_id(i) for i in ids]  # 64-bit, as every store holds them
         projector = self.runtime.projector
         if projector is None:
             raise InvalidInput(f"the projector of {self.name!r} is not running yet")
@@ -332,12 +344,13 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
 
 def _no_params(ctx: Context, action_name: str) -> None:
-    if ctx.params:
-        raise InvalidInput(f"{action_name} takes no parameters", field=next(iter(ctx.params)))
+    params = params_of(ctx)
+    if params:
+        raise InvalidInput(f"{action_name} takes no parameters", field=next(iter(params)))
 
 
 def _snapshot_id(ctx: Context, *, required: bool) -> str | None:
-    params = ctx.params or {}
+    params = params_of(ctx)
     value = params.get("snapshotID", params.get("snapshotId"))
     if value is None and not required:
         return None
@@ -357,5 +370,7 @@ def _aggregate_service(
         service.on_appended()
 
     klass = type(f"{aggregate.name}Service", (AggregateServiceBase,), {"cqrs_appended": appended})
-    service: AggregateServiceBase = klass(aggregate.name, runtime, event_store)
+    service: AggregateServiceBase = klass(
+        aggregate.name, runtime, event_store, write_actions=aggregate.write_actions
+    )
     return service

@@ -28,6 +28,22 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   each packet to its own task, reordered them). A request is served by the *local* endpoint
   (MoleculerPy took the first endpoint of that name and dropped the request if it was remote);
   with none, the caller gets ``ServiceNotFoundError`` instead of a timeout.
+* **answers too large to send** — an answer the transporter refuses (NATS's ``max_payload``,
+  1 MB by default) was only logged on the serving node (``MaxPayloadError``) and the caller
+  waited for its timeout. The caller now gets :class:`~moleculerpy_cqrs.errors.
+  ResponseTooLargeError` (413) at once, saying how to ask for less; an answer that cannot be
+  sent for another reason becomes a 500 error answer, and an error answer too large to send is
+  sent without its data and stack, its message cut short. Params too large to send are an
+  ``InvalidInput`` (422) on the calling node.
+* **errors across nodes** — an error that is not in MoleculerPy's registry (ours:
+  ``EntityNotFoundError``, ``ConflictError``, ...) arrived as ``RemoteCallError`` (500-ish, the
+  server's stack in its data), while a 422 arrived as ``ValidationError``. Each of our errors
+  now arrives as the class it was raised as, with the same code, type and data; the remote
+  stack is kept in ``remote_stack``.
+* **logs** — every failed action was logged at ERROR on the serving node, and the calling node
+  logged the remote stack trace at ERROR again. A client error (4xx) is now logged at DEBUG;
+  a real failure at ERROR once (the same failure repeated within a minute, as retries do, at
+  DEBUG), and never by the caller, who gets the exception.
 * **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
   and raised the builtin ``TimeoutError``; now ``x`` applies and
   :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
@@ -43,17 +59,27 @@ neither; its mixins are plain Python base classes whose lifecycle hooks chain th
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
-from moleculerpy.errors import MoleculerError, RequestTimeoutError, ServiceNotFoundError
+from moleculerpy.errors import (
+    ERROR_REGISTRY,
+    MoleculerError,
+    RemoteCallError,
+    RequestTimeoutError,
+    ServiceNotFoundError,
+)
 from moleculerpy.packet import Packet, Topic
 from moleculerpy.registry import Registry
 from moleculerpy.validator import validate_params
 
+from moleculerpy_cqrs import errors
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY
 
 if TYPE_CHECKING:
@@ -62,12 +88,15 @@ if TYPE_CHECKING:
     from moleculerpy.registry import Action, Event
     from moleculerpy.service import Service
 
-__all__ = ["broadcast", "emit", "install", "is_installed"]
+__all__ = ["broadcast", "emit", "install", "is_client_error", "is_installed", "remote_error"]
 
 _STATE_ATTR = "_moleculerpy_cqrs_compat"
 
 # How long stopping a broker waits for requests it is still serving before cancelling them.
 DRAIN_GRACE = 5.0
+
+# A failure logged at ERROR is logged again at DEBUG only, for this long (retries repeat it).
+REPEAT_WINDOW = 60.0
 
 _AsyncFn = Callable[..., Awaitable[Any]]
 
@@ -195,6 +224,87 @@ def _error_payload(error: Exception) -> dict[str, Any]:
     }
 
 
+def is_client_error(error: BaseException | None) -> bool:
+    """A 4xx Moleculer error: the caller's to fix, not the serving node's failure."""
+    code = getattr(error, "code", None)
+    return isinstance(error, MoleculerError) and isinstance(code, int) and 400 <= code < 500
+
+
+def remote_error(plain: Any, sender: str | None) -> MoleculerError:
+    """The exception an error packet describes: ours as the class raised, a MoleculerPy one
+    as MoleculerPy rebuilds it, anything else as ``RemoteCallError``."""
+    plain = plain if isinstance(plain, dict) else {}
+    error = errors.restore(plain)
+    if error is None and plain.get("name") in ERROR_REGISTRY:
+        try:
+            rebuilt = MoleculerError.from_dict(plain)
+        except Exception:
+            rebuilt = None
+        if rebuilt is not None and type(rebuilt) is not MoleculerError:
+            error = rebuilt
+    if error is None:
+        error = RemoteCallError(
+            message=str(plain.get("message") or "Unknown error"),
+            error_name=str(plain.get("name") or "RemoteError"),
+            stack=plain.get("stack"),
+            code=plain.get("code") if isinstance(plain.get("code"), int) else 500,
+            error_type=str(plain.get("type") or "REMOTE_ERROR"),
+            retryable=bool(plain.get("retryable", True)),
+        )
+    dynamic = cast(Any, error)
+    dynamic.remote_stack = plain.get("stack")
+    dynamic.nodeID = plain.get("nodeID") or sender
+    return error
+
+
+def _too_large(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "MaxPayloadError":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _Repeats:
+    """Which failures were logged at ERROR lately, so that a retried one is logged once."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def first(self, message: str) -> bool:
+        now = time.monotonic()
+        if len(self.logged) > 1000:
+            self.logged = {m: t for m, t in self.logged.items() if now - t < REPEAT_WINDOW}
+        last = self.logged.get(message)
+        if last is not None and now - last < REPEAT_WINDOW:
+            return False
+        self.logged[message] = now
+        return True
+
+
+class _BrokerLogger:
+    """The broker's logger, except that ERROR lines written while a client error (4xx) is
+    being handled are DEBUG lines, and a repeated ERROR line within REPEAT_WINDOW too.
+
+    MoleculerPy logs every failed local action from ``broker.call``'s ``except`` block; the
+    exception at hand (``sys.exc_info``) tells a client error from a failure.
+    """
+
+    def __init__(self, logger: Any, repeats: _Repeats) -> None:
+        self._logger = logger
+        self._repeats = repeats
+
+    def error(self, message: str, *args: Any, **kwargs: Any) -> None:
+        if is_client_error(sys.exc_info()[1]) or not self._repeats.first(str(message)):
+            self._logger.debug(message, *args, **kwargs)
+        else:
+            self._logger.error(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
 class _BrokerHooks:
     """Sits in ``broker.middlewares``; MoleculerPy calls only the hooks an object defines.
 
@@ -225,7 +335,8 @@ class _Compat:
     def __init__(self, broker: ServiceBroker) -> None:
         self.broker = broker
         self.transit = broker.transit
-        self.logger = broker.logger
+        self.repeats = _Repeats()
+        self.logger = _BrokerLogger(broker.logger, self.repeats)
         self.stopping = False
         # Keyed by id(); holding the service keeps a replaced one's id from being reused.
         self.started: dict[int, Service] = {}
@@ -240,6 +351,9 @@ class _Compat:
         broker._broadcast_core = self.broadcast
         self._original_start_service: _AsyncFn = broker._start_service
         broker._start_service = self.start_service
+        broker.logger = self.logger
+        self._original_on_response: _AsyncFn = transit._packet_handlers[Topic.RESPONSE]
+        transit._packet_handlers[Topic.RESPONSE] = self.on_response_packet
         transit._packet_handlers[Topic.EVENT] = self.on_event_packet
         transit._packet_handlers[Topic.REQUEST] = self.on_request_packet
         self._original_request: _AsyncFn = transit.request
@@ -487,14 +601,69 @@ class _Compat:
             result = await handler(ctx)
             response = {"id": ctx.id, "data": result, "success": True, "meta": ctx.meta}
         except Exception as error:
-            self.logger.error(f"Failed call to {action_name}: {error!r}")
+            self._log_failure(str(action_name), error)
             response = {
                 "id": ctx.id,
                 "error": _error_payload(error),
                 "success": False,
                 "meta": ctx.meta,
             }
-        await self.transit.publish(Packet(Topic.RESPONSE, packet.sender, response))
+        try:
+            await self.transit.publish(Packet(Topic.RESPONSE, packet.sender, response))
+        except Exception as error:
+            if response["success"]:
+                await self._answer_unsendable(str(action_name), packet, response, error)
+            elif _too_large(error):  # an error that quotes too much of a huge request
+                slim = {**response["error"], "data": {}, "stack": None}
+                slim["message"] = str(slim.get("message"))[: errors.MAX_MESSAGE]
+                await self.transit.publish(
+                    Packet(Topic.RESPONSE, packet.sender, {**response, "error": slim})
+                )
+            else:
+                raise
+
+    async def _answer_unsendable(
+        self, action_name: str, packet: Packet, response: dict[str, Any], error: Exception
+    ) -> None:
+        """The answer could not be published: send an error answer in its place, so the
+        caller learns it at once instead of at its timeout."""
+        replacement: MoleculerError
+        if _too_large(error):
+            try:
+                size: int | None = len(json.dumps(response["data"], default=str).encode())
+            except Exception:
+                size = None
+            replacement = errors.ResponseTooLargeError(action_name, size, self._max_payload())
+        else:
+            replacement = MoleculerError(
+                f"the answer of {action_name} could not be sent: {error!r}",
+                code=500,
+                error_type="RESPONSE_NOT_SENT",
+                data={"action": action_name},
+            )
+        self._log_failure(action_name, replacement)
+        answer = {**response, "success": False, "error": replacement.to_dict()}
+        answer.pop("data", None)
+        await self.transit.publish(Packet(Topic.RESPONSE, packet.sender, answer))
+
+    def _log_failure(self, action_name: str, error: Exception) -> None:
+        line = f"Failed call to {action_name}: {error!r}"
+        if is_client_error(error):
+            self.logger.debug(line)
+        else:
+            self.logger.error(line)  # once: the logger turns repeats into DEBUG lines
+
+    async def on_response_packet(self, packet: Packet) -> None:
+        """An error answer fails the caller's pending request with the error it describes
+        (MoleculerPy's request would log its stack at ERROR and raise RemoteCallError)."""
+        payload = packet.payload
+        if payload.get("stream") or payload.get("success", True):
+            await self._original_on_response(packet)
+            return
+        pending = cast(Any, self.transit)._pending_requests
+        future = pending.pop(payload.get("id"), None)
+        if future is not None and not future.done():
+            future.set_exception(remote_error(payload.get("error"), packet.sender))
 
     async def drain_requests(self, *, cancel: bool) -> None:
         """Let the requests being served finish (up to DRAIN_GRACE), then cancel the rest."""
@@ -525,6 +694,10 @@ class _Compat:
             # Only transit's own wait raises the builtin; remote errors arrive as MoleculerErrors.
             effective = limit or endpoint.timeout or self.transit.settings.request_timeout
             raise RequestTimeoutError(str(endpoint.name), effective) from None
+        except Exception as error:
+            if _too_large(error):
+                raise self._params_too_large(str(endpoint.name)) from None
+            raise
 
     async def request_without_endpoint(
         self,
@@ -538,6 +711,24 @@ class _Compat:
         except TimeoutError:
             effective = limit or self.transit.settings.request_timeout
             raise RequestTimeoutError(action_name, effective) from None
+        except Exception as error:
+            if _too_large(error):
+                raise self._params_too_large(action_name) from None
+            raise
+
+    def _params_too_large(self, action_name: str) -> errors.InvalidInput:
+        limit = self._max_payload()
+        most = f" (at most {limit} bytes)" if limit is not None else ""
+        return errors.InvalidInput(
+            f"the params of {action_name} are too large for the transporter{most}: "
+            "send less in one call, e.g. insert entities a few at a time",
+            field="params",
+        )
+
+    def _max_payload(self) -> int | None:
+        nc = getattr(getattr(self.transit, "transporter", None), "nc", None)
+        limit = getattr(nc, "max_payload", None)
+        return limit if isinstance(limit, int) else None
 
     # ------------------------------------------------------------------ late services
 

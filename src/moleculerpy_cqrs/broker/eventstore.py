@@ -12,7 +12,7 @@ from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, SNAPSHOTS
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
-from moleculerpy_cqrs.broker.store_service import ReadActions
+from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
 from moleculerpy_cqrs.broker.timings import append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
@@ -217,7 +217,7 @@ class EventStoreService(ReadActions, Service):
 
     @action(name=READ)
     async def read_action(self, ctx: Context) -> dict[str, Any]:
-        params = ctx.params or {}
+        params = params_of(ctx)
         unknown = [k for k in params if k not in ("after", "limit")]
         if unknown:
             raise InvalidInput(f"read takes after and limit, not {unknown[0]!r}", field=unknown[0])
@@ -231,13 +231,15 @@ class EventStoreService(ReadActions, Service):
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
+        if params_of(ctx):
+            raise InvalidInput("status takes no parameters", field=next(iter(params_of(ctx))))
         await self.wait_ready()
         return await self.runtime.status()
 
     @action(name=SNAPSHOTS)
     async def snapshots_action(self, ctx: Context) -> list[Record]:
         """For aggregates: the snapshot events stored as ``event`` (``<agg>.snapshot``)."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         event_name = params.get("event")
         valid = isinstance(event_name, str) and event_name.endswith(".snapshot")
         if not valid or len(params) != 1:
@@ -248,7 +250,7 @@ class EventStoreService(ReadActions, Service):
     @action(name=RECORD_SNAPSHOT)
     async def record_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: store a snapshot-created event (eventType 1)."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         event_name, payload = params.get("event"), params.get("payload")
         if not isinstance(event_name, str) or not event_name.endswith(".snapshot"):
             raise InvalidInput("recordSnapshot takes event '<aggregate>.snapshot'", field="event")
@@ -259,7 +261,7 @@ class EventStoreService(ReadActions, Service):
     @action(name=SETTLE_SNAPSHOT)
     async def settle_snapshot_action(self, ctx: Context) -> dict[str, Any]:
         """For aggregates: mark a snapshot event completed (2) or failed (3)."""
-        params = ctx.params or {}
+        params = params_of(ctx)
         error = params.get("error")
         if not isinstance(params.get("payload"), dict) or not (
             error is None or isinstance(error, str)

@@ -13,8 +13,19 @@ from moleculerpy import Context, action
 
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.errors import InvalidInput, ReadOnlyAggregateError
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter
+
+
+def params_of(ctx: Context) -> dict[str, Any]:
+    """An action's params: an object, or none at all (then ``{}``)."""
+    params = ctx.params
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"params must be an object, got {type(params).__name__}")
+    return params
 
 
 class _StoreBase:
@@ -65,26 +76,40 @@ class ReadActions(_StoreBase):
 
 
 class WriteActions(_StoreBase):
+    """moleculer-db's write actions. Only served when ``write_actions`` is true: otherwise
+    every call is refused with :class:`ReadOnlyAggregateError` (405) before its params are
+    looked at, since rows written here are not events and a replay drops them."""
+
+    write_actions: bool  # set by the service's __init__ (MoleculerPy keeps it in _extra)
+
+    def _writable(self, action_name: str) -> None:
+        if not self.write_actions:
+            raise ReadOnlyAggregateError(self.name, action_name)
+
     @action(name="create")
     async def create_action(self, ctx: Context) -> Any:
+        self._writable("create")
         row = await self._run(ctx, "create")
         await self._announce("created", row)
         return row
 
     @action(name="insert")
     async def insert_action(self, ctx: Context) -> Any:
+        self._writable("insert")
         rows = await self._run(ctx, "insert")
         await self._announce("created", {"rows": rows} if isinstance(rows, list) else rows)
         return rows
 
     @action(name="update")
     async def update_action(self, ctx: Context) -> Any:
+        self._writable("update")
         row = await self._run(ctx, "update")
         await self._announce("updated", row)
         return row
 
     @action(name="remove")
     async def remove_action(self, ctx: Context) -> Any:
+        self._writable("remove")
         row = await self._run(ctx, "remove")
         await self._announce("removed", row)
         return row

@@ -112,6 +112,14 @@ class EventStoreRuntime:
         self, event_id: int, payload: dict[str, Any], error: str | None
     ) -> Record:
         """Mark a snapshot event completed (2) or failed (3, with the error)."""
+        # The action that calls this is open to any client: it must never rewrite a command.
+        current = await self.adapter.get(event_id)
+        if current is None or not _is_snapshot(current):
+            raise InvalidInput(
+                f"event {event_id} is not a snapshot event: only a '<aggregate>.snapshot' "
+                "event recorded by recordSnapshot can be settled",
+                field="id",
+            )
         kind = EventType.SNAPSHOT_FAILED if error else EventType.SNAPSHOT_COMPLETED
         row = await self.adapter.update(
             event_id,
@@ -183,7 +191,17 @@ class EventStoreRuntime:
             encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError) as error:
             raise InvalidInput(f"the payload must be JSON: {error}", field="payload") from None
-        size = len(encoded.encode())
+        except RecursionError:
+            raise InvalidInput("the payload nests too deeply", field="payload") from None
+        try:
+            size = len(encoded.encode())
+        except UnicodeEncodeError as error:
+            bad = encoded[error.start : error.end]
+            raise InvalidInput(
+                f"the payload holds a lone surrogate ({', '.join(f'U+{ord(c):04X}' for c in bad)}),"
+                " which is not text: send the character itself or a complete surrogate pair",
+                field="payload",
+            ) from None
         if size > self.max_payload_bytes:
             raise InvalidInput(
                 f"the payload is {size} bytes; the limit is {self.max_payload_bytes} "
@@ -196,11 +214,7 @@ class EventStoreRuntime:
 
     def _clean_meta(self, meta: Mapping[str, Any] | None) -> dict[str, Any]:
         out = {k: v for k, v in (meta or {}).items() if k not in _PRIVATE_META}
-        try:
-            json.dumps(out, allow_nan=False)
-        except (TypeError, ValueError):
-            return {k: v for k, v in out.items() if _is_json(v)}
-        return out
+        return out if _is_json(out) else {k: v for k, v in out.items() if _is_json({k: v})}
 
 
 async def until_ready(ready: asyncio.Event, name: str) -> None:
@@ -216,9 +230,19 @@ async def until_ready(ready: asyncio.Event, name: str) -> None:
         ) from None
 
 
+def _is_snapshot(row: Record) -> bool:
+    snapshot_kinds = (
+        EventType.SNAPSHOT_CREATED,
+        EventType.SNAPSHOT_COMPLETED,
+        EventType.SNAPSHOT_FAILED,
+    )
+    return row.get("eventType") in snapshot_kinds and str(row.get("event")).endswith(".snapshot")
+
+
 def _is_json(value: Any) -> bool:
+    """Whether ``value`` can be stored as JSON text (lone surrogates cannot: not UTF-8)."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return False
     return True

@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 
 from moleculerpy_cqrs.errors import Conflict, EntityNotFound, InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter
-from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_id
+from moleculerpy_cqrs.stores.fields import ID, MAX_INT, FieldType, Record, check_count, check_id
 from moleculerpy_cqrs.stores.query import Query, parse_condition, parse_find, parse_projection
 
 DEFAULT_PAGE_SIZE: Final = 10
@@ -66,10 +66,10 @@ class StoreActions:
         params = _params(params)
         if "limit" in params or "offset" in params:
             raise InvalidInput("list pages with page and pageSize, not limit/offset")
-        page = _positive("page", params.get("page", 1))
-        size = _positive("pageSize", params.get("pageSize", DEFAULT_PAGE_SIZE))
-        if size > self.max_page_size:
-            raise InvalidInput(f"pageSize may be at most {self.max_page_size}", field="pageSize")
+        raw_size = params.get("pageSize", DEFAULT_PAGE_SIZE)
+        size = check_count("pageSize", raw_size, minimum=1, maximum=self.max_page_size)
+        # The page's offset must fit in the 64-bit integer every backend takes.
+        page = check_count("page", params.get("page", 1), minimum=1, maximum=MAX_INT // size)
         base = parse_find(self.adapter.fields, params, extra=frozenset({"page", "pageSize"}))
         query = Query(
             where=base.where,
@@ -174,14 +174,6 @@ def _only(params: Mapping[str, Any], allowed: set[str], action: str) -> None:
             raise InvalidInput(
                 f"{action} does not take {key!r}; it takes {sorted(allowed)}", field=str(key)
             )
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise InvalidInput(f"{name} must be a positive integer", field=name, got=value)
 
 
 def _project(row: Record, fields: tuple[str, ...] | None) -> Record:

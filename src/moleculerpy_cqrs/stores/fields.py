@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
@@ -44,9 +45,13 @@ _ALIASES: Final[dict[str, FieldType]] = {
     "timestamp": "datetime",
 }
 
-_MAX_INT: Final = 2**63 - 1
+MAX_INT: Final = 2**63 - 1
+"""The largest integer every backend stores (SQLite INTEGER, PostgreSQL BIGINT)."""
+_MAX_INT: Final = MAX_INT
 _MAX_JSON_DEPTH: Final = 200
+_MAX_FLOAT_INT: Final = int(sys.float_info.max)
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_ASCII_DIGITS: Final = re.compile("[0-9]+")
 
 
 def declare_fields(*declarations: Mapping[str, str] | None) -> dict[str, FieldType]:
@@ -94,9 +99,13 @@ def check_value(field: str, kind: FieldType, value: Any) -> Any:
                     return value
                 raise InvalidInput(f"field {field!r} is out of the 64-bit range", field=field)
         case "float":
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                if math.isfinite(value):
+            if isinstance(value, int) and not isinstance(value, bool):
+                if abs(value) <= _MAX_FLOAT_INT:
                     return float(value)
+                raise InvalidInput(f"field {field!r} is beyond the float range", field=field)
+            if isinstance(value, float):
+                if math.isfinite(value):
+                    return value
                 raise InvalidInput(f"field {field!r} must be a finite number", field=field)
         case "boolean":
             if isinstance(value, bool):
@@ -185,11 +194,49 @@ def check_meta(key: Any, value: Any) -> str | None:
 
 def check_id(value: Any) -> int:
     """An id as given by a caller (int, or a string of digits as the Go examples send)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT:
+    number = parse_int(value)
+    if number is not None and 0 < number <= _MAX_INT:
+        return number
+    raise InvalidInput(
+        f"id must be a positive integer up to {_MAX_INT} (a number, or a string of ASCII "
+        f"digits), got {_short(value)!r}",
+        field=ID,
+        got=value,
+    )
+
+
+def parse_int(value: Any) -> int | None:
+    """An int, or a string of ASCII digits (at most 19), as an int; None for anything else.
+
+    ``str.isdigit`` and ``int()`` also take other scripts' digits ("٣", "²"): only ASCII
+    digits count, as in every other Moleculer implementation.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isdigit() and 0 < int(value) <= _MAX_INT:
+    if isinstance(value, str) and 0 < len(value) <= 19 and _ASCII_DIGITS.fullmatch(value):
         return int(value)
-    raise InvalidInput(f"id must be a positive integer, got {value!r}", field=ID, got=value)
+    return None
+
+
+def check_count(name: str, value: Any, *, minimum: int, maximum: int = _MAX_INT) -> int:
+    """A limit, offset, page or size: an int (or a string of ASCII digits) in range."""
+    number = parse_int(value)
+    if number is not None and minimum <= number <= maximum:
+        return number
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, "an integer")
+    raise InvalidInput(
+        f"{name} must be {kind} from {minimum} to {maximum} (ASCII digits), got {_short(value)!r}",
+        field=name,
+        got=value,
+    )
+
+
+def _short(value: Any, limit: int = 60) -> Any:
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(nested too deeply to show)"
+    return value if len(text) <= limit else text[:limit] + "..."
 
 
 def check_record(fields: Fields, record: Mapping[str, Any], *, partial: bool = False) -> Record:

@@ -29,10 +29,18 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final, Literal
 
 from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.fields import ID, Fields, FieldType, check_id, check_value
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    Fields,
+    FieldType,
+    check_count,
+    check_id,
+    check_value,
+)
 
 CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
 
@@ -122,6 +130,12 @@ FIND_PARAMS: Final = frozenset(
     {"query", "sort", "limit", "offset", "fields", "search", "searchFields"}
 )
 MAX_DEPTH: Final = 32
+MAX_CONDITIONS: Final = 500
+"""Conditions (comparisons, likes, ins, ...) in one query: SQLite refuses a deeper tree."""
+MAX_IN_VALUES: Final = 100_000
+"""Values in all the in lists of one query (SQLite binds at most 250,000 parameters)."""
+MAX_PATTERN_BYTES: Final = 20_000
+"""A LIKE pattern or search text, in UTF-8 (SQLite refuses patterns over 50,000 bytes)."""
 
 
 def parse_find(
@@ -140,6 +154,14 @@ def parse_find(
         if key in FIND_PARAMS or key in extra:
             continue
         if key == ID or key in fields:
+            if isinstance(value, Mapping | list):
+                raise InvalidInput(
+                    f"{key!r} at the top level is an equality filter and takes one value, not "
+                    f"{'an object' if isinstance(value, Mapping) else 'a list'}; operators go "
+                    f"under query, e.g. {{'query': {{{key!r}: {{'in': [...]}}}}}}",
+                    field=str(key),
+                    got=value,
+                )
             top_level[key] = value
             continue
         raise InvalidInput(
@@ -159,6 +181,7 @@ def parse_find(
     elif params.get("searchFields") is not None:
         _search_fields(fields, params["searchFields"])  # still checked
     where = _and(conditions)
+    _check_size(where)
     return Query(
         where=where,
         sort=parse_sort(fields, params.get("sort")),
@@ -170,6 +193,13 @@ def parse_find(
 
 def parse_condition(fields: Fields, raw: Any, depth: int = 0) -> Condition:
     """Parse a query object (the ``query`` param) into a condition."""
+    cond = _parse_condition(fields, raw, depth)
+    if depth == 0:
+        _check_size(cond)
+    return cond
+
+
+def _parse_condition(fields: Fields, raw: Any, depth: int) -> Condition:
     if depth > MAX_DEPTH:
         raise InvalidInput(f"query nests deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, Mapping):
@@ -179,7 +209,13 @@ def parse_condition(fields: Fields, raw: Any, depth: int = 0) -> Condition:
         if key in _OR or key in _AND:
             if not isinstance(value, list) or not value:
                 raise InvalidInput(f"{key!r} takes a non-empty list of queries", got=value)
-            parts = tuple(parse_condition(fields, v, depth + 1) for v in value)
+            if len(value) > MAX_CONDITIONS:
+                raise InvalidInput(
+                    f"{key!r} holds {len(value)} queries; at most {MAX_CONDITIONS} "
+                    "(use an in list for many values)",
+                    field=str(key),
+                )
+            parts = tuple(_parse_condition(fields, v, depth + 1) for v in value)
             items.append(Or(parts) if key in _OR else And(parts))
             continue
         kind = _field_type(fields, key)
@@ -205,15 +241,15 @@ def parse_sort(fields: Fields, raw: Any) -> tuple[tuple[str, bool], ...]:
         names = list(raw)
     else:
         raise InvalidInput("sort must be a string like '-total country' or a list", got=raw)
-    out: list[tuple[str, bool]] = []
+    out: dict[str, bool] = {}
     for name in names:
         descending = name.startswith("-")
         bare = name.lstrip("-+")
         kind = _field_type(fields, bare)
         if kind == "json":
             raise InvalidInput(f"cannot sort by json field {bare!r}", field=bare)
-        out.append((bare, descending))
-    return tuple(out)
+        out.setdefault(bare, descending)  # a repeated field cannot change the order
+    return tuple(out.items())
 
 
 def parse_projection(fields: Fields, raw: Any) -> tuple[str, ...] | None:
@@ -234,7 +270,12 @@ def parse_projection(fields: Fields, raw: Any) -> tuple[str, ...] | None:
 def _parse_search(fields: Fields, text: Any, raw_fields: Any) -> Search:
     if not isinstance(text, str):
         raise InvalidInput("search must be a string", field="search", got=text)
+    check_value("search", "string", text)
     names = _search_fields(fields, raw_fields)
+    if len(escape_like(text).encode("utf-8", "surrogatepass")) > MAX_PATTERN_BYTES - 2:
+        raise InvalidInput(
+            f"search is too long: at most {MAX_PATTERN_BYTES - 2} bytes", field="search"
+        )
     return Search(text, names)
 
 
@@ -270,12 +311,22 @@ def _parse_operator(name: str, kind: FieldType | None, op: str, arg: Any) -> Con
             raise InvalidInput(f"like needs a string field; {name!r} is not", field=name)
         if not isinstance(arg, str):
             raise InvalidInput(f"{name!r}: like takes a string pattern", field=name, got=arg)
+        check_value(name, "string", arg)
+        if len(arg.encode()) > MAX_PATTERN_BYTES - 1:
+            raise InvalidInput(
+                f"{name!r}: a like pattern may be at most {MAX_PATTERN_BYTES - 1} bytes",
+                field=name,
+            )
         return Like(name, arg, negate=_LIKE[op])
     if op in _IN:
         if not isinstance(arg, list):
             raise InvalidInput(f"{name!r}: {op!r} takes a list", field=name, got=arg)
         if kind == "json":
             raise InvalidInput(f"json field {name!r} supports only null checks", field=name)
+        if len(arg) > MAX_IN_VALUES:
+            raise InvalidInput(
+                f"{name!r}: an in list may hold at most {MAX_IN_VALUES} values", field=name
+            )
         values = tuple(_operand(name, kind, v) for v in arg if v is not None)
         if len(values) != len(arg):
             raise InvalidInput(f"{name!r}: {op!r} list may not hold null", field=name)
@@ -320,13 +371,31 @@ def _and(items: Sequence[Condition]) -> Condition | None:
 
 
 def _non_negative(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise InvalidInput(f"{name} must be a non-negative integer", field=name, got=value)
+    return None if value is None else check_count(name, value, minimum=0)
+
+
+def _check_size(cond: Condition | None) -> None:
+    """Refuse a query too big for some backend, so that every backend gives one answer."""
+    conditions = values = 0
+    stack = [] if cond is None else [cond]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, And | Or):
+            stack.extend(item.items)
+            continue
+        conditions += 1
+        if isinstance(item, In):
+            values += len(item.values)
+    if conditions > MAX_CONDITIONS:
+        raise InvalidInput(
+            f"the query has {conditions} conditions; at most {MAX_CONDITIONS} "
+            "(use an in list for many values)"
+        )
+    if values > MAX_IN_VALUES:
+        raise InvalidInput(
+            f"the query's in lists hold {values} values; at most {MAX_IN_VALUES} "
+            "(split it into several queries)"
+        )
 
 
 # --- reference semantics (the memory backend uses these; SQL backends must agree) ---
@@ -348,7 +417,7 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
             return got is not None and _COMPARATORS[op](got, value)
         case Like(name, pattern, negate):
             got = record.get(name)
-            return got is not None and (like_regex(pattern).fullmatch(got) is not None) != negate
+            return got is not None and like_match(pattern, got) != negate
         case In(name, values, negate):
             got = record.get(name)
             return got is not None and (got in values) != negate
@@ -383,6 +452,56 @@ def sort_key(sort: tuple[tuple[str, bool], ...]) -> Any:
             return False
 
     return _Key
+
+
+def like_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches the LIKE ``pattern`` (``%``, ``_``, ``\\`` escapes), in
+    O(len(pattern) * len(text)) at worst: a regular expression of many ``%`` backtracks
+    exponentially on a hostile pattern."""
+    tokens = _like_tokens(pattern)
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        token = tokens[p] if p < len(tokens) else None
+        if token is not None and token != _STAR and (token is _ONE or token == text[t]):
+            p, t = p + 1, t + 1
+        elif token is _STAR:
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    while p < len(tokens) and tokens[p] is _STAR:
+        p += 1
+    return p == len(tokens)
+
+
+_STAR: Final = object()
+_ONE: Final = object()
+
+
+@lru_cache(maxsize=256)
+def _like_tokens(pattern: str) -> tuple[object, ...]:
+    out: list[object] = []
+    escaped = False
+    for ch in pattern:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "%":
+            if not out or out[-1] is not _STAR:
+                out.append(_STAR)
+        elif ch == "_":
+            out.append(_ONE)
+        else:
+            out.append(ch)
+    if escaped:
+        out.append("\\")
+    return tuple(out)
 
 
 def like_regex(pattern: str) -> re.Pattern[str]:
@@ -428,6 +547,6 @@ _COMPARATORS: Final = {
 
 __all__ = [
     "ALL", "And", "Between", "Compare", "Condition", "In", "IsNull", "Like", "Or", "Query",
-    "Search", "ascii_lower", "escape_like", "like_regex", "matches",
+    "Search", "ascii_lower", "escape_like", "like_match", "like_regex", "matches",
     "parse_condition", "parse_find", "parse_projection", "parse_sort", "sort_key",
 ]  # fmt: skip

@@ -53,6 +53,14 @@ class Dialect(ABC):
         """SQL for an ASCII-case-insensitive LIKE of ``column`` (the pattern is lowercased)."""
         return f"lower({column}) LIKE {self.placeholder} ESCAPE '\\'"
 
+    def in_list(self, column: str, kind: FieldType | None, negate: bool, count: int) -> str:
+        """SQL for ``column`` (NOT) IN the values, which are bound as :meth:`in_params`."""
+        marks = ", ".join(self.placeholder for _ in range(count))
+        return f"{column} {'NOT ' if negate else ''}IN ({marks})"
+
+    def in_params(self, kind: FieldType | None, values: list[Any]) -> Params:
+        return values
+
     def order(self, column: str, descending: bool) -> str:
         return f"{column} DESC NULLS LAST" if descending else f"{column} ASC NULLS FIRST"
 
@@ -174,9 +182,9 @@ class Compiler:
             case In(name, values, negate):
                 if not values:
                     return f"({quote(name)} IS NOT NULL)" if negate else "(1 = 0)"
-                params.extend(enc(self.kind(name), v) for v in values)
-                marks = ", ".join(p for _ in values)
-                return f"({quote(name)} {'NOT ' if negate else ''}IN ({marks}))"
+                kind = self.kind(name)
+                params.extend(self.dialect.in_params(kind, [enc(kind, v) for v in values]))
+                return "(" + self.dialect.in_list(quote(name), kind, negate, len(values)) + ")"
             case Between(name, low, high, negate):
                 params.extend([enc(self.kind(name), low), enc(self.kind(name), high)])
                 return f"({quote(name)} {'NOT ' if negate else ''}BETWEEN {p} AND {p})"

@@ -51,6 +51,15 @@ _COLUMN_TYPES: Final[dict[FieldType, str]] = {
     "json": "json",  # json, not jsonb: keeps the document as written (key order, numbers)
     "datetime": "timestamptz",
 }
+# The element type an ``in`` list is bound as (json is never compared by value).
+_ARRAY_TYPES: Final[dict[FieldType, str]] = {
+    "string": "text",
+    "integer": "bigint",
+    "float": "float8",
+    "boolean": "boolean",
+    "json": "text",
+    "datetime": "timestamptz",
+}
 _UPPER: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
@@ -70,6 +79,16 @@ class _PgDialect(Dialect):
 
     def like(self, column: str, negate: bool) -> str:
         return f"{column} {'NOT ' if negate else ''}LIKE %s ESCAPE '\\'"
+
+    def in_list(self, column: str, kind: FieldType | None, negate: bool, count: int) -> str:
+        # One array parameter: an IN of placeholders stops at 65,535 bound parameters.
+        array = "bigint" if kind is None else _ARRAY_TYPES[kind]
+        if negate:
+            return f"{column} <> ALL(%s::{array}[])"
+        return f"{column} = ANY(%s::{array}[])"
+
+    def in_params(self, kind: FieldType | None, values: list[Any]) -> list[Any]:
+        return [values]
 
     def contains_ci(self, column: str) -> str:
         # ASCII-only folding, exactly as query.ascii_lower (lower() would fold more).
