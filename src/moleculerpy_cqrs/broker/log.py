@@ -15,6 +15,7 @@ from moleculerpy import ServiceBroker
 from moleculerpy_cqrs.core.eventstore import EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.log import EventLog, Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.errors import ResponseTooLargeError
 from moleculerpy_cqrs.stores.fields import Record
 
 READ = "read"
@@ -66,11 +67,18 @@ class RemoteEventLog:
         self._listeners = listeners
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
-        answer: dict[str, Any] = await self._port.call(
-            f"{self.name}.{READ}", {"after": position, "limit": limit}
-        )
-        events: list[Record] = answer["events"]
-        return events
+        while True:
+            try:
+                answer: dict[str, Any] = await self._port.call(
+                    f"{self.name}.{READ}", {"after": position, "limit": limit}
+                )
+            except ResponseTooLargeError:
+                if limit <= 1:
+                    raise
+                limit //= 2  # a page of large events: ask for fewer at a time
+                continue
+            events: list[Record] = answer["events"]
+            return events
 
     async def head(self) -> int:
         answer: dict[str, Any] = await self._port.call(f"{self.name}.{READ}", {"limit": 0})

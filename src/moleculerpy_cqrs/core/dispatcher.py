@@ -124,8 +124,10 @@ class Dispatcher:
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # a store failure: try again later
-                    self.last_error = f"{type(error).__name__}: {error}"
-                    log.exception("dispatcher: store failure, retrying")
+                    message = f"{type(error).__name__}: {error}"
+                    if message != self.last_error:  # once per distinct failure, not per retry
+                        log.exception("dispatcher: store failure, retrying")
+                    self.last_error = message
                     await self._pause(self.backoff)
                     continue
                 if not rows:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from moleculerpy_cqrs.stores.query import ALL
 
 REPLAY_BATCH: Final = 1000
 HEARTBEAT_TTL: Final = 5.0
+_SNAPSHOT_ID: Final = re.compile(r"snapshot_[0-9a-f]{16}")
 _ALIVE: Final = "snapshot.taking."
 SHADOW_SUFFIX: Final = "__shadow"
 LEASE_KEYS: Final = (LEASE_KEY, f"{LEASE_KEY}.claim")
@@ -189,6 +191,8 @@ class Maintenance:
     # ------------------------------------------------------------------ restore
 
     async def restore(self, snapshot_id: str) -> dict[str, Any]:
+        if not _SNAPSHOT_ID.fullmatch(snapshot_id):
+            raise EntityNotFound(snapshot_id, store=f"snapshots of {self.name}")
         row = await self._find_snapshot(snapshot_id)
         kind = EventType(row["eventType"])
         if kind == EventType.SNAPSHOT_FAILED:
@@ -201,7 +205,9 @@ class Maintenance:
                 f"snapshot {snapshot_id} never completed; it cannot be restored",
                 snapshotId=snapshot_id,
             )
-        location = row["payload"]["location"]
+        # Where this aggregate's strategy keeps the snapshot, not what the event says: the
+        # event store's actions can be called by anyone.
+        location = self.strategy.location(snapshot_id, self.name)
         if not location:
             raise Conflict(f"snapshot {snapshot_id} has no backup location")
         async with self.projector.paused():

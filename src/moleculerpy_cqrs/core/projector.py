@@ -310,7 +310,10 @@ class Projector:
             except Exception as error:  # store failure: back off and try again
                 failures += 1
                 self.stats.last_error = f"{type(error).__name__}: {error}"
-                log.exception("projector %s: batch failed, retrying", self.name)
+                if failures == 1:  # once per outage, not once per retry
+                    log.exception("projector %s: batch failed, retrying", self.name)
+                else:
+                    log.debug("projector %s: batch failed again: %s", self.name, error)
                 await asyncio.sleep(min(0.05 * 2**failures, 5.0))
                 continue
             if progressed:
