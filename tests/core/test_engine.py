@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moleculerpy import Context, Service, ServiceBroker, action
+from moleculerpy import Context, Service, ServiceBroker, Settings, action
 
 from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
@@ -26,6 +26,7 @@ from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import ID, FieldType
 from moleculerpy_cqrs.stores.query import Query, parse_find
 from moleculerpy_cqrs.testing.brokers import running_broker
+from tests.broker.test_compat import wait_for_nodes
 from tests.core.conftest import MakeStore
 from tests.core.test_profile_example import expected
 
@@ -416,3 +417,47 @@ async def test_the_dispatcher_writes_its_bookkeeping_once_per_batch(make_store: 
         assert dispatcher.settlements - before == 10
         stored = await broker.call("profileEventStore.count", {"query": {"status": 2}})
         assert stored == 1000
+
+
+async def test_transformations_are_called_on_the_projectors_node_when_it_serves_them(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Node B serves the same transformation as node A; A's projector calls A's, even with
+    MoleculerPy's ``prefer_local`` turned off (which would spread them round-robin)."""
+    calls: dict[str, int] = {"a": 0, "b": 0}
+
+    def transformer(node: str) -> type[Service]:
+        class Transformer(Service):
+            name = "transformer"
+
+            @action(name="row")
+            async def row(self, ctx: Context) -> dict[str, Any]:
+                calls[node] += 1
+                return {"k": ctx.params["payload"]["k"], "n": 1}
+
+        return Transformer
+
+    factory = stores.sqlite(tmp_path / "a")
+    events = EventStore("rowEventStore", factory)
+    rows = Aggregate("rowAggregate", stores.with_fields(factory, FIELDS)).snapshot("rowEventStore")
+    rows.on("row.added").create("transformer.row")
+
+    class Rows(events.mixin(), rows.mixin(), Service):  # type: ignore[misc]
+        name = "rows"
+        add = events.map_action("add", "row.added")
+
+    settings = Settings(transporter=nats_url, log_level="ERROR", prefer_local=False)
+    a = ServiceBroker("node-a", settings=settings)
+    async with running_broker(transformer("b")(), node_id="node-b", transporter=nats_url):
+        await a.register(Rows())
+        await a.register(transformer("a")())
+        await a.start()
+        try:
+            await wait_for_nodes(a, {"node-b": {"transformer"}})
+            assert len(a.registry.get_all_actions("transformer.row")) == 2
+            for i in range(20):
+                await a.call("rows.add", {"k": str(i)})
+            await asyncio.wait_for(rows.runtime(a).wait_caught_up(), 20)
+        finally:
+            await a.stop()
+    assert calls == {"a": 20, "b": 0}

@@ -150,9 +150,11 @@ async def broadcast(
 
 
 class _BatchReadRouting:
-    """Sends a transformation's read of its own aggregate to the node that holds the batch
-    (MoleculerPy's ``call`` has no ``nodeID`` option); every other call as the registry
-    would. The broker's registry becomes a :class:`_RoutingRegistry` on install."""
+    """Calls made for a projector's batch (their meta names it): a transformation's read of
+    its own aggregate goes to the node that holds the batch (MoleculerPy's ``call`` has no
+    ``nodeID`` option), and any other such call — the transformation itself — to this node
+    when it serves the action, whatever ``prefer_local`` says. Every other call as the
+    registry would. The broker's registry becomes a :class:`_RoutingRegistry` on install."""
 
     __slots__ = ()
 
@@ -160,10 +162,10 @@ class _BatchReadRouting:
         meta = getattr(ctx, "meta", None)
         if isinstance(meta, dict) and AGGREGATE_KEY in meta:
             aggregate, node = meta.get(AGGREGATE_KEY), meta.get(NODE_KEY)
-            if isinstance(aggregate, str) and str(name).startswith(aggregate + "."):
-                for endpoint in cast(Any, self).get_all_actions(name):
-                    if endpoint.node_id == node:
-                        return endpoint
+            own_read = isinstance(aggregate, str) and str(name).startswith(aggregate + ".")
+            for endpoint in cast(Any, self).get_all_actions(name):
+                if endpoint.node_id == node if own_read else endpoint.is_local:
+                    return endpoint
         return cast(Any, super()).get_action_endpoint(name, ctx)
 
 
