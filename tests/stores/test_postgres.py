@@ -22,7 +22,7 @@ from psycopg.conninfo import make_conninfo
 
 from moleculerpy_cqrs.errors import StoreError
 from moleculerpy_cqrs.stores.backends.postgres import _DATABASES, PostgresAdapter
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Record
 from moleculerpy_cqrs.stores.query import ascii_lower, matches, parse_find
 from moleculerpy_cqrs.testing.conformance import AdapterConformance
@@ -90,9 +90,9 @@ async def _until_waiting(dsn: str, app: str) -> None:
 class _Unlocked(PostgresAdapter):
     """An append without the commit-order lock: what the gap problem looks like."""
 
-    async def _append(self, records: list[Record]) -> list[Record]:
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         async with self._session(atomic=True) as conn:
-            return await self._insert_rows(conn, records)
+            return await self._insert_rows(conn, rows)
 
 
 async def test_without_the_lock_a_tailing_reader_skips_a_late_commit(

@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -50,6 +50,15 @@ _COLUMN_TYPES: Final[dict[FieldType, str]] = {
     "boolean": "boolean",
     "json": "json",  # json, not jsonb: keeps the document as written (key order, numbers)
     "datetime": "timestamptz",
+}
+# Arrays of a batch's values per column (json travels as text, cast per value).
+_ARRAY_TYPES: Final[dict[FieldType, str]] = {
+    "string": "text[]",
+    "integer": "bigint[]",
+    "float": "double precision[]",
+    "boolean": "boolean[]",
+    "json": "text[]",
+    "datetime": "timestamptz[]",
 }
 _UPPER: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -246,6 +255,7 @@ class PostgresAdapter(Adapter):
         self._compiler = Compiler(name, self.fields, _DIALECT)
         self._compiler.table = self._table
         self._columns = ", ".join(quote(c) for c in self._compiler.columns)
+        self._insert_sql = (self._bulk_insert_sql(lock=False), self._bulk_insert_sql(lock=True))
         self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
         self._db: _Database | None = None
         self._closed = False
@@ -308,6 +318,34 @@ class PostgresAdapter(Adapter):
             f"CREATE TABLE {table} ("
             f"{quote(ID)} bigint NOT NULL DEFAULT nextval('{self._seq}'::regclass){columns}, "
             f"CONSTRAINT {pkey} PRIMARY KEY ({quote(ID)}))"
+        )
+
+    def _bulk_insert_sql(self, *, lock: bool) -> bytes:
+        """One INSERT of any number of rows, a parameter per column (an array of its values):
+        the same statement for every batch size, so the server keeps it prepared.
+
+        Ids are drawn in the order of the rows (``ORDER BY`` the position in the arrays:
+        volatile output expressions are computed after the sort), after the write lock is
+        taken (every joined row needs the lock's row), so they are consecutive under it.
+        """
+        seq = f"nextval('{self._seq}'::regclass)"
+        if not self.fields:
+            source = 'generate_series(1, %s) WITH ORDINALITY AS u(n, "$ord")'
+            names, picks = "", ""
+        else:
+            arrays = ", ".join(f"%s::{_ARRAY_TYPES[k]}" for k in self.fields.values())
+            aliases = ", ".join(quote(n) for n in self.fields)
+            source = f'unnest({arrays}) WITH ORDINALITY AS u({aliases}, "$ord")'
+            names = ", " + aliases
+            picks = "".join(
+                f", u.{quote(n)}::json" if k == "json" else f", u.{quote(n)}"
+                for n, k in self.fields.items()
+            )
+        if lock:
+            source += " CROSS JOIN (SELECT pg_advisory_xact_lock(%s)) AS l"
+        return _q(
+            f"INSERT INTO {self._table} ({quote(ID)}{names}) "
+            f'SELECT {seq}{picks} FROM {source} ORDER BY u."$ord" RETURNING {quote(ID)}'
         )
 
     async def close(self) -> None:
@@ -457,26 +495,31 @@ class PostgresAdapter(Adapter):
     # ------------------------------------------------------------------ writes
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
+        rows = [CheckedRow(self, r, {}, self._encode_row(r, {})) for r in records]
         async with self._session(write=True) as conn:
-            return await self._insert_rows(conn, records)
+            return await self._insert_rows(conn, rows)
 
-    async def _insert_rows(self, conn: Conn, records: list[Record]) -> list[Record]:
-        names = list(self.fields)
-        if names:
-            sql = self._compiler.insert(names) + " RETURNING id"
-        else:
-            sql = f"INSERT INTO {self._table} DEFAULT VALUES RETURNING id"
-        params = [[_DIALECT.encode(self.fields[n], r[n]) for n in names] for r in records]
-        ids: list[int] = []
-        async with conn.cursor() as cur:
-            if len(params) == 1:
-                await cur.execute(_q(sql), params[0])
-                ids.append((await _one(cur))[0])
-            else:
-                await cur.executemany(_q(sql), params, returning=True)
-                async for result in cur.results():
-                    ids.append((await _one(result))[0])
-        return [{ID: i, **r} for i, r in zip(ids, records, strict=True)]
+    def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
+        return tuple(
+            json_texts.get(n) or _DIALECT.encode(k, record[n]) if k == "json" else record[n]
+            for n, k in self.fields.items()
+        )
+
+    async def _insert_rows(
+        self, conn: Conn, rows: list[CheckedRow], *, lock: bool = False
+    ) -> list[Record]:
+        """Insert ``rows`` with one statement; ``lock`` takes the table's write lock in that
+        statement (for a statement that is its own transaction)."""
+        params: list[Any] = (
+            [list(c) for c in zip(*(r.values for r in rows), strict=True)]
+            if self.fields
+            else [len(rows)]
+        )
+        if lock:
+            params.append(self._write_key)
+        cur = await conn.execute(self._insert_sql[lock], params)
+        ids = sorted(row[0] for row in await cur.fetchall())
+        return [{ID: i, **r.record} for i, r in zip(ids, rows, strict=True)]
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
@@ -511,10 +554,15 @@ class PostgresAdapter(Adapter):
 
     # ------------------------------------------------------------------ event log
 
-    async def _append(self, records: list[Record]) -> list[Record]:
-        # Every write to a table holds its write lock until commit (see _session), so
-        # appends need nothing more than inserts.
-        return await self._insert_many(records)
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
+        db = self._require()
+        if db.transaction() is not None:
+            async with self._session(write=True) as conn:
+                return await self._insert_rows(conn, rows)
+        # Outside a transaction the statement is one: it takes the write lock (held until
+        # its commit) and inserts, in one round trip to the server.
+        async with self._session() as conn:
+            return await self._insert_rows(conn, rows, lock=True)
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
         return await self._select(

@@ -41,7 +41,7 @@ from typing import Any, Final
 from urllib.request import pathname2url
 
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, StoreError
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta, declare_fields
 from moleculerpy_cqrs.stores.query import Compare, In, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -309,6 +309,7 @@ class SqliteAdapter(Adapter):
         self._database: _Database | None = None
         self._closed = False
         self._sql = Compiler(name, self.fields, _DIALECT)
+        self._insert_sql = self._sql.insert(list(self.fields))
         self._columns = (ID, *self.fields)
         self._decoders: dict[str, Callable[[Any], Any] | None] = {
             ID: None,
@@ -422,19 +423,22 @@ class SqliteAdapter(Adapter):
     # ------------------------------------------------------------------ writes
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
-        sql = self._sql.insert(list(self.fields))
-        rows = [[_encode(k, r[n]) for n, k in self.fields.items()] for r in records]
+        values = [self._encode_row(r, {}) for r in records]
+        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        return [{ID: first + i, **r} for i, r in enumerate(records)]
 
-        def job(conn: sqlite3.Connection) -> list[int]:
-            return [int(conn.execute(sql, values).lastrowid or 0) for values in rows]
+    def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
+        return tuple(
+            json_texts.get(n) or _encode(k, record[n]) if k == "json" else _encode(k, record[n])
+            for n, k in self.fields.items()
+        )
 
-        ids = await self._write(job)
-        return [{ID: i, **r} for i, r in zip(ids, records, strict=True)]
-
-    async def _append(self, records: list[Record]) -> list[Record]:
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         # One writer at a time (BEGIN IMMEDIATE or the joined transaction): id order is
         # commit order, so a reader can never see a later id before an earlier one.
-        return await self._insert_many(records)
+        values = [r.values for r in rows]
+        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
@@ -632,6 +636,17 @@ def _rowcount(sql: str, params: list[Any], conn: sqlite3.Connection) -> int:
 
 def _executemany(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> None:
     conn.executemany(sql, rows)
+
+
+def _insert_rows(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> int:
+    """Insert ``rows`` (inside the writer's transaction); answers the first new id.
+
+    The ids are consecutive: AUTOINCREMENT gives each new row one more than the largest id
+    the table ever had, and no other connection writes until this transaction ends.
+    """
+    conn.executemany(sql, rows)
+    (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+    return int(last) - len(rows) + 1
 
 
 def _set_meta(table: str, key: str, text: str | None, conn: sqlite3.Connection) -> None:
