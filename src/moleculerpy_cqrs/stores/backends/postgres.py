@@ -255,6 +255,7 @@ class PostgresAdapter(Adapter):
         self._compiler = Compiler(name, self.fields, _DIALECT)
         self._compiler.table = self._table
         self._columns = ", ".join(quote(c) for c in self._compiler.columns)
+        self._json_columns = [(i, n) for i, (n, k) in enumerate(self.fields.items()) if k == "json"]
         self._insert_sql = (self._bulk_insert_sql(lock=False), self._bulk_insert_sql(lock=True))
         self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
         self._db: _Database | None = None
@@ -495,15 +496,19 @@ class PostgresAdapter(Adapter):
     # ------------------------------------------------------------------ writes
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
-        rows = [CheckedRow(self, r, {}, self._encode_row(r, {})) for r in records]
+        rows = [self._checked_row(r) for r in records]
         async with self._session(write=True) as conn:
             return await self._insert_rows(conn, rows)
 
+    def _checked_row(self, record: Record) -> CheckedRow:
+        texts = self._json_texts(record)
+        return CheckedRow(self, record, texts, self._encode_row(record, texts))
+
     def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
-        return tuple(
-            json_texts.get(n) or _DIALECT.encode(k, record[n]) if k == "json" else record[n]
-            for n, k in self.fields.items()
-        )
+        values = [record[n] for n in self.fields]
+        for i, name in self._json_columns:
+            values[i] = json_texts.get(name)
+        return tuple(values)
 
     async def _insert_rows(
         self, conn: Conn, rows: list[CheckedRow], *, lock: bool = False

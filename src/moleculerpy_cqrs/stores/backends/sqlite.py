@@ -310,6 +310,12 @@ class SqliteAdapter(Adapter):
         self._closed = False
         self._sql = Compiler(name, self.fields, _DIALECT)
         self._insert_sql = self._sql.insert(list(self.fields))
+        # Fields whose values the driver takes other than as checked (text and numbers pass).
+        self._converted = [
+            (i, n, k)
+            for i, (n, k) in enumerate(self.fields.items())
+            if k in ("json", "boolean", "datetime")
+        ]
         self._columns = (ID, *self.fields)
         self._decoders: dict[str, Callable[[Any], Any] | None] = {
             ID: None,
@@ -423,15 +429,15 @@ class SqliteAdapter(Adapter):
     # ------------------------------------------------------------------ writes
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
-        values = [self._encode_row(r, {}) for r in records]
+        values = [self._encode_row(r, self._json_texts(r)) for r in records]
         first = await self._write(partial(_insert_rows, self._insert_sql, values))
         return [{ID: first + i, **r} for i, r in enumerate(records)]
 
     def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
-        return tuple(
-            json_texts.get(n) or _encode(k, record[n]) if k == "json" else _encode(k, record[n])
-            for n, k in self.fields.items()
-        )
+        values = [record[n] for n in self.fields]
+        for i, name, kind in self._converted:
+            values[i] = json_texts.get(name) if kind == "json" else _encode(kind, values[i])
+        return tuple(values)
 
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         # One writer at a time (BEGIN IMMEDIATE or the joined transaction): id order is
