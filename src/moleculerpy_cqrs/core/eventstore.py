@@ -163,10 +163,13 @@ class EventStoreRuntime:
             self._announcing = asyncio.create_task(self._announce(), name="cqrs-announce")
 
     async def _announce(self) -> None:
-        """Wake workers on other nodes (they read through ``<name>.read``)."""
+        """Wake workers on other nodes (they read through ``<name>.read``). This node's
+        dispatcher and projectors were woken by ``_committed``: with no other node
+        listening, a broadcast (a broker context and task per commit, as much CPU as the
+        append's own call with one caller) is skipped."""
         await asyncio.sleep(0)  # coalesce the commits of this loop iteration
         try:
-            await self.port.broadcast(f"cqrs.{self.name}.appended", {"head": 0})
+            await self.port.broadcast(f"cqrs.{self.name}.appended", {"head": 0}, others_only=True)
         except Exception:
             log.exception("event store %s: could not announce new events", self.name)
 
