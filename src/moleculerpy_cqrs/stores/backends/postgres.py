@@ -51,6 +51,8 @@ _COLUMN_TYPES: Final[dict[FieldType, str]] = {
     "json": "json",  # json, not jsonb: keeps the document as written (key order, numbers)
     "datetime": "timestamptz",
 }
+# From this many rows on, a batch goes by COPY (measured: CPU per row halves by 8-16 rows).
+_COPY_FROM: Final = 16
 # Arrays of a batch's values per column (json travels as text, cast per value).
 _ARRAY_TYPES: Final[dict[FieldType, str]] = {
     "string": "text[]",
@@ -257,6 +259,9 @@ class PostgresAdapter(Adapter):
         self._columns = ", ".join(quote(c) for c in self._compiler.columns)
         self._json_columns = [(i, n) for i, (n, k) in enumerate(self.fields.items()) if k == "json"]
         self._insert_sql = (self._bulk_insert_sql(lock=False), self._bulk_insert_sql(lock=True))
+        self._ids_sql = (self._ids_sql_for(lock=False), self._ids_sql_for(lock=True))
+        names = "".join(f", {quote(n)}" for n in self.fields)
+        self._copy_sql = _q(f"COPY {self._table} ({quote(ID)}{names}) FROM STDIN")
         self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
         self._db: _Database | None = None
         self._closed = False
@@ -348,6 +353,13 @@ class PostgresAdapter(Adapter):
             f"INSERT INTO {self._table} ({quote(ID)}{names}) "
             f'SELECT {seq}{picks} FROM {source} ORDER BY u."$ord" RETURNING {quote(ID)}'
         )
+
+    def _ids_sql_for(self, *, lock: bool) -> bytes:
+        """``%s`` new ids, increasing (drawn after the sort, after the lock)."""
+        source = "generate_series(1, %s) AS g(n)"
+        if lock:
+            source += " CROSS JOIN (SELECT pg_advisory_xact_lock(%s)) AS l"
+        return _q(f"SELECT nextval('{self._seq}'::regclass) FROM {source} ORDER BY g.n")
 
     async def close(self) -> None:
         if self._closed:
@@ -513,17 +525,30 @@ class PostgresAdapter(Adapter):
     async def _insert_rows(
         self, conn: Conn, rows: list[CheckedRow], *, lock: bool = False
     ) -> list[Record]:
-        """Insert ``rows`` with one statement; ``lock`` takes the table's write lock in that
-        statement (for a statement that is its own transaction)."""
-        params: list[Any] = (
-            [list(c) for c in zip(*(r.values for r in rows), strict=True)]
-            if self.fields
-            else [len(rows)]
-        )
-        if lock:
-            params.append(self._write_key)
-        cur = await conn.execute(self._insert_sql[lock], params)
-        ids = sorted(row[0] for row in await cur.fetchall())
+        """Insert ``rows``; ``lock`` first takes the table's write lock (held until commit).
+
+        A few rows go in one INSERT (one round trip: with ``lock``, a statement that is its
+        own transaction commits in it); more go by COPY, which costs the client half the CPU
+        per row (the INSERT's arrays are built in Python) but two more round trips, and with
+        ``lock`` needs ``conn`` in a transaction.
+        """
+        if len(rows) < _COPY_FROM:
+            params: list[Any] = (
+                [list(c) for c in zip(*(r.values for r in rows), strict=True)]
+                if self.fields
+                else [len(rows)]
+            )
+            if lock:
+                params.append(self._write_key)
+            cur = await conn.execute(self._insert_sql[lock], params)
+            ids = sorted(row[0] for row in await cur.fetchall())
+        else:
+            params = [len(rows), self._write_key] if lock else [len(rows)]
+            cur = await conn.execute(self._ids_sql[lock], params)
+            ids = sorted(row[0] for row in await cur.fetchall())
+            async with conn.cursor() as copying, copying.copy(self._copy_sql) as copy:
+                for position, row in zip(ids, rows, strict=True):
+                    await copy.write_row((position, *row.values))
         return [{ID: i, **r.record} for i, r in zip(ids, rows, strict=True)]
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
@@ -564,9 +589,9 @@ class PostgresAdapter(Adapter):
         if db.transaction() is not None:
             async with self._session(write=True) as conn:
                 return await self._insert_rows(conn, rows)
-        # Outside a transaction the statement is one: it takes the write lock (held until
-        # its commit) and inserts, in one round trip to the server.
-        async with self._session() as conn:
+        # A few rows: one statement that is its own transaction (lock, insert, commit in one
+        # round trip). More: a transaction around the lock, the ids and the COPY.
+        async with self._session(atomic=len(rows) >= _COPY_FROM) as conn:
             return await self._insert_rows(conn, rows, lock=True)
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
