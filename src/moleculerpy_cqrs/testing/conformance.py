@@ -899,7 +899,7 @@ class EventLogCases(AdapterCase):
         assert await log.read_after(0, 10) == appended
         assert await log.append_checked([]) == []
 
-    @pytest.mark.parametrize("copies", [1, 12])  # a backend may write large batches otherwise
+    @pytest.mark.parametrize("copies", [1, 50])  # a backend may write large batches otherwise
     async def test_append_checked_keeps_every_field_type(self, copies: int) -> None:
         log = await self.open("typed_log", ITEM_FIELDS)
         at = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -912,7 +912,7 @@ class EventLogCases(AdapterCase):
         ]
         appended = await log.append_checked([log.check_row(r) for r in records * copies])
         assert [r["id"] for r in appended] == sorted({r["id"] for r in appended})
-        assert await log.read_after(0, 100) == appended
+        assert await log.read_after(0, 1000) == appended
         empty = dict.fromkeys(ITEM_FIELDS)
         assert appended[1] == {**empty, "id": appended[1]["id"], "active": True}
         assert (appended[0]["name"], appended[0]["at"]) == (text, at)
