@@ -50,14 +50,17 @@ _C_JSON: Final = (
 
 def encode_json(value: Any) -> str:
     """A checked JSON value as the compact text every backend stores."""
+    if type(value) is dict and not value:  # an event's usual meta
+        return "{}"
     if _C_JSON is None:
         return _JSON.encode(value)
     return "".join(_C_JSON(value, 0))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs a call per field to build
 class CheckedRow:
-    """A record checked and encoded by :meth:`Adapter.check_row`, ready to append."""
+    """A record checked and encoded by :meth:`Adapter.check_row`, ready to append; treat it
+    as read-only."""
 
     adapter: Adapter
     record: Record

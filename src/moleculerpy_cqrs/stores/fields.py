@@ -209,7 +209,7 @@ def check_record(fields: Fields, record: Mapping[str, Any], *, partial: bool = F
     With ``partial`` (an update) only the given keys are checked; otherwise missing declared
     fields are stored as ``None``. ``id`` is never accepted here.
     """
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise InvalidInput(f"a record must be an object, got {type(record).__name__}")
     unknown = [k for k in record if k not in fields]
     if unknown:
