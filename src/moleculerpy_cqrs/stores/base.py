@@ -258,8 +258,7 @@ class Adapter(ABC):
 
         ``json_texts`` holds the encoded JSON of the record's non-null json fields (from
         :meth:`_json_texts`); a backend storing JSON as text uses it instead of encoding
-        again. By default, the values as
-        they are (for backends that keep Python objects).
+        again. By default, the values as they are (for backends that keep Python objects).
         """
         return tuple(record[n] for n in self.fields)
 
