@@ -6,6 +6,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from moleculerpy_cqrs.core.committer import GroupCommitter
 from moleculerpy_cqrs.errors import StoreError
 from moleculerpy_cqrs.stores import sqlite as sqlite_store
@@ -31,6 +33,28 @@ async def test_concurrent_appends_share_one_commit(tmp_path: Path) -> None:
         assert [a["id"] for a in answers] == list(range(1, 51))
         assert (committer.batches, committer.appended) == (1, 50)
         assert committed == answers == await log.read_after(0, 100)
+    finally:
+        await log.close()
+
+
+@pytest.mark.parametrize("callers", [1, 3, 64])
+async def test_callers_in_waves_are_all_answered(tmp_path: Path, callers: int) -> None:
+    # Each caller appends one row after another: its next row comes as soon as the last is
+    # answered, before the writer that answered it has ended; no row may be left queued
+    # without a writer.
+    log = await _log(tmp_path)
+    committer = GroupCommitter(log, lambda rows: None)
+
+    async def caller(n: int) -> list[int]:
+        return [
+            (await committer.append(log.check_row({"event": f"{n}.{i}"})))["id"] for i in range(15)
+        ]
+
+    try:
+        ids = await asyncio.wait_for(asyncio.gather(*(caller(n) for n in range(callers))), 60)
+        assert sorted(i for mine in ids for i in mine) == list(range(1, callers * 15 + 1))
+        assert all(mine == sorted(mine) for mine in ids)
+        assert await log.head() == callers * 15
     finally:
         await log.close()
 
