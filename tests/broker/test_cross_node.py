@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moleculerpy import Context, Service, ServiceBroker, Settings, action
+from moleculerpy import Context, Service, ServiceBroker, Settings, action, event
 
 from moleculerpy_cqrs import Aggregate, EventStore, stores
 from moleculerpy_cqrs.examples.profile import SUMMARY_FIELDS
 from moleculerpy_cqrs.face.demo import random_profile
+from moleculerpy_cqrs.testing.brokers import running_broker
 from moleculerpy_cqrs.testing.nats_server import NatsServer
 from tests.core.test_profile_example import expected
 
@@ -97,3 +98,54 @@ async def test_an_aggregate_on_another_node(
     assert got == expected(profiles)
     assert status["eventStore"] == "profileEventStore"
     assert status["checkpoint"] == status["head"] == len(profiles)
+
+
+class _Heard(Service):
+    """Hears the event store's ``appended`` announcements."""
+
+    name = "heard"
+
+    def __init__(self) -> None:
+        super().__init__(self.name)
+        self.heard = asyncio.Queue[Any]()
+
+    @event(name="cqrs.noteEventStore.appended")
+    async def appended(self, ctx: Context) -> None:
+        await self.heard.put(ctx.params)
+
+
+def _notes(tmp_path: Path) -> tuple[EventStore, Service]:
+    events = EventStore("noteEventStore", stores.sqlite(tmp_path / "notes"))
+
+    class Notes(events.mixin(), Service):  # type: ignore[misc]
+        name = "notes"
+        add = events.map_action("add", "note.added")
+
+    return events, Notes()
+
+
+async def test_appends_are_announced_to_other_nodes(
+    tmp_path: Path, nats_url: str, brokers: list[ServiceBroker]
+) -> None:
+    _, notes = _notes(tmp_path)
+    listener = _Heard()
+    node_a = await node(brokers, "node-a", nats_url, notes)
+    await node(brokers, "node-b", nats_url, listener)
+    await node_a.wait_for_services(["heard"], timeout=10)
+    await node_a.call("notes.add", {"text": "hello"})
+    assert await asyncio.wait_for(listener.heard.get(), 10) == {"head": 0}
+
+
+async def test_with_no_other_node_listening_nothing_is_announced(tmp_path: Path) -> None:
+    # This node's dispatcher and projectors are woken directly; a broadcast per commit would
+    # cost as much as the append's own call.
+    events, notes = _notes(tmp_path)
+    listener = _Heard()
+    async with running_broker(notes, listener) as broker:
+        runtime = events.runtime(broker)
+        for n in range(3):
+            await broker.call("notes.add", {"n": n})
+            assert runtime._announcing is not None
+            await runtime._announcing
+        assert listener.heard.empty()
+        assert await broker.call("noteEventStore.count", {}) == 3

@@ -68,6 +68,23 @@ async def test_meta_is_kept_and_map_event_saves_what_it_hears(make_store: MakeSt
     assert [r["sku"] for r in rows] == ["a", "b"]
 
 
+async def test_meta_that_cannot_be_stored_is_left_out_not_refused(make_store: MakeStore) -> None:
+    _, _, service = _build(make_store, Collector())
+    meta = {
+        "user": "ann",
+        "$cqrsTx": "private",
+        "nan": float("nan"),
+        "pair": (1, 2),
+        "deep": {"when": object()},
+        "nul": "a\x00b",
+    }
+    async with running_broker(service) as broker:
+        saved = await broker.call("cart.add", {"sku": "a"}, meta=meta)
+        stored = await broker.call("cartEventStore.find", {})
+    assert [e["meta"] for e in stored] == [{"user": "ann"}]
+    assert saved["payload"] == {"sku": "a"}
+
+
 async def test_remove_and_none(make_store: MakeStore) -> None:
     _, carts, service = _build(make_store, Collector())
     async with running_broker(service) as broker:

@@ -22,7 +22,7 @@ from psycopg.conninfo import make_conninfo
 
 from moleculerpy_cqrs.errors import StoreError
 from moleculerpy_cqrs.stores.backends.postgres import _DATABASES, PostgresAdapter
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Record
 from moleculerpy_cqrs.stores.query import ascii_lower, matches, parse_find
 from moleculerpy_cqrs.testing.conformance import AdapterConformance
@@ -90,9 +90,9 @@ async def _until_waiting(dsn: str, app: str) -> None:
 class _Unlocked(PostgresAdapter):
     """An append without the commit-order lock: what the gap problem looks like."""
 
-    async def _append(self, records: list[Record]) -> list[Record]:
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         async with self._session(atomic=True) as conn:
-            return await self._insert_rows(conn, records)
+            return await self._insert_rows(conn, rows)
 
 
 async def test_without_the_lock_a_tailing_reader_skips_a_late_commit(
@@ -121,24 +121,29 @@ async def test_without_the_lock_a_tailing_reader_skips_a_late_commit(
         await late.close()
 
 
+@pytest.mark.parametrize("late_rows", [1, 130])  # one INSERT, or by COPY
 async def test_an_append_waits_for_an_earlier_uncommitted_append(
-    make: Make, postgres_dsn: str
+    make: Make, postgres_dsn: str, late_rows: int
 ) -> None:
     early = await make()
     late = await make(app="late-writer")
     reader = await make(app="reader")
     async with early.transaction():
         (first,) = await early.append([{"event": "first"}])
-        pending = asyncio.create_task(late.append([{"event": "second"}]))
+        pending = asyncio.create_task(late.append([{"event": "second"}] * late_rows))
         await _until_waiting(postgres_dsn, "late-writer")
-        assert await reader.read_after(0, 10) == []
+        assert await reader.read_after(0, 100) == []
         assert not pending.done()
-    (second,) = await pending
-    assert first["id"] < second["id"]
-    assert [r["event"] for r in await reader.read_after(0, 10)] == ["first", "second"]
+    second = await pending
+    assert first["id"] < second[0]["id"]
+    events = [r["event"] for r in await reader.read_after(0, 1000)]
+    assert events == ["first"] + ["second"] * late_rows
 
 
-async def test_concurrent_writers_never_leave_a_gap_behind_a_tailing_reader(make: Make) -> None:
+@pytest.mark.parametrize("sizes", [(1, 4), (110, 150)])  # INSERTs, then COPY too
+async def test_concurrent_writers_never_leave_a_gap_behind_a_tailing_reader(
+    make: Make, sizes: tuple[int, int]
+) -> None:
     writers = await asyncio.gather(*(make(app=f"writer-{i}") for i in range(8)))
     reader = await make(app="reader")
     acknowledged: list[int] = []
@@ -148,7 +153,7 @@ async def test_concurrent_writers_never_leave_a_gap_behind_a_tailing_reader(make
         rng = random.Random(i)
         for n in range(25):
             batch = [
-                {"event": f"w{i}-{n}-{k}", "payload": {"k": k}} for k in range(rng.randint(1, 4))
+                {"event": f"w{i}-{n}-{k}", "payload": {"k": k}} for k in range(rng.randint(*sizes))
             ]
             rows = await adapter.append(batch)
             ids = [r["id"] for r in rows]

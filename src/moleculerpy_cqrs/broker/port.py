@@ -23,8 +23,11 @@ class MoleculerPort:
         if self.broker.registry.get_all_events(event):
             await self.broker.emit(event, payload, meta or {})
 
-    async def broadcast(self, event: str, payload: dict[str, Any]) -> None:
-        if self.broker.registry.get_all_events(event):
+    async def broadcast(
+        self, event: str, payload: dict[str, Any], *, others_only: bool = False
+    ) -> None:
+        handlers = self.broker.registry.get_all_events(event)
+        if any(not h.is_local for h in handlers) if others_only else handlers:
             await self.broker.broadcast(event, payload)
 
     def is_available(self, action: str) -> bool:

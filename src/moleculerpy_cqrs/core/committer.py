@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Final
 
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Record
 
 MAX_BATCH: Final = 1000
@@ -28,15 +28,16 @@ class GroupCommitter:
         self._adapter = adapter
         self._on_commit = on_commit
         self._max_batch = max_batch
-        self._queue: list[tuple[Record, asyncio.Future[Record]]] = []
+        self._queue: list[tuple[CheckedRow, asyncio.Future[Record]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
         self.appended = 0
 
-    async def append(self, record: Record) -> Record:
-        """Append one checked record; answers it with its position once committed."""
+    async def append(self, row: CheckedRow) -> Record:
+        """Append one row checked by the adapter; answers it with its position once
+        committed."""
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        self._queue.append((record, future))
+        self._queue.append((row, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="cqrs-group-commit")
         return await future
@@ -52,9 +53,9 @@ class GroupCommitter:
             del self._queue[: self._max_batch]
             await self._write(batch)
 
-    async def _write(self, batch: list[tuple[Record, asyncio.Future[Record]]]) -> None:
+    async def _write(self, batch: list[tuple[CheckedRow, asyncio.Future[Record]]]) -> None:
         try:
-            rows = await self._adapter.append([record for record, _ in batch])
+            rows = await self._adapter.append_checked([row for row, _ in batch])
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0][1], error=error)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -15,8 +14,8 @@ from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
 from moleculerpy_cqrs.errors import InvalidInput, StoreError
-from moleculerpy_cqrs.stores.base import Adapter
-from moleculerpy_cqrs.stores.fields import Record, check_record
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
+from moleculerpy_cqrs.stores.fields import Record, check_json
 from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_condition
 
 MAX_PAYLOAD_BYTES: Final = 1_048_576
@@ -97,12 +96,15 @@ class EventStoreRuntime:
             "updated": now,
             "status": int(Status.CREATED),
             "eventType": int(event_type),
-            "payload": self._check_payload(payload),
+            "payload": payload,
             "meta": self._clean_meta(meta),
             "attempts": 0,
         }
+        row = self._check(record)
         await until_ready(self.ready, self.name)
-        return await self.committer.append(check_record(self.adapter.fields, record))
+        if row.adapter is not self.adapter:  # restarted meanwhile, with a fresh adapter
+            row = self._check(record)
+        return await self.committer.append(row)
 
     async def record_snapshot(self, event: str, payload: dict[str, Any]) -> Record:
         """Store a snapshot-created event (eventType 1)."""
@@ -179,42 +181,50 @@ class EventStoreRuntime:
             self._announcing = asyncio.create_task(self._announce(), name="cqrs-announce")
 
     async def _announce(self) -> None:
-        """Wake workers on other nodes (they read through ``<name>.read``)."""
+        """Wake workers on other nodes (they read through ``<name>.read``). This node's
+        dispatcher and projectors were woken by ``_committed``: with no other node
+        listening, a broadcast (a broker context and task per commit, as much CPU as the
+        append's own call with one caller) is skipped."""
         await asyncio.sleep(0)  # coalesce the commits of this loop iteration
         try:
-            await self.port.broadcast(f"cqrs.{self.name}.appended", {"head": 0})
+            await self.port.broadcast(f"cqrs.{self.name}.appended", {"head": 0}, others_only=True)
         except Exception:
             log.exception("event store %s: could not announce new events", self.name)
 
-    def _check_payload(self, payload: Any) -> Any:
+    def _check(self, record: Record) -> CheckedRow:
+        """The record checked and encoded for the log's adapter, once; the payload's size
+        is measured on its encoded text."""
         try:
-            encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
-        except (TypeError, ValueError) as error:
-            raise InvalidInput(f"the payload must be JSON: {error}", field="payload") from None
-        except RecursionError:
-            raise InvalidInput("the payload nests too deeply", field="payload") from None
-        try:
-            size = len(encoded.encode())
-        except UnicodeEncodeError as error:
-            bad = encoded[error.start : error.end]
-            raise InvalidInput(
-                f"the payload holds a lone surrogate ({', '.join(f'U+{ord(c):04X}' for c in bad)}),"
-                " which is not text: send the character itself or a complete surrogate pair",
-                field="payload",
-            ) from None
+            row = self.adapter.check_row(record)
+        except InvalidInput as error:
+            if error.field == "meta":
+                # Meta is context, not the command: entries that cannot be stored are left
+                # out rather than refusing the command. (The payload, checked before the
+                # meta, passed.)
+                record["meta"] = {k: v for k, v in record["meta"].items() if _storable(k, v)}
+                row = self.adapter.check_row(record)
+            elif error.field == "payload":
+                raise InvalidInput(
+                    f"the payload must be JSON that reads back as written: {error}",
+                    field="payload",
+                ) from None
+            else:
+                raise
+        text = row.json.get("payload", "")
+        size = len(text) if len(text) * 4 <= self.max_payload_bytes else len(text.encode())
         if size > self.max_payload_bytes:
             raise InvalidInput(
                 f"the payload is {size} bytes; the limit is {self.max_payload_bytes} "
                 "(EventStore(..., max_payload_bytes=...) raises it)",
                 field="payload",
             )
-        if "\x00" in encoded or "\\u0000" in encoded:
-            raise InvalidInput("the payload may not hold NUL characters", field="payload")
-        return payload
+        return row
 
-    def _clean_meta(self, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-        out = {k: v for k, v in (meta or {}).items() if k not in _PRIVATE_META}
-        return out if _is_json(out) else {k: v for k, v in out.items() if _is_json({k: v})}
+    @staticmethod
+    def _clean_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        if not meta:
+            return {}
+        return {k: v for k, v in meta.items() if k not in _PRIVATE_META}
 
 
 async def until_ready(ready: asyncio.Event, name: str) -> None:
@@ -239,10 +249,9 @@ def _is_snapshot(row: Record) -> bool:
     return row.get("eventType") in snapshot_kinds and str(row.get("event")).endswith(".snapshot")
 
 
-def _is_json(value: Any) -> bool:
-    """Whether ``value`` can be stored as JSON text (lone surrogates cannot: not UTF-8)."""
+def _storable(key: Any, value: Any) -> bool:
     try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
-    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        check_json("meta", {key: value})
+    except InvalidInput:
         return False
     return True

@@ -17,8 +17,11 @@ class BrokerPort(Protocol):
         """Emit an event once per subscribing service; a no-op when nobody listens.
         Raises only when the event could not be handed over (e.g. transport down)."""
 
-    async def broadcast(self, event: str, payload: dict[str, Any]) -> None:
-        """Tell every node (best effort)."""
+    async def broadcast(
+        self, event: str, payload: dict[str, Any], *, others_only: bool = False
+    ) -> None:
+        """Tell every node (best effort). With ``others_only``, nothing is sent unless
+        another node listens (this node's listeners may then hear it too)."""
 
     async def wait_for_actions(self, actions: list[str]) -> None:
         """Return once every action is callable somewhere in the cluster."""

@@ -14,13 +14,15 @@ and writers wait until it ends. Sibling tables (:meth:`Adapter.sibling`) share i
 
 from __future__ import annotations
 
+import json
+import json.encoder
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-from moleculerpy_cqrs.errors import CqrsError, InvalidInput
+from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput
 from moleculerpy_cqrs.stores.fields import (
     ID,
     FieldType,
@@ -30,6 +32,43 @@ from moleculerpy_cqrs.stores.fields import (
     declare_fields,
 )
 from moleculerpy_cqrs.stores.query import ALL, Query
+
+# Checked values are JSON that reads back as written (fields.check_json), nested no deeper
+# than its limit: no circularity check is needed. The C encoder made once, rather than per
+# call as json.dumps and JSONEncoder.encode do, halves the cost of a small document.
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+_MAKE_C_JSON: Callable[..., Callable[[Any, int], Sequence[str]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
+_C_JSON: Final = (
+    None
+    if _MAKE_C_JSON is None
+    # markers, default, encoder, indent, separators, sort_keys, skipkeys, allow_nan
+    else _MAKE_C_JSON(None, None, json.encoder.encode_basestring, None, ":", ",", *[False] * 3)
+)
+
+
+def encode_json(value: Any) -> str:
+    """A checked JSON value as the compact text every backend stores."""
+    if type(value) is dict and not value:  # an event's usual meta
+        return "{}"
+    if _C_JSON is None:
+        return _JSON.encode(value)
+    return "".join(_C_JSON(value, 0))
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs a call per field to build
+class CheckedRow:
+    """A record checked and encoded by :meth:`Adapter.check_row`, ready to append; treat it
+    as read-only."""
+
+    adapter: Adapter
+    record: Record
+    """The checked record (every declared field, normalised): what the append answers."""
+    json: Mapping[str, str]
+    """The stored JSON text of each non-null json field."""
+    values: tuple[Any, ...]
+    """What the backend writes, one value per declared field in order."""
 
 
 class StoreFactory(Protocol):
@@ -80,6 +119,7 @@ class Adapter(ABC):
             raise InvalidInput(f"store name {name!r} must be an identifier")
         self.name = name
         self.fields: dict[str, FieldType] = declare_fields(fields)
+        self._json_fields = tuple(n for n, k in self.fields.items() if k == "json")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,13 +298,56 @@ class Adapter(ABC):
         Positions are the ids: unique and strictly increasing in commit order, so a reader
         that has seen position ``p`` never later sees a new row with a position below ``p``
         commit (no "gap" problem, also with concurrent writers on a server database).
-        Joins a current transaction.
+        The batch is one transaction, all-or-nothing; joins a current transaction.
         """
-        checked = [check_record(self.fields, r) for r in records]
-        return await self._append(checked) if checked else []
+        rows = [self.check_row(r) for r in records]
+        return await self.append_checked(rows) if rows else []
+
+    def check_row(self, record: Mapping[str, Any]) -> CheckedRow:
+        """Check a record for :meth:`append_checked` and encode it for this backend, once.
+
+        Raises :class:`InvalidInput` as :meth:`append` would. The answer's ``json`` holds the
+        compact JSON text of each non-null json field (what is stored: callers may measure
+        it), and ``values`` what the backend's driver is given.
+        """
+        checked = check_record(self.fields, record)
+        texts = self._json_texts(checked)
+        return CheckedRow(self, checked, texts, self._encode_row(checked, texts))
+
+    def _json_texts(self, record: Record) -> dict[str, str]:
+        """The stored text of each non-null json field of a checked record."""
+        return {n: encode_json(v) for n in self._json_fields if (v := record[n]) is not None}
+
+    async def append_checked(self, rows: Sequence[CheckedRow]) -> list[Record]:
+        """:meth:`append` for rows made by this adapter's :meth:`check_row`: no record is
+        checked or encoded again (a group committer checks each event once, on its way in,
+        and appends many in one call)."""
+        for row in rows:
+            if row.adapter is not self:
+                raise ConfigurationError(
+                    f"append_checked: a row checked by store {row.adapter.name!r} was given "
+                    f"to {self.name!r}; check rows with the adapter that appends them"
+                )
+        return await self._append(list(rows)) if rows else []
+
+    def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
+        """The values a checked record is written with, one per declared field in order.
+
+        ``json_texts`` holds the encoded JSON of the record's non-null json fields (from
+        :meth:`_json_texts`); a backend storing JSON as text uses it instead of encoding
+        again. By default, the values as they are (for backends that keep Python objects).
+        """
+        return tuple(record[n] for n in self.fields)
 
     @abstractmethod
-    async def _append(self, records: list[Record]) -> list[Record]: ...
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
+        """Insert ``rows`` (from this adapter's :meth:`check_row`) in one transaction, or in
+        the current one, in order; answer each ``row.record`` with its new ``id``.
+
+        Ids are the positions of :meth:`append`: strictly increasing in list order and in
+        commit order across writers. One call is one unit of work on the database (one
+        hand-off to a driver thread, one statement batch where the driver allows).
+        """
 
     @abstractmethod
     async def read_after(self, position: int, limit: int) -> list[Record]:

@@ -154,22 +154,35 @@ def _check_json(field: str, value: Any, depth: int) -> None:
             raise InvalidInput(f"field {field!r} must hold finite numbers only", field=field)
     elif isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidInput(
-                    f"field {field!r}: JSON object keys must be strings, got {key!r}",
-                    field=field,
-                )
-            _check_text(field, key)
-            _check_json(field, item, depth + 1)
+            if not _plain_text(key):
+                if not isinstance(key, str):
+                    raise InvalidInput(
+                        f"field {field!r}: JSON object keys must be strings, got {key!r}",
+                        field=field,
+                    )
+                _check_text(field, key)
+            if depth == _MAX_JSON_DEPTH or not _plain_leaf(item):
+                _check_json(field, item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_json(field, item, depth + 1)
+            if depth == _MAX_JSON_DEPTH or not _plain_leaf(item):
+                _check_json(field, item, depth + 1)
     else:
         raise InvalidInput(
             f"field {field!r} must be {_DESCRIBE['json']}, got {type(value).__name__} inside",
             field=field,
             got=value,
         )
+
+
+def _plain_text(value: Any) -> bool:
+    """A str that needs no closer look (the common case, answered without a call deeper)."""
+    return type(value) is str and value.isascii() and "\x00" not in value
+
+
+def _plain_leaf(value: Any) -> bool:
+    kind = type(value)
+    return kind is int or kind is bool or value is None or _plain_text(value)
 
 
 def _check_text(field: str, value: str) -> str:
@@ -245,7 +258,7 @@ def check_record(fields: Fields, record: Mapping[str, Any], *, partial: bool = F
     With ``partial`` (an update) only the given keys are checked; otherwise missing declared
     fields are stored as ``None``. ``id`` is never accepted here.
     """
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise InvalidInput(f"a record must be an object, got {type(record).__name__}")
     unknown = [k for k in record if k not in fields]
     if unknown:
@@ -253,11 +266,23 @@ def check_record(fields: Fields, record: Mapping[str, Any], *, partial: bool = F
             f"unknown field {unknown[0]!r}; declared fields are {sorted(fields)}",
             field=str(unknown[0]),
         )
-    out = {k: check_value(k, fields[k], v) for k, v in record.items()}
+    out = {
+        k: v if _settled(fields[k], v) else check_value(k, fields[k], v) for k, v in record.items()
+    }
     if not partial:
         for name in fields:
             out.setdefault(name, None)
     return out
+
+
+def _settled(kind: FieldType, value: Any) -> bool:
+    """Whether ``value`` is already a valid, normalised ``kind`` (checked without a call to
+    :func:`check_value`: the common cases of a record, fast)."""
+    if value is None:
+        return True
+    if kind == "string":
+        return _plain_text(value)
+    return kind == "integer" and type(value) is int and -_MAX_INT - 1 <= value <= _MAX_INT
 
 
 _DESCRIBE: Final[dict[FieldType, str]] = {

@@ -884,6 +884,63 @@ class EventLogCases(AdapterCase):
         appended = sorted(r["id"] for batch in await writers for r in batch)
         assert seen == appended
 
+    async def test_append_checked_takes_rows_checked_and_encoded_once(self) -> None:
+        log = await self.open("log", LOG_FIELDS)
+        payload = {"ü": [1, 2.5, None, True], "b": {"c": "é"}}
+        rows = [log.check_row({"event": "a", "payload": payload}), log.check_row({"event": "b"})]
+        assert rows[0].json == {"payload": '{"ü":[1,2.5,null,true],"b":{"c":"é"}}'}
+        assert rows[1].json == {}
+        appended = await log.append_checked(rows)
+        assert appended == [
+            {"id": appended[0]["id"], "event": "a", "payload": payload},
+            {"id": appended[1]["id"], "event": "b", "payload": None},
+        ]
+        assert appended[0]["id"] < appended[1]["id"]
+        assert await log.read_after(0, 10) == appended
+        assert await log.append_checked([]) == []
+
+    @pytest.mark.parametrize("copies", [1, 50])  # a backend may write large batches otherwise
+    async def test_append_checked_keeps_every_field_type(self, copies: int) -> None:
+        log = await self.open("typed_log", ITEM_FIELDS)
+        at = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+        text = 'tab\t, newline\n, quote" \' backslash\\ {"x":1} \\N é 😀'
+        full = {"name": text, "qty": 2**40, "price": 0.1, "active": False, "data": [text, 1e300]}
+        records: list[dict[str, Any]] = [
+            {**full, "at": at},
+            {"active": True},
+            {"qty": -(2**63), "data": {text: None}},
+        ]
+        appended = await log.append_checked([log.check_row(r) for r in records * copies])
+        assert [r["id"] for r in appended] == sorted({r["id"] for r in appended})
+        assert await log.read_after(0, 1000) == appended
+        empty = dict.fromkeys(ITEM_FIELDS)
+        assert appended[1] == {**empty, "id": appended[1]["id"], "active": True}
+        assert (appended[0]["name"], appended[0]["at"]) == (text, at)
+
+    async def test_check_row_refuses_what_append_refuses(self) -> None:
+        log = await self.open("log", LOG_FIELDS)
+        for bad in ({"event": 5}, {"nope": 1}, {"payload": {"x": float("nan")}}, {"payload": (1,)}):
+            with pytest.raises(InvalidInput):
+                log.check_row(bad)
+        assert await log.head() == 0
+
+    async def test_append_checked_refuses_rows_checked_by_another_table(self) -> None:
+        log = await self.open("log", LOG_FIELDS)
+        other = await self.open("other_log", LOG_FIELDS)
+        with pytest.raises(CqrsError, match="check rows with the adapter that appends them"):
+            await log.append_checked([log.check_row({"event": "a"}), other.check_row({})])
+        assert (await log.head(), await other.head()) == (0, 0)
+
+    async def test_append_checked_joins_a_transaction(self) -> None:
+        log = await self.open("log", LOG_FIELDS)
+        async with doomed(log):
+            await log.append_checked([log.check_row({"event": "doomed"})])
+        assert await log.head() == 0
+        async with log.transaction():
+            (row,) = await log.append_checked([log.check_row({"event": "kept"})])
+            assert await log.read_after(0, 10) == [row]
+        assert await log.head() == row["id"]
+
     @staticmethod
     async def _appender(log: Adapter, writer: int) -> list[Record]:
         out: list[Record] = []

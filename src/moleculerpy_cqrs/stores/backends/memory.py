@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow
 from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 
@@ -321,8 +321,8 @@ class MemoryAdapter(Adapter):
             work = tx.work(self.name)
             return [self._out(work.insert(self._own(r))) for r in records]
 
-    async def _append(self, records: list[Record]) -> list[Record]:
-        return await self._insert_many(records)
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
+        return await self._insert_many([r.record for r in rows])
 
     def _check_sibling(self, other: Adapter) -> None:
         if not isinstance(other, MemoryAdapter) or other._database is not self._database:

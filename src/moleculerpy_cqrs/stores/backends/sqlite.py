@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import sqlite3
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Any, Final, cast
 from urllib.request import pathname2url
 
 from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, StoreError
-from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta, declare_fields
 from moleculerpy_cqrs.stores.query import Compare, In, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -165,31 +166,78 @@ def _connect(target: str, uri: bool, options: _Options, reader: bool) -> sqlite3
 
 
 class _Connection:
-    """One sqlite3 connection, used only by its own thread (as aiosqlite does)."""
+    """One sqlite3 connection, used only by its own thread (as aiosqlite does).
+
+    Jobs reach the thread through a queue and come back with ``call_soon_threadsafe``:
+    measured here, a round trip costs a third of ``run_in_executor``'s (18-35 us against
+    56-137 us), whose futures are chained across threads. With one caller, that hand-off is
+    most of what an append pays beside its fsync.
+    """
 
     def __init__(self, label: str) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"cqrs-sqlite-{label}")
+        self._label = label
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
     async def open(self, opener: Callable[[], sqlite3.Connection], store: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, _call, store, opener)
+        self._thread = threading.Thread(
+            target=_serve, args=(self._jobs,), name=f"cqrs-sqlite-{self._label}", daemon=True
+        )
+        self._thread.start()
+        self._conn = await self._submit(_call, store, opener)
 
     async def run[T](self, job: Job[T], store: str) -> T:
         conn = self._conn
         if conn is None:
             raise StoreError(f"store {store!r} is closed", store=store)
+        return await self._submit(_call, store, job, conn)
+
+    def _submit[T](self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _call, store, job, conn)
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(loop, future, fn, args))
+        return future
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
         try:
             if conn is not None:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, conn.close)
+                await self._submit(conn.close)
         finally:
-            self._executor.shutdown(wait=True)
+            self._jobs.put(None)
+            thread.join()  # its queue is empty: it ends at once
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """A connection's thread: run jobs in order until told to stop."""
+    while (job := jobs.get()) is not None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (job.fn(*job.args), None)
+        except BaseException as error:  # handed to the awaiting task, as an executor does
+            outcome = (None, error)
+        with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            job.loop.call_soon_threadsafe(_settle, job.future, *outcome)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled; the job ran all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class _Transaction:
@@ -309,6 +357,13 @@ class SqliteAdapter(Adapter):
         self._database: _Database | None = None
         self._closed = False
         self._sql = Compiler(name, self.fields, _DIALECT)
+        self._insert_sql = self._sql.insert(list(self.fields))
+        # Fields whose values the driver takes other than as checked (text and numbers pass).
+        self._converted = [
+            (i, n, k)
+            for i, (n, k) in enumerate(self.fields.items())
+            if k in ("json", "boolean", "datetime")
+        ]
         self._columns = (ID, *self.fields)
         self._decoders: dict[str, Callable[[Any], Any] | None] = {
             ID: None,
@@ -428,19 +483,22 @@ class SqliteAdapter(Adapter):
     # ------------------------------------------------------------------ writes
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
-        sql = self._sql.insert(list(self.fields))
-        rows = [[_encode(k, r[n]) for n, k in self.fields.items()] for r in records]
+        values = [self._encode_row(r, self._json_texts(r)) for r in records]
+        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        return [{ID: first + i, **r} for i, r in enumerate(records)]
 
-        def job(conn: sqlite3.Connection) -> list[int]:
-            return [int(conn.execute(sql, values).lastrowid or 0) for values in rows]
+    def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
+        values = [record[n] for n in self.fields]
+        for i, name, kind in self._converted:
+            values[i] = json_texts.get(name) if kind == "json" else _encode(kind, values[i])
+        return tuple(values)
 
-        ids = await self._write(job)
-        return [{ID: i, **r} for i, r in zip(ids, records, strict=True)]
-
-    async def _append(self, records: list[Record]) -> list[Record]:
+    async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         # One writer at a time (BEGIN IMMEDIATE or the joined transaction): id order is
         # commit order, so a reader can never see a later id before an earlier one.
-        return await self._insert_many(records)
+        values = [r.values for r in rows]
+        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
@@ -698,6 +756,17 @@ def _rowcount(sql: str, params: list[Any], conn: sqlite3.Connection) -> int:
 
 def _executemany(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> None:
     conn.executemany(sql, rows)
+
+
+def _insert_rows(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> int:
+    """Insert ``rows`` (inside the writer's transaction); answers the first new id.
+
+    The ids are consecutive: AUTOINCREMENT gives each new row one more than the largest id
+    the table ever had, and no other connection writes until this transaction ends.
+    """
+    conn.executemany(sql, rows)
+    (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+    return int(last) - len(rows) + 1
 
 
 def _set_meta(table: str, key: str, text: str | None, conn: sqlite3.Connection) -> None:
