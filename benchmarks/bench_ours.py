@@ -9,9 +9,11 @@ a store factory (a fresh database) and sizes, and answers a dict of figures.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from moleculerpy import Context, Service, ServiceBroker, action
@@ -206,10 +208,12 @@ async def appends(store: StoreFactory, callers: int, dispatch: bool, seconds: fl
 # ---------------------------------------------------------------------- catch-up, replay
 
 
-async def prefill(store: StoreFactory, count: int, *, seconds: float | None = None) -> Figures:
+async def prefill(
+    store: StoreFactory, count: int, *, seconds: float | None = None, settle: bool = True
+) -> Figures:
     """Store ``count`` events (or as many as ``seconds`` allow) through ``profile.update``
-    with nothing projecting them, then let the dispatcher settle them all, so that later
-    brokers on this log have nothing to dispatch."""
+    with nothing projecting them; with ``settle``, let the dispatcher settle them all, so that
+    later brokers on this log have nothing to dispatch."""
     async with running_broker(appends_service(store), request_timeout=REQUEST_TIMEOUT) as broker:
         await broker.call("profile.$stopDispatch", {})
         started = time.perf_counter()
@@ -228,8 +232,10 @@ async def prefill(store: StoreFactory, count: int, *, seconds: float | None = No
             await call_count(FEED_CALLERS, count, bounded)
             count = stored
         appended = time.perf_counter() - started
-        await broker.call("profile.$startDispatch", {})
-        settled = await wait_dispatched(broker, limit=3600)
+        settled = None
+        if settle:
+            await broker.call("profile.$startDispatch", {})
+            settled = await wait_dispatched(broker, limit=3600)
     return {"events": count, "append_seconds": appended, "dispatch_seconds": settled}
 
 
@@ -273,18 +279,28 @@ async def check_rows(broker: ServiceBroker, aggregate: str, shape: Shape, applie
     return sum(int(r["total"]) for r in rows) == applied
 
 
-async def replay(store: StoreFactory, head: int, cap: float) -> Figures:
+Abandon = Callable[[Figures], None]
+
+
+async def replay(
+    store: StoreFactory, head: int, cap: float, abandon: Abandon | None = None
+) -> Figures:
     """``replay {wait: true}`` of the create-only aggregate (action transformation) over a log
-    of ``head`` events; its live projector is caught up first when ``catch_up_first``."""
+    of ``head`` events, once its live projector has caught up."""
     ref = BrokerRef()
     aggregate, service = projection_service(store, "create", True, ref)
     async with running_broker(service, request_timeout=REQUEST_TIMEOUT) as broker:
         ref.broker = broker
         await aggregate.runtime(broker).wait_caught_up(head)
-        return await timed_replay(broker, aggregate.name, head, cap)
+        return await timed_replay(broker, aggregate.name, head, cap, abandon)
 
 
-async def timed_replay(broker: ServiceBroker, name: str, head: int, cap: float) -> Figures:
+async def timed_replay(
+    broker: ServiceBroker, name: str, head: int, cap: float, abandon: Abandon | None
+) -> Figures:
+    """Seconds of ``<name>.replay {wait: true}``; past ``cap`` seconds, how far it got. Then
+    ``abandon`` (if given) is handed the figures and may end the process; else the replay is
+    waited for, since the broker cannot stop under it."""
     started = time.perf_counter()
     call = asyncio.ensure_future(broker.call(f"{name}.replay", {"wait": True}))
     try:
@@ -296,22 +312,35 @@ async def timed_replay(broker: ServiceBroker, name: str, head: int, cap: float) 
         done = int((status.get("replay") or {}).get("done") or 0)
         complete = False
     seconds = time.perf_counter() - started
+    figures = {"events": done, "seconds": seconds, "per_second": done / seconds}
     if not complete:
-        await asyncio.wait_for(call, 3600)  # the broker cannot stop under a running replay
-    return {"events": done, "seconds": seconds, "per_second": done / seconds, "complete": complete}
+        if abandon is not None:
+            abandon({**figures, "complete": False})
+        await asyncio.wait_for(call, 3600)
+    return {**figures, "complete": complete}
 
 
-async def replay_large(store: StoreFactory, count: int, fill_cap: float, cap: float) -> Figures:
+async def replay_large(
+    store: StoreFactory, count: int, fill_cap: float, cap: float, abandon: Abandon | None = None
+) -> Figures:
     """Store ``count`` create-only events (as many as ``fill_cap`` seconds allow), then start a
-    broker with the aggregate and replay it at once. There is no public way to hold the live
-    projector, which starts catching up from 0 beside the replay."""
-    filled = await prefill(store, count, seconds=fill_cap)
+    broker with the aggregate and replay it at once. The dispatcher is stopped as soon as the
+    broker runs; there is no public way to hold the live projector, which starts catching up
+    from 0 beside the replay."""
+    filled = await prefill(store, count, seconds=fill_cap, settle=False)
     ref = BrokerRef()
     aggregate, service = projection_service(store, "create", True, ref)
     async with running_broker(service, request_timeout=REQUEST_TIMEOUT) as broker:
         ref.broker = broker
-        figures = await timed_replay(broker, aggregate.name, filled["events"], cap)
-    return {**figures, "stored": filled["events"], "fill": filled}
+        await broker.call("profile.$stopDispatch", {})
+        extra = {"stored": filled["events"], "fill": filled}
+
+        def give_up(figures: Figures) -> None:
+            if abandon is not None:
+                abandon({**figures, **extra})
+
+        figures = await timed_replay(broker, aggregate.name, filled["events"], cap, give_up)
+    return {**figures, **extra}
 
 
 # ---------------------------------------------------------------------- sustained load
@@ -376,16 +405,18 @@ async def ack_to_visible(store: StoreFactory, rate: int, seconds: float) -> Figu
             v.acked[int(answer["id"])] = time.perf_counter()
 
         async def watch() -> None:
-            last = max(v.seen, default=1)
+            # Rows are created in log order, so new ones have the higher ids (the primary
+            # key): each find reads only what is new, and the watcher stays light.
+            last = 0
             while sending or len(v.seen) < len(v.acked):
                 rows = await broker.call(
                     f"{aggregate.name}.find",
-                    {"query": {"eventId": {">": last}}, "sort": "eventId", "limit": 10_000},
+                    {"query": {"id": {">": last}}, "sort": "id", "limit": 10_000},
                 )
                 now = time.perf_counter()
                 for row in rows:
                     v.seen.setdefault(int(row["eventId"]), now)
-                    last = max(last, int(row["eventId"]))
+                    last = max(last, int(row["id"]))
                 await asyncio.sleep(POLL)
 
         watcher = asyncio.create_task(watch())
@@ -408,4 +439,59 @@ async def ack_to_visible(store: StoreFactory, rate: int, seconds: float) -> Figu
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
         "max_ms": max(latencies, default=0.0) * 1000,
+    }
+
+
+# ---------------------------------------------------------------------- three nodes
+
+
+async def cluster_node(store: StoreFactory, transporter: str, node_id: str, ready: Path) -> Figures:
+    """One node of the profile example (event store, summary projector, dispatcher) on a
+    shared database; touches ``ready`` once started and runs until its stdin has a line."""
+    from examples import profile as example
+
+    _, _, service_class = example.build(store)
+    async with running_broker(
+        service_class(), transporter=transporter, node_id=node_id, request_timeout=REQUEST_TIMEOUT
+    ):
+        await asyncio.to_thread(ready.touch)
+        await asyncio.to_thread(sys.stdin.readline)
+    return {"node": node_id}
+
+
+async def cluster_load(transporter: str, callers: int, seconds: float, nodes: int) -> Figures:
+    """A broker with no services of its own calling ``profile.update`` (balanced over the
+    nodes) from ``callers`` loops for ``seconds``. The lags are read right after the load
+    through the status actions, asked several times so that every node answers: a standby
+    node's projector and dispatcher are idle, so the smallest lag is the active one's."""
+    async with running_broker(
+        transporter=transporter, node_id="load-driver", request_timeout=REQUEST_TIMEOUT
+    ) as broker:
+        await broker.wait_for_services(
+            ["profile", "profileSummaryAggregate", "profileEventStore"], timeout=60
+        )
+        await call_count(callers, WARM_UP, lambda i: update(broker, i))
+        stats = await call_for(
+            callers, seconds, lambda i: broker.call("profile.update", full_profile(i))
+        )
+        projector: list[int] = []
+        dispatcher: list[int] = []
+        for _ in range(3 * nodes):
+            status = await broker.call("profileSummaryAggregate.status", {})
+            projector.append(int((status.get("lag") or {}).get("events") or 0))
+            lag = await dispatcher_lag(broker)
+            if lag is not None:
+                dispatcher.append(lag)
+    rate = stats.per_second
+    p_lag = min(projector)
+    d_lag = min(dispatcher) if dispatcher else None
+    return {
+        "seconds": stats.seconds,
+        "per_second": rate,
+        "p99_ms": stats.percentile(99) * 1000,
+        "projector_lag_events": p_lag,
+        "projector_lag_seconds_worth": p_lag / rate if rate else None,
+        "dispatcher_lag_events": d_lag,
+        "dispatcher_lag_seconds_worth": (d_lag / rate) if (d_lag is not None and rate) else None,
+        "status_answers": {"projector": projector, "dispatcher": dispatcher},
     }

@@ -102,24 +102,38 @@ class Stores:
         }
 
 
-def run_job(subject: str, scenario: str, store: dict[str, Any], **params: Any) -> dict[str, Any]:
+def start_job(
+    subject: str, scenario: str, store: dict[str, Any], **params: Any
+) -> subprocess.Popen[str]:
     job = {"subject": subject, "scenario": scenario, "store": store, "params": params}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "subject.py"), json.dumps(job)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def result_of(proc: subprocess.Popen[str], stdin: str = "") -> dict[str, Any]:
+    stdout, stderr = proc.communicate(stdin)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        say(f"  FAILED (exit {proc.returncode}):\n{tail}")
+        return {"error": tail or f"exit {proc.returncode}"}
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
+def run_job(subject: str, scenario: str, store: dict[str, Any], **params: Any) -> dict[str, Any]:
     load = "/".join(f"{v:.2f}" for v in os.getloadavg())
     say(f"{subject:4} {scenario} {params} (load {load})")
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "subject.py"), json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        say(f"  FAILED (exit {proc.returncode}):\n{tail}")
-        return {"error": tail or f"exit {proc.returncode}", "load": load}
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    result = result_of(start_job(subject, scenario, store, **params))
+    if "error" in result:
+        return {**result, "load": load}
     result["load"] = load
     result["wall_seconds"] = time.perf_counter() - started
     shown = {k: v for k, v in result.items() if k in ("per_second", "p99_ms", "events")}
@@ -185,12 +199,56 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
         r["ours.ack_visible"] = run_job(
             "ours", "ack_visible", stores.fresh("ack"), rate=1000, seconds=s.ack_seconds
         )
-        if s.large_replay:
+        if s.large_replay:  # last: the longest
             r["ours.replay_large"] = run_job(
                 "ours", "replay_large", stores.fresh("replay1m"), count=s.large_replay,
                 fill_cap=s.large_fill_cap, cap=s.large_cap,
             )  # fmt: skip
+    else:
+        r["ours.cluster"] = cluster(stores, s.sustained_seconds)
     return r
+
+
+def cluster(stores: Stores, seconds: float, nodes: int = 3) -> dict[str, Any]:
+    """The profile example on ``nodes`` nodes over NATS sharing one PostgreSQL schema, and a
+    driver process with 64 callers; the nodes' peak RSS is kept with the driver's figures."""
+    from moleculerpy_cqrs.testing.nats_server import NatsServer
+
+    url = stores.stack.enter_context(NatsServer()).url
+    store = stores.fresh("cluster")
+    ready = stores.workdir / "cluster-ready"
+    ready.mkdir()
+    say(f"ours cluster: {nodes} nodes over NATS on one PostgreSQL schema")
+    procs = [
+        start_job(
+            "ours",
+            "cluster_node",
+            store,
+            transporter=url,
+            node_id=f"node-{n}",
+            ready=str(ready / f"node-{n}"),
+        )
+        for n in range(1, nodes + 1)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < nodes:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the cluster's nodes did not start")
+            time.sleep(0.1)
+        result = run_job(
+            "ours", "cluster_load", store, transporter=url, callers=64, seconds=seconds,
+            nodes=nodes,
+        )  # fmt: skip
+    except RuntimeError as error:
+        result = {"error": str(error)}
+    finally:
+        node_results = [result_of(p, "stop\n") for p in procs]
+    result["nodes_peak_rss_mb"] = [n.get("peak_rss_mb") for n in node_results]
+    result["peak_rss_mb"] = max(
+        [float(x) for x in result["nodes_peak_rss_mb"] if x] + [result.get("peak_rss_mb") or 0.0]
+    )
+    return result
 
 
 # ---------------------------------------------------------------------- the table
@@ -398,6 +456,19 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
             rows.append(Row(
                 f"sustained: {who} lag at the end", "s",
                 get(r, "ours.sustained", f"{who}_lag_seconds_worth"),
+                targets=[("<= 1 s of appends", at_most(1.0))],
+                note="" if events is None else f"{events:,.0f} events",
+            ))  # fmt: skip
+    if "ours.cluster" in r:
+        rows.append(Row(
+            f"3 nodes over NATS, 64 callers {sizes.sustained_seconds:.0f} s: appends", "/s",
+            get(r, "ours.cluster", "per_second"),
+        ))  # fmt: skip
+        for who in ("projector", "dispatcher"):
+            events = get(r, "ours.cluster", f"{who}_lag_events")
+            rows.append(Row(
+                f"3 nodes: {who} lag at the end", "s",
+                get(r, "ours.cluster", f"{who}_lag_seconds_worth"),
                 targets=[("<= 1 s of appends", at_most(1.0))],
                 note="" if events is None else f"{events:,.0f} events",
             ))  # fmt: skip

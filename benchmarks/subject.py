@@ -79,6 +79,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "replay_large": lambda: ours.replay_large(factory, p["count"], p["fill_cap"], p["cap"]),
             "sustained": lambda: ours.sustained(factory, p["callers"], p["seconds"]),
             "ack_visible": lambda: ours.ack_to_visible(factory, p["rate"], p["seconds"]),
+            "cluster_node": lambda: ours.cluster_node(
+                factory, p["transporter"], p["node_id"], Path(p["ready"])
+            ),
+            "cluster_load": lambda: ours.cluster_load(
+                p["transporter"], p["callers"], p["seconds"], p["nodes"]
+            ),
         }[scenario]
         figures: dict[str, Any] = asyncio.run(work())
     elif subject == "es":
@@ -98,19 +104,27 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def main() -> None:
-    sqlite3.connect = _read_back_connect  # type: ignore[assignment]
-    job = json.loads(sys.argv[1])
-    figures = run(job)
-    if job["store"]["kind"] == "sqlite":
+JOB: dict[str, Any] = {}
+
+
+def report(figures: dict[str, Any]) -> None:
+    """Print the figures and end the process (also from inside a scenario: a capped replay
+    need not be waited for)."""
+    if JOB["store"]["kind"] == "sqlite":
         durability = ", ".join(f"{k} (x{n})" for k, n in sorted(pragmas.items())) or "none read"
     else:
-        durability = postgres_settings(job["store"])
+        durability = postgres_settings(JOB["store"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {**figures, "peak_rss_mb": peak, "durability": durability}
     print("RESULT " + json.dumps(result), flush=True)
     sys.stdout.flush()
-    os._exit(0)  # threads a peer left behind must not hold the process
+    os._exit(0)  # threads a peer left behind, or a replay still running, must not hold it
+
+
+def main() -> None:
+    sqlite3.connect = _read_back_connect  # type: ignore[assignment]
+    JOB.update(json.loads(sys.argv[1]))
+    report(run(JOB))
 
 
 if __name__ == "__main__":
