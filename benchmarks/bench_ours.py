@@ -408,10 +408,10 @@ async def ack_to_visible(store: StoreFactory, rate: int, seconds: float) -> Figu
             # Rows are created in log order, so new ones have the higher ids (the primary
             # key): each find reads only what is new, and the watcher stays light.
             last = 0
-            while sending or len(v.seen) < len(v.acked):
+            while sending or not v.acked.keys() <= v.seen.keys():
                 rows = await broker.call(
                     f"{aggregate.name}.find",
-                    {"query": {"id": {">": last}}, "sort": "id", "limit": 10_000},
+                    {"query": {"id": {">=": last + 1}}, "sort": "id", "limit": 10_000},
                 )
                 now = time.perf_counter()
                 for row in rows:
