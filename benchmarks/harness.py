@@ -607,14 +607,21 @@ def main() -> None:
     head["whole_run_seconds"] = round(elapsed, 1)
     head["load_after"] = "/".join(f"{v:.2f}" for v in os.getloadavg())
     lines = header_lines(head)
+    cells: list[list[str]] = []
     for b in backends:
-        lines += ["", f"== {b} ==  (ratio = this project / peer; for ms, MB and s rows lower "
-                  "is better)", *durability_lines(results[b]), ""]  # fmt: skip
-        lines += table(
+        lines += [f"read back ({b}):", *durability_lines(results[b])]
+        prefix = f"{b}: " if len(backends) > 1 else ""
+        cells += [[prefix + c[0], *c[1:]] for c in (row.cells() for row in rows[b])]
+    lines += [
+        "",
+        f"One table ({', '.join(backends)}); ratio = this project / peer (for ms, MB and s rows "
+        "lower is better)",
+        *table(
             ["scenario", "this project", "eventsourcing", "ratio", "raw driver",
              "ratio to raw", "target", "met"],
-            [row.cells() for row in rows[b]],
-        )  # fmt: skip
+            cells,
+        ),
+    ]  # fmt: skip
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stamp}.json"
