@@ -327,13 +327,17 @@ async def replay_large(
     broker with the aggregate and replay it at once. The dispatcher is stopped as soon as the
     broker runs; there is no public way to hold the live projector, which starts catching up
     from 0 beside the replay."""
+    began = time.perf_counter()
     filled = await prefill(store, count, seconds=fill_cap, settle=False)
+    filled["seconds"] = time.perf_counter() - began
     ref = BrokerRef()
     aggregate, service = projection_service(store, "create", True, ref)
+    began = time.perf_counter()
     async with running_broker(service, request_timeout=REQUEST_TIMEOUT) as broker:
         ref.broker = broker
         await broker.call("profile.$stopDispatch", {})
-        extra = {"stored": filled["events"], "fill": filled}
+        started = time.perf_counter() - began
+        extra = {"stored": filled["events"], "fill": filled, "start_seconds": started}
 
         def give_up(figures: Figures) -> None:
             if abandon is not None:

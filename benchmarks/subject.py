@@ -75,8 +75,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "catch_up": lambda: ours.catch_up(
                 factory, p["shape"], p["as_action"], p["head"], p["cap"]
             ),
-            "replay": lambda: ours.replay(factory, p["head"], p["cap"]),
-            "replay_large": lambda: ours.replay_large(factory, p["count"], p["fill_cap"], p["cap"]),
+            "replay": lambda: ours.replay(factory, p["head"], p["cap"], report),
+            "replay_large": lambda: ours.replay_large(
+                factory, p["count"], p["fill_cap"], p["cap"], report
+            ),
             "sustained": lambda: ours.sustained(factory, p["callers"], p["seconds"]),
             "ack_visible": lambda: ours.ack_to_visible(factory, p["rate"], p["seconds"]),
             "cluster_node": lambda: ours.cluster_node(
