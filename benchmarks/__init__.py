@@ -1,0 +1,1 @@
+"""Benchmarks: `benchmarks/run` (see harness.py); not part of the test suite."""

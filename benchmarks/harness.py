@@ -1,0 +1,654 @@
+"""``benchmarks/run``: this project beside ``eventsourcing`` 9.5.6 and the raw drivers.
+
+    benchmarks/run [--quick] [--backend sqlite|postgres|all] [--out DIR]
+
+Every subject runs each scenario in a process of its own (``benchmarks/subject.py``), one after
+another, on a fresh database (a new folder, or a new PostgreSQL schema on a private server),
+with the same durability: SQLite WAL ``synchronous=FULL`` (read back in each process),
+PostgreSQL with fsync on. Prints the machine (fsync p50, load, cores, versions) and one table;
+writes the figures as JSON and a PNG of the ratios to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import fsync_latency, table  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Sizes:
+    append_seconds: float
+    catch_up_events: int
+    catch_up_cap: float  # seconds: a slower subject is reported on how far it got
+    sustained_seconds: float
+    ack_seconds: float
+    large_replay: int  # 0: skipped
+    large_fill_cap: float
+    large_cap: float
+    rounds: int  # append runs per subject, interleaved; the best one counts (the box is shared)
+
+
+QUICK = Sizes(3.0, 10_000, 20.0, 15.0, 5.0, 0, 0.0, 0.0, 1)
+FULL = Sizes(5.0, 100_000, 45.0, 60.0, 10.0, 1_000_000, 150.0, 60.0, 2)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- stores and jobs
+
+
+class Stores:
+    """Fresh databases for jobs: a folder each on SQLite, a schema each on PostgreSQL."""
+
+    def __init__(self, backend: str, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.backend = backend
+        self.workdir = workdir
+        self.stack = stack
+        self.count = 0
+        self.dsn = ""
+        self.server_version = ""
+        if backend == "postgres":
+            from moleculerpy_cqrs.testing.postgres_server import PostgresServer
+
+            self.dsn = stack.enter_context(PostgresServer()).dsn
+            import psycopg
+
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+            self.server_version = str(row[0]) if row else "?"
+
+    def fresh(self, label: str) -> dict[str, Any]:
+        self.count += 1
+        name = f"{self.count:02d}_{label}"
+        if self.backend == "sqlite":
+            folder = self.workdir / name
+            folder.mkdir()
+            return {"kind": "sqlite", "dir": str(folder)}
+        from psycopg.conninfo import conninfo_to_dict
+
+        from moleculerpy_cqrs.testing.postgres_server import isolated_schema
+
+        schema = self.stack.enter_context(isolated_schema(self.dsn, f"b{self.count:02d}"))
+        info = conninfo_to_dict(self.dsn)
+        return {
+            "kind": "postgres",
+            "dsn": self.dsn,
+            "schema": schema,
+            "host": str(info.get("host", "")),
+            "port": str(info.get("port", "5432")),
+            "user": str(info.get("user", "postgres")),
+            "dbname": str(info.get("dbname", "postgres")),
+        }
+
+
+def start_job(
+    subject: str, scenario: str, store: dict[str, Any], **params: Any
+) -> subprocess.Popen[str]:
+    job = {"subject": subject, "scenario": scenario, "store": store, "params": params}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "subject.py"), json.dumps(job)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def result_of(proc: subprocess.Popen[str], stdin: str = "") -> dict[str, Any]:
+    stdout, stderr = proc.communicate(stdin)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        say(f"  FAILED (exit {proc.returncode}):\n{tail}")
+        return {"error": tail or f"exit {proc.returncode}"}
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
+def run_job(subject: str, scenario: str, store: dict[str, Any], **params: Any) -> dict[str, Any]:
+    load = "/".join(f"{v:.2f}" for v in os.getloadavg())
+    say(f"{subject:4} {scenario} {params} (load {load})")
+    started = time.perf_counter()
+    result = result_of(start_job(subject, scenario, store, **params))
+    if "error" in result:
+        return {**result, "load": load}
+    result["load"] = load
+    result["wall_seconds"] = time.perf_counter() - started
+    shown = {k: v for k, v in result.items() if k in ("per_second", "p99_ms", "events")}
+    say(f"  {json.dumps(shown, default=str)} [{result['durability']}]")
+    return result
+
+
+def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, Any]]:
+    """Every job of one backend, in order; answers the results by job key."""
+    r: dict[str, dict[str, Any]] = {}
+    s = sizes
+    sqlite_only = backend == "sqlite"
+
+    # ---- appends
+    def best(key: str, result: dict[str, Any]) -> None:
+        rounds = [*r.get(key, {}).get("rounds", []), result]
+        kept = max(rounds, key=lambda x: float(x.get("per_second") or 0.0))
+        r[key] = {**kept, "rounds": rounds}
+
+    for _ in range(s.rounds):
+        for callers in (1, 64):
+            for dispatch in (True, False):
+                key = f"ours.appends.{callers}.{'on' if dispatch else 'off'}"
+                best(key, run_job(
+                    "ours", "appends", stores.fresh("ours"), callers=callers,
+                    dispatch=dispatch, seconds=s.append_seconds,
+                ))  # fmt: skip
+            best(f"es.appends.{callers}", run_job(
+                "es", "appends", stores.fresh(f"es{callers}"), threads=callers,
+                seconds=s.append_seconds,
+            ))  # fmt: skip
+            best(f"raw.appends.{callers}", run_job(
+                "raw", "appends", stores.fresh(f"raw{callers}"), per_transaction=callers,
+                seconds=s.append_seconds,
+            ))  # fmt: skip
+    # ---- catch-up: one log stored once, a new aggregate per variant
+    log = stores.fresh("catchup")
+    filled = run_job("ours", "prefill", log, count=s.catch_up_events)
+    r["ours.prefill"] = filled
+    head = int(filled.get("events", 0))
+    for shape in ("create", "summary"):
+        for as_action in (True, False):
+            key = f"ours.catch_up.{shape}.{'action' if as_action else 'callable'}"
+            r[key] = run_job(
+                "ours", "catch_up", log, shape=shape, as_action=as_action, head=head,
+                cap=s.catch_up_cap,
+            )  # fmt: skip
+        r[f"es.catch_up.{shape}"] = run_job(
+            "es", "catch_up", stores.fresh(f"es_{shape}"), shape=shape,
+            count=s.catch_up_events, cap=s.catch_up_cap,
+        )  # fmt: skip
+        r[f"raw.catch_up.{shape}"] = run_job(
+            "raw", "catch_up", stores.fresh(f"raw_{shape}"), shape=shape,
+            count=s.catch_up_events,
+        )  # fmt: skip
+    r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
+    # ---- load, latency, large replay: one process on SQLite
+    if sqlite_only:
+        r["ours.sustained"] = run_job(
+            "ours", "sustained", stores.fresh("sustained"), callers=64,
+            seconds=s.sustained_seconds,
+        )  # fmt: skip
+        r["ours.ack_visible"] = run_job(
+            "ours", "ack_visible", stores.fresh("ack"), rate=1000, seconds=s.ack_seconds
+        )
+        if s.large_replay:  # last: the longest
+            r["ours.replay_large"] = run_job(
+                "ours", "replay_large", stores.fresh("replay1m"), count=s.large_replay,
+                fill_cap=s.large_fill_cap, cap=s.large_cap,
+            )  # fmt: skip
+    else:
+        r["ours.cluster"] = cluster(stores, s.sustained_seconds)
+    return r
+
+
+def cluster(stores: Stores, seconds: float, nodes: int = 3) -> dict[str, Any]:
+    """The profile example on ``nodes`` nodes over NATS sharing one PostgreSQL schema, and a
+    driver process with 64 callers; the nodes' peak RSS is kept with the driver's figures."""
+    from moleculerpy_cqrs.testing.nats_server import NatsServer
+
+    url = stores.stack.enter_context(NatsServer()).url
+    store = stores.fresh("cluster")
+    ready = stores.workdir / "cluster-ready"
+    ready.mkdir()
+    say(f"ours cluster: {nodes} nodes over NATS on one PostgreSQL schema")
+    procs = [
+        start_job(
+            "ours",
+            "cluster_node",
+            store,
+            transporter=url,
+            node_id=f"node-{n}",
+            ready=str(ready / f"node-{n}"),
+        )
+        for n in range(1, nodes + 1)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < nodes:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the cluster's nodes did not start")
+            time.sleep(0.1)
+        result = run_job(
+            "ours", "cluster_load", store, transporter=url, callers=64, seconds=seconds,
+            nodes=nodes,
+        )  # fmt: skip
+    except RuntimeError as error:
+        result = {"error": str(error)}
+    finally:
+        node_results = [result_of(p, "stop\n") for p in procs]
+    result["nodes_peak_rss_mb"] = [n.get("peak_rss_mb") for n in node_results]
+    result["peak_rss_mb"] = max(
+        [float(x) for x in result["nodes_peak_rss_mb"] if x] + [result.get("peak_rss_mb") or 0.0]
+    )
+    return result
+
+
+# ---------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    scenario: str
+    unit: str  # "/s", "ms", "MB", "s" (the last three: lower is better)
+    ours: float | None
+    es: float | None = None
+    raw: float | None = None
+    targets: list[tuple[str, Callable[[Row], bool | None]]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def es_ratio(self) -> float | None:
+        return ratio(self.ours, self.es)
+
+    @property
+    def raw_ratio(self) -> float | None:
+        return ratio(self.ours, self.raw)
+
+    def met(self) -> str:
+        if not self.targets:
+            return ""
+        verdicts = [check(self) for _, check in self.targets]
+        if any(v is None for v in verdicts):
+            return "?"
+        return "yes" if all(verdicts) else "NO"
+
+    def cells(self) -> list[str]:
+        return [
+            self.scenario + (f" ({self.note})" if self.note else ""),
+            fmt(self.ours, self.unit),
+            fmt(self.es, self.unit),
+            fmt_ratio(self.es_ratio),
+            fmt(self.raw, self.unit),
+            fmt_ratio(self.raw_ratio),
+            "; ".join(t for t, _ in self.targets),
+            self.met(),
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "unit": self.unit,
+            "ours": self.ours,
+            "eventsourcing": self.es,
+            "ratio": self.es_ratio,
+            "raw": self.raw,
+            "ratio_to_raw": self.raw_ratio,
+            "target": "; ".join(t for t, _ in self.targets),
+            "met": self.met(),
+            "note": self.note,
+        }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "ms":
+        return f"{value:,.1f} ms"
+    if unit == "MB":
+        return f"{value:,.0f} MB"
+    if unit == "s":
+        return f"{value:,.1f} s"
+    return f"{value:,.2f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def get(results: dict[str, dict[str, Any]], key: str, figure: str) -> float | None:
+    value = results.get(key, {}).get(figure)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def at_least(target: float, of: str = "") -> Callable[[Row], bool | None]:
+    def check(row: Row) -> bool | None:
+        value = {"": row.ours, "es": row.es_ratio, "raw": row.raw_ratio}[of]
+        return None if value is None else value >= target
+
+    return check
+
+
+def at_most(target: float) -> Callable[[Row], bool | None]:
+    return lambda row: None if row.ours is None else row.ours <= target
+
+
+def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list[Row]:
+    sq = backend == "sqlite"
+    rows: list[Row] = []
+
+    def keeps(on: str, off: str) -> tuple[str, Callable[[Row], bool | None]]:
+        share = ratio(get(r, on, "per_second"), get(r, off, "per_second"))
+        return (
+            ">= 0.8x dispatcher off" + (f" ({share:.2f}x)" if share is not None else ""),
+            lambda row: None if share is None else share >= 0.8,
+        )
+
+    one_on = Row(
+        "appends, 1 caller, dispatcher on", "/s", get(r, "ours.appends.1.on", "per_second"),
+        get(r, "es.appends.1", "per_second"), get(r, "raw.appends.1", "per_second"),
+    )  # fmt: skip
+    if sq:
+        one_on.targets = [
+            (">= 1.2x es", at_least(1.2, "es")),
+            (">= 0.6x raw", at_least(0.6, "raw")),
+        ]
+    else:
+        one_on.targets = [(">= 1.0x es", at_least(1.0, "es"))]
+    one_on.targets.append(keeps("ours.appends.1.on", "ours.appends.1.off"))
+    rows.append(one_on)
+    rows.append(Row(
+        "appends, 1 caller, dispatcher off", "/s", get(r, "ours.appends.1.off", "per_second"),
+        get(r, "es.appends.1", "per_second"), get(r, "raw.appends.1", "per_second"),
+    ))  # fmt: skip
+    rows.append(Row(
+        "p99 ack, 1 caller, dispatcher on", "ms", get(r, "ours.appends.1.on", "p99_ms"),
+        get(r, "es.appends.1", "p99_ms"), get(r, "raw.appends.1", "p99_ms"),
+    ))  # fmt: skip
+    many_on = Row(
+        "appends, 64 callers, dispatcher on", "/s", get(r, "ours.appends.64.on", "per_second"),
+        get(r, "es.appends.64", "per_second"), get(r, "raw.appends.64", "per_second"),
+        note="es: 64 threads; raw: 64-row transactions",
+    )  # fmt: skip
+    if sq:
+        many_on.targets = [(">= 10x es", at_least(10, "es")), (">= 0.5x raw", at_least(0.5, "raw"))]
+    else:
+        many_on.targets = [(">= 15,000/s", at_least(15_000))]
+    many_on.targets.append(keeps("ours.appends.64.on", "ours.appends.64.off"))
+    rows.append(many_on)
+    rows.append(Row(
+        "p99 ack, 64 callers, dispatcher on", "ms", get(r, "ours.appends.64.on", "p99_ms"),
+        get(r, "es.appends.64", "p99_ms"), get(r, "raw.appends.64", "p99_ms"),
+        targets=[("<= 10 ms", at_most(10))] if sq else [],
+    ))  # fmt: skip
+    rows.append(Row(
+        "appends, 64 callers, dispatcher off", "/s", get(r, "ours.appends.64.off", "per_second"),
+        get(r, "es.appends.64", "per_second"), get(r, "raw.appends.64", "per_second"),
+        targets=[(">= 15,000/s", at_least(15_000))] if not sq else [],
+    ))  # fmt: skip
+    n = int(get(r, "ours.prefill", "events") or sizes.catch_up_events)
+    for shape, label in (("create", "create-only"), ("summary", "read-then-update")):
+        for kind in ("action", "callable"):
+            key = f"ours.catch_up.{shape}.{kind}"
+            row = Row(
+                f"catch-up {n:,} ev, {label}, {kind}", "/s", get(r, key, "per_second"),
+                get(r, f"es.catch_up.{shape}", "per_second"),
+                get(r, f"raw.catch_up.{shape}", "per_second"),
+                note=completeness(r, key, f"es.catch_up.{shape}"),
+            )  # fmt: skip
+            if sq and shape == "create":
+                want = 0.25 if kind == "action" else 0.5
+                row.targets = [(f">= {want}x raw", at_least(want, "raw"))]
+            elif sq and kind == "action":
+                row.targets = [
+                    (">= 0.2x raw", at_least(0.2, "raw")),
+                    (">= 5x es", at_least(5, "es")),
+                ]
+            elif not sq and kind == "action":
+                want = 20_000 if shape == "create" else 8_000
+                row.targets = [(f">= {want:,}/s", at_least(want))]
+            rows.append(row)
+    rows.append(Row(
+        f"replay {n:,} ev, create-only", "/s", get(r, "ours.replay", "per_second"), None,
+        get(r, "raw.catch_up.create", "per_second"),
+        note=completeness(r, "ours.replay", "raw: the same job as its catch-up"),
+    ))  # fmt: skip
+    if "ours.replay_large" in r:
+        big = r["ours.replay_large"]
+        stored = int(big.get("stored") or 0)
+        rate = get(r, "ours.replay_large", "per_second")
+        seconds = 1_000_000 / rate if rate else None
+        done = "" if big.get("complete") else f"extrapolated from {int(big.get('events') or 0):,}"
+        rows.append(Row(
+            "replay 1,000,000 ev, create-only", "s", seconds,
+            targets=[("<= 20 s", at_most(20))],
+            note=", ".join(x for x in (f"log of {stored:,}", done) if x),
+        ))  # fmt: skip
+        rows.append(Row(
+            "peak RSS, replay of the 1M log", "MB", get(r, "ours.replay_large", "peak_rss_mb"),
+            targets=[("<= 200 MB", at_most(200))],
+        ))  # fmt: skip
+    if "ours.sustained" in r:
+        secs = sizes.sustained_seconds
+        rows.append(Row(
+            f"sustained, 64 callers {secs:.0f} s: appends", "/s",
+            get(r, "ours.sustained", "per_second"),
+        ))  # fmt: skip
+        rows.append(Row(
+            "sustained: projector applied", "/s",
+            get(r, "ours.sustained", "projector_applied_per_second"),
+        ))  # fmt: skip
+        for who in ("projector", "dispatcher"):
+            events = get(r, "ours.sustained", f"{who}_lag_events")
+            rows.append(Row(
+                f"sustained: {who} lag at the end", "s",
+                get(r, "ours.sustained", f"{who}_lag_seconds_worth"),
+                targets=[("<= 1 s of appends", at_most(1.0))],
+                note="" if events is None else f"{events:,.0f} events",
+            ))  # fmt: skip
+    if "ours.cluster" in r:
+        rows.append(Row(
+            f"3 nodes over NATS, 64 callers {sizes.sustained_seconds:.0f} s: appends", "/s",
+            get(r, "ours.cluster", "per_second"),
+        ))  # fmt: skip
+        for who in ("projector", "dispatcher"):
+            events = get(r, "ours.cluster", f"{who}_lag_events")
+            rows.append(Row(
+                f"3 nodes: {who} lag at the end", "s",
+                get(r, "ours.cluster", f"{who}_lag_seconds_worth"),
+                targets=[("<= 1 s of appends", at_most(1.0))],
+                note="" if events is None else f"{events:,.0f} events",
+            ))  # fmt: skip
+    if "ours.ack_visible" in r:
+        offered = get(r, "ours.ack_visible", "offered_per_second")
+        rows.append(Row(
+            "ack -> visible p50", "ms", get(r, "ours.ack_visible", "p50_ms"),
+            note="" if offered is None else f"{offered:,.0f} appends/s offered",
+        ))  # fmt: skip
+        rows.append(Row(
+            "ack -> visible p99", "ms", get(r, "ours.ack_visible", "p99_ms"),
+            targets=[("<= 50 ms", at_most(50))],
+        ))  # fmt: skip
+    rss = {
+        who: max(
+            (v.get("peak_rss_mb") or 0.0 for k, v in r.items() if k.startswith(who)), default=None
+        )
+        for who in ("ours.", "es.", "raw.")
+    }
+    rows.append(Row(
+        "peak RSS, largest process", "MB", rss["ours."], rss["es."], rss["raw."],
+        note="1M replay included" if "ours.replay_large" in r else "",
+    ))  # fmt: skip
+    return rows
+
+
+def completeness(r: dict[str, dict[str, Any]], *keys: str) -> str:
+    notes = []
+    for key in keys:
+        result = r.get(key)
+        if result is None:
+            notes.append(key) if not key.startswith(("ours", "es", "raw")) else None
+            continue
+        who = key.split(".")[0]
+        if "error" in result:
+            notes.append(f"{who} failed")
+        elif result.get("complete") is False:
+            notes.append(f"{who} capped at {int(result.get('events') or 0):,}")
+        if result.get("correct") is False:
+            notes.append(f"{who} WRONG totals")
+    return ", ".join(notes)
+
+
+# ---------------------------------------------------------------------- the header, output
+
+
+def header(backends: list[str], stores: dict[str, Stores], workdir: Path) -> dict[str, Any]:
+    p50, p99 = fsync_latency(workdir, 300)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "benchmarks/run " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
+        f"{platform.machine()}",
+        "uptime": uptime.strip(),
+        "fsync": f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms "
+        "(300 x 4 KiB write + fsync in the run's temp folder)",
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "postgresql": stores["postgres"].server_version if "postgres" in stores else "not run",
+        "versions": f"moleculerpy-cqrs {version('moleculerpy-cqrs')}, moleculerpy "
+        f"{version('moleculerpy')}, eventsourcing {version('eventsourcing')}, psycopg "
+        f"{version('psycopg')}",
+        "durability": "SQLite: WAL, synchronous=FULL for every subject (read back per process); "
+        "PostgreSQL: private server, fsync on",
+    }
+
+
+def durability_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """What each subject's processes read back, without the per-process connection counts."""
+    seen: dict[str, set[str]] = {}
+    for key, result in results.items():
+        for part in str(result.get("durability", "?")).split(", "):
+            seen.setdefault(key.split(".")[0], set()).add(part.split(" (x")[0])
+    return [f"  read back, {who}: {' | '.join(sorted(v))}" for who, v in seen.items()]
+
+
+def draw(path: Path, rows_by_backend: dict[str, list[Row]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels: list[str] = []
+    es: list[float] = []
+    raw: list[float] = []
+    for backend, rows in rows_by_backend.items():
+        for row in rows:
+            if row.unit == "/s" and (row.es_ratio or row.raw_ratio):
+                labels.append(f"{backend}: {row.scenario}")
+                es.append(row.es_ratio or 0.0)
+                raw.append(row.raw_ratio or 0.0)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ys = range(len(labels))
+    ax.barh([y - 0.2 for y in ys], es, height=0.4, label="this project / eventsourcing 9.5.6")
+    ax.barh([y + 0.2 for y in ys], raw, height=0.4, label="this project / raw driver")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("throughput ratio (log scale; > 1: this project is faster)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("moleculerpy-cqrs against its peers, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes)")
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "all"), default="sqlite")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="cqrs-bench-run-"))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    rows: dict[str, list[Row]] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            stores = {b: Stores(b, workdir / b, stack) for b in backends}
+            for b in backends:
+                (workdir / b).mkdir(exist_ok=True)
+            head = header(backends, stores, workdir)
+            for line in header_lines(head):
+                say(line)
+            for b in backends:
+                results[b] = measure(b, sizes, stores[b])
+                rows[b] = build_rows(b, results[b], sizes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    head["whole_run_seconds"] = round(elapsed, 1)
+    head["load_after"] = "/".join(f"{v:.2f}" for v in os.getloadavg())
+    lines = header_lines(head)
+    cells: list[list[str]] = []
+    for b in backends:
+        lines += [f"read back ({b}):", *durability_lines(results[b])]
+        prefix = f"{b}: " if len(backends) > 1 else ""
+        cells += [[prefix + c[0], *c[1:]] for c in (row.cells() for row in rows[b])]
+    lines += [
+        "",
+        f"One table ({', '.join(backends)}); ratio = this project / peer (for ms, MB and s rows "
+        "lower is better)",
+        *table(
+            ["scenario", "this project", "eventsourcing", "ratio", "raw driver",
+             "ratio to raw", "target", "met"],
+            cells,
+        ),
+    ]  # fmt: skip
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stamp}.json"
+    png_path = args.out / f"{stamp}.png"
+    json_path.write_text(
+        json.dumps(
+            {
+                "header": head,
+                "sizes": sizes.__dict__,
+                "backends": {
+                    b: {"rows": [row.as_json() for row in rows[b]], "jobs": results[b]}
+                    for b in backends
+                },
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    draw(png_path, rows)
+    print(f"\nwrote {json_path} and {png_path} (whole run {elapsed:.0f} s)")
+
+
+def header_lines(head: dict[str, Any]) -> list[str]:
+    keys = ("date", "command", "machine", "uptime", "fsync", "python", "sqlite", "postgresql",
+            "versions", "durability", "whole_run_seconds", "load_after")  # fmt: skip
+    return [f"{k:<11} {head[k]}" for k in keys if k in head]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""One subject's scenario in a process of its own (started by ``benchmarks/harness.py``).
+
+    python benchmarks/subject.py '<json job>'
+
+Prints one line ``RESULT <json>``: the scenario's figures, the process's peak RSS, and the
+durability settings read back in this process (every SQLite connection's ``journal_mode`` and
+``synchronous`` as it closes; PostgreSQL's ``fsync`` and ``synchronous_commit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+
+SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+pragmas: Counter[str] = Counter()
+
+
+class ReadBackConnection(sqlite3.Connection):
+    """Reads the durability PRAGMAs back just before the connection closes."""
+
+    def close(self) -> None:
+        try:
+            mode = self.execute("PRAGMA journal_mode").fetchone()[0]
+            sync = self.execute("PRAGMA synchronous").fetchone()[0]
+            pragmas[f"journal_mode={mode} synchronous={SYNCHRONOUS.get(sync, sync)}"] += 1
+        except sqlite3.Error:
+            pass
+        super().close()
+
+
+_connect = sqlite3.connect
+
+
+def _read_back_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+    kwargs.setdefault("factory", ReadBackConnection)
+    return _connect(*args, **kwargs)
+
+
+def store_factory(store: dict[str, Any]) -> Any:
+    from moleculerpy_cqrs import stores
+
+    if store["kind"] == "sqlite":
+        return stores.sqlite(store["dir"])
+    return stores.postgres(store["dsn"], schema=store["schema"])
+
+
+def postgres_settings(store: dict[str, Any]) -> str:
+    import psycopg
+
+    with psycopg.connect(store["dsn"], autocommit=True) as conn:
+        fsync = conn.execute("SHOW fsync").fetchone()
+        commit = conn.execute("SHOW synchronous_commit").fetchone()
+    return f"fsync={fsync[0] if fsync else '?'} synchronous_commit={commit[0] if commit else '?'}"
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    subject, scenario, store, p = job["subject"], job["scenario"], job["store"], job["params"]
+    if subject == "ours":
+        from benchmarks import bench_ours as ours
+
+        factory = store_factory(store)
+        work: Any = {
+            "appends": lambda: ours.appends(factory, p["callers"], p["dispatch"], p["seconds"]),
+            "prefill": lambda: ours.prefill(factory, p["count"]),
+            "catch_up": lambda: ours.catch_up(
+                factory, p["shape"], p["as_action"], p["head"], p["cap"]
+            ),
+            "replay": lambda: ours.replay(factory, p["head"], p["cap"], report),
+            "replay_large": lambda: ours.replay_large(
+                factory, p["count"], p["fill_cap"], p["cap"], report
+            ),
+            "sustained": lambda: ours.sustained(factory, p["callers"], p["seconds"]),
+            "ack_visible": lambda: ours.ack_to_visible(factory, p["rate"], p["seconds"]),
+            "cluster_node": lambda: ours.cluster_node(
+                factory, p["transporter"], p["node_id"], Path(p["ready"])
+            ),
+            "cluster_load": lambda: ours.cluster_load(
+                p["transporter"], p["callers"], p["seconds"], p["nodes"]
+            ),
+        }[scenario]
+        figures: dict[str, Any] = asyncio.run(work())
+    elif subject == "es":
+        from benchmarks import bench_es as es
+
+        if scenario == "appends":
+            figures = es.appends(store, p["threads"], p["seconds"])
+        else:
+            figures = es.catch_up(store, p["shape"], p["count"], p["cap"])
+    else:
+        from benchmarks import bench_raw as raw
+
+        if scenario == "appends":
+            figures = raw.appends(store, p["per_transaction"], p["seconds"])
+        else:
+            figures = raw.catch_up(store, p["shape"], p["count"])
+    return figures
+
+
+JOB: dict[str, Any] = {}
+
+
+def report(figures: dict[str, Any]) -> None:
+    """Print the figures and end the process (also from inside a scenario: a capped replay
+    need not be waited for)."""
+    if JOB["store"]["kind"] == "sqlite":
+        durability = ", ".join(f"{k} (x{n})" for k, n in sorted(pragmas.items())) or "none read"
+    else:
+        durability = postgres_settings(JOB["store"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {**figures, "peak_rss_mb": peak, "durability": durability}
+    print("RESULT " + json.dumps(result), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # threads a peer left behind, or a replay still running, must not hold it
+
+
+def main() -> None:
+    sqlite3.connect = _read_back_connect  # type: ignore[assignment]
+    JOB.update(json.loads(sys.argv[1]))
+    report(run(JOB))
+
+
+if __name__ == "__main__":
+    main()

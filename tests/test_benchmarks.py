@@ -1,0 +1,63 @@
+"""``benchmarks/run`` still works: its scenarios for this project and the raw driver, at tiny
+sizes, on real SQLite files, and the table built from their figures. No speed is asserted; the
+eventsourcing subject needs the ``bench`` extra, which the test environment does not install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bench_ours as ours
+from benchmarks import bench_raw as raw
+from benchmarks import harness
+from benchmarks._common import table
+
+from moleculerpy_cqrs import stores
+
+
+async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> None:
+    def folder(name: str) -> dict[str, Any]:
+        return {"kind": "sqlite", "dir": str(tmp_path / name)}
+
+    r: dict[str, dict[str, Any]] = {}
+    for callers in (1, 64):
+        for dispatch in (True, False):
+            key = f"ours.appends.{callers}.{'on' if dispatch else 'off'}"
+            r[key] = await ours.appends(
+                stores.sqlite(tmp_path / key), callers, dispatch, seconds=0.2
+            )
+            assert r[key]["events"] > 0
+            assert r[key]["p99_ms"] > 0
+        r[f"raw.appends.{callers}"] = raw.appends(folder(f"raw{callers}"), callers, 0.1)
+        assert r[f"raw.appends.{callers}"]["events"] >= callers
+
+    log = stores.sqlite(tmp_path / "log")
+    r["ours.prefill"] = await ours.prefill(log, 60)
+    assert r["ours.prefill"]["events"] == 60
+    for shape in ("create", "summary"):
+        for as_action in (True, False):
+            key = f"ours.catch_up.{shape}.{'action' if as_action else 'callable'}"
+            r[key] = await ours.catch_up(log, shape, as_action, head=60, cap=60)
+            assert r[key]["events"] == 60, key
+            assert r[key]["complete"], key
+            assert r[key]["correct"], f"{key}: the aggregate does not add up"
+        r[f"raw.catch_up.{shape}"] = raw.catch_up(folder(f"raw_{shape}"), shape, 2500)
+        assert r[f"raw.catch_up.{shape}"]["correct"]
+    r["ours.replay"] = await ours.replay(log, head=60, cap=60)
+    assert r["ours.replay"]["events"] == 60
+    assert r["ours.replay"]["complete"]
+
+    r["ours.sustained"] = await ours.sustained(stores.sqlite(tmp_path / "load"), 8, 0.3)
+    assert r["ours.sustained"]["projector_lag_events"] >= 0
+    assert r["ours.sustained"]["dispatcher_lag_events"] is not None
+    r["ours.ack_visible"] = await ours.ack_to_visible(stores.sqlite(tmp_path / "ack"), 100, 0.3)
+    assert r["ours.ack_visible"]["events"] == 30
+
+    rows = harness.build_rows("sqlite", r, harness.QUICK)
+    lines = table(["scenario", *"abcdefg"], [row.cells() for row in rows])
+    text = "\n".join(lines)
+    assert "catch-up 60 ev, read-then-update, callable" in text
+    assert "ack -> visible p99" in text
+    assert "sustained: dispatcher lag" in text
+    assert all(row.ours is not None for row in rows if not row.scenario.startswith("peak"))
