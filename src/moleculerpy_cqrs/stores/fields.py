@@ -142,7 +142,9 @@ def check_json(field: str, value: Any) -> Any:
 
 def _check_json(field: str, value: Any, depth: int) -> None:
     if depth > _MAX_JSON_DEPTH:
-        raise InvalidInput(f"field {field!r} nests deeper than {_MAX_JSON_DEPTH}", field=field)
+        raise InvalidInput(
+            f"field {field!r} nests too deeply (more than {_MAX_JSON_DEPTH} levels)", field=field
+        )
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, str):
@@ -189,8 +191,12 @@ def _check_text(field: str, value: str) -> str:
     # NUL and lone surrogates cannot be stored as UTF-8 text by every backend.
     if "\x00" in value:
         raise InvalidInput(f"field {field!r} may not hold a NUL character", field=field)
-    if not value.isascii() and _SURROGATE.search(value):
-        raise InvalidInput(f"field {field!r} may not hold a lone surrogate", field=field)
+    if not value.isascii() and (found := _SURROGATE.search(value)):
+        raise InvalidInput(
+            f"field {field!r} holds a lone surrogate (U+{ord(found.group()[0]):04X}), which is "
+            "not text: send the character itself or a complete surrogate pair",
+            field=field,
+        )
     return value
 
 
