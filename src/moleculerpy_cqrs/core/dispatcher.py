@@ -4,8 +4,8 @@ Status per event: 0 created → 2 complete; a delivery that fails is retried wit
 (4 retrying) and marked 3 failed after ``max_attempts``. Events are emitted as soon as they are
 read (with status 1, processing, in the emitted payload); the bookkeeping — their statuses and
 the position of the last settled event — is written afterwards in one transaction per
-``batch_size`` events or per ``settle_interval`` seconds, whichever comes first, so the
-dispatcher costs the appenders one commit per batch, not one per event. After a crash the
+``settle_interval`` seconds (or per 10,000 events, whichever comes first), so the dispatcher
+costs the appenders about ten commits a second, whatever the load, not one per event. After a crash the
 events past the last settled position are delivered again (at-least-once). Appends wake it;
 idle, it waits.
 """
@@ -26,6 +26,8 @@ from moleculerpy_cqrs.stores.fields import Record
 
 CURSOR_KEY: Final = "dispatch.cursor"
 SETTLE_INTERVAL: Final = 0.1
+SETTLE_MOST: Final = 10_000  # delivered events held unsettled at most (memory, redelivery)
+LINGER: Final = 0.005  # after a wake-up from idle: more appends make one read
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +43,10 @@ class Dispatcher:
         max_backoff: float = 10.0,
         lease: Lease | None = None,
         settle_interval: float = SETTLE_INTERVAL,
+        linger: float = LINGER,
     ) -> None:
         self.settle_interval = settle_interval
+        self.linger = linger
         self._settled: dict[int, int] = {}  # delivered, not yet written: id -> status
         self._oldest: float | None = None  # when the first of those was delivered
         self.settled = 0  # the position written as settled
@@ -139,15 +143,17 @@ class Dispatcher:
     def _due(self, *, idle: bool) -> bool:
         if not self._settled:
             return False
-        if len(self._settled) >= self.batch_size:
+        if len(self._settled) >= SETTLE_MOST:
             return True
         assert self._oldest is not None
         return time.monotonic() - self._oldest >= self.settle_interval
 
     async def _idle(self) -> None:
-        """Wait for new events; settle what was delivered once its interval is over."""
+        """Wait for new events (then ``linger`` a moment, so that one read takes the appends
+        of several commits); settle what was delivered once its interval is over."""
         if not self._settled:
             await self._wakeup.wait()
+            await asyncio.sleep(self.linger)
             return
         assert self._oldest is not None
         left = self._oldest + self.settle_interval - time.monotonic()
@@ -155,6 +161,8 @@ class Dispatcher:
             await asyncio.wait_for(self._wakeup.wait(), max(left, 0))
         except TimeoutError:
             await self._settle()
+            return
+        await asyncio.sleep(self.linger)
 
     async def wait_settled(self, position: int) -> int:
         """Wait until every event up to ``position`` is settled (complete or failed) and

@@ -35,6 +35,7 @@ CHECKPOINT_KEY: Final = "checkpoint"
 LEASE_KEY: Final = "projector.lease"
 CONCURRENCY: Final = 16
 BATCH_SIZE: Final = 1000  # events per batch; a batch is one short transaction
+LINGER: Final = 0.005  # after a wake-up from idle, so that one batch takes several commits
 WARN_AFTER: Final = 3.0  # seconds a projector waits for its transformations before it warns
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
@@ -320,6 +321,7 @@ class Projector:
                 await asyncio.sleep(0)  # let others in between batches, whatever the backend
             else:
                 await self._wakeup.wait()
+                await asyncio.sleep(LINGER)  # let a few more commits join the next batch
 
     async def _step(self) -> bool:
         events = await self.source.read_after(self.checkpoint, self.batch_size)
