@@ -5,9 +5,9 @@ Status per event: 0 created → 2 complete; a delivery that fails is retried wit
 read (with status 1, processing, in the emitted payload); the bookkeeping — their statuses and
 the position of the last settled event — is written afterwards in one transaction per
 ``settle_interval`` seconds (or per 10,000 events, whichever comes first), so the dispatcher
-costs the appenders about ten commits a second, whatever the load, not one per event. After a crash the
-events past the last settled position are delivered again (at-least-once). Appends wake it;
-idle, it waits.
+costs the appenders about ten commits a second, whatever the load, not one per event. After
+a crash the events past the last settled position are delivered again (at-least-once).
+Appends wake it; idle, it waits.
 """
 
 from __future__ import annotations
