@@ -461,3 +461,42 @@ async def test_transformations_are_called_on_the_projectors_node_when_it_serves_
         finally:
             await a.stop()
     assert calls == {"a": 20, "b": 0}
+
+
+async def test_halting_on_a_binding_keeps_its_event_whole(make_store: MakeStore) -> None:
+    """An event with two bindings whose second fails in halt mode: neither binding's effect
+    is written, so after the fix and the resume the event is applied exactly once."""
+    factory = make_store()
+    events = EventStore("twoEventStore", factory)
+    two = Aggregate(
+        "twoAggregate", stores.with_fields(factory, FIELDS), attempts=1, on_error="halt"
+    ).snapshot("twoEventStore")
+    broken = {"on": True}
+
+    async def first(event: dict[str, Any]) -> dict[str, Any]:
+        return {"k": "first", "n": event["id"]}
+
+    async def second(event: dict[str, Any]) -> dict[str, Any]:
+        if broken["on"]:
+            raise ValueError("not yet")
+        return {"k": "second", "n": event["id"]}
+
+    two.on("two.added").create(first)
+    two.on("two.added").create(second)
+
+    class Two(events.mixin(), two.mixin(), Service):  # type: ignore[misc]
+        name = "two"
+        add = events.map_action("add", "two.added")
+
+    async with running_broker(Two()) as broker:
+        runtime = two.runtime(broker)
+        await broker.call("two.add", {})
+        await runtime.projecting.wait()
+        assert runtime.projector is not None
+        await asyncio.wait_for(runtime.projector.wait_halted(), 10)
+        assert await broker.call("twoAggregate.find", {}) == []
+        broken["on"] = False
+        await broker.call("twoAggregate.retryDeadLetters", {})
+        await asyncio.wait_for(runtime.wait_caught_up(), 10)
+        rows = await broker.call("twoAggregate.find", {"sort": "k"})
+    assert [r["k"] for r in rows] == ["first", "second"]

@@ -66,6 +66,7 @@ class BatchView:
         self._got: dict[int, Record | None] = {}
         self._json = tuple(n for n, k in self.fields.items() if k == "json")
         self._displaced = 0  # committed rows the batch changed or removed
+        self.event_marks: dict[int, int] = {}  # event id -> mark before its effects
 
     # ------------------------------------------------------------------ reads
 
@@ -133,6 +134,10 @@ class BatchView:
     def mark(self) -> int:
         """A point to :meth:`undo` back to (before one event's effects)."""
         return len(self._undo)
+
+    def begin_event(self, event_id: int) -> None:
+        """Note where the effects of event ``event_id`` begin (its first binding)."""
+        self.event_marks.setdefault(event_id, len(self._undo))
 
     def undo(self, mark: int) -> None:
         while len(self._undo) > mark:

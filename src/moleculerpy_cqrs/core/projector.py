@@ -364,6 +364,8 @@ class Projector:
                 continue
             event = units[i][0]
             if halted is not None:
+                # Its other bindings' effects go too: the event is applied whole, or not yet.
+                view.undo(view.event_marks[event["id"]])
                 last = _before(events, event["id"], expected)
                 break
             dead.append(_dead_letter(event, failure))
@@ -402,6 +404,7 @@ class Projector:
         if not any(b.key is not None for _, b in units):
             failures: list[TransformFailed | None] = []
             for event, binding in units:
+                view.begin_event(event["id"])
                 failure = await self._unit(view, event, binding, token, size, None)
                 failures.append(failure)
                 if failure is not None and self.on_error == "halt":
@@ -580,6 +583,7 @@ class KeyedRun:
         if i > 0:
             await self.applied[i - 1].wait()
         if not self.halted:
+            self.view.begin_event(event["id"])
             failure = await self.p._unit(self.view, event, binding, self.token, self.size, first)
             self.failures[i] = failure
             if failure is not None and self.p.on_error == "halt":
