@@ -73,6 +73,8 @@ async def test_meta_that_cannot_be_stored_is_left_out_not_refused(make_store: Ma
     meta = {
         "user": "ann",
         "$cqrsTx": "private",
+        "$cqrsAggregate": "private",
+        "$cqrsNode": "private",
         "nan": float("nan"),
         "pair": (1, 2),
         "deep": {"when": object()},

@@ -21,7 +21,7 @@ from typing import Any, Final
 from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_id, check_record
-from moleculerpy_cqrs.stores.query import ALL, Condition, In, Query, matches, sort_key
+from moleculerpy_cqrs.stores.query import ALL, Condition, Query, matches, sort_key
 
 LAST_ID_KEY: Final = "lastId"
 _ABSENT: Final = object()
@@ -240,7 +240,3 @@ def _without_id(record: Any) -> Any:
     if isinstance(record, dict) and ID in record:
         return {k: v for k, v in record.items() if k != ID}
     return record
-
-
-def ids_query(ids: Sequence[int]) -> Query:
-    return Query(where=In(ID, tuple(ids)))

@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.core.committer import GroupCommitter
 from moleculerpy_cqrs.core.dispatcher import Dispatcher
+from moleculerpy_cqrs.core.joins import PRIVATE_META
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
@@ -20,7 +21,6 @@ from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_conditi
 
 MAX_PAYLOAD_BYTES: Final = 1_048_576
 READY_TIMEOUT: Final = 30.0
-_PRIVATE_META: Final = ("$cqrsTx", "$cqrsAggregate")
 log = logging.getLogger(__name__)
 
 
@@ -224,7 +224,7 @@ class EventStoreRuntime:
     def _clean_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
         if not meta:
             return {}
-        return {k: v for k, v in meta.items() if k not in _PRIVATE_META}
+        return {k: v for k, v in meta.items() if k not in PRIVATE_META}
 
 
 async def until_ready(ready: asyncio.Event, name: str) -> None:
