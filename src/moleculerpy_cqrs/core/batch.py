@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter, Changes
+from moleculerpy_cqrs.stores.base import Adapter, Changes, unique_conflict
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_id, check_record
-from moleculerpy_cqrs.stores.query import ALL, Condition, Query, matches, sort_key
+from moleculerpy_cqrs.stores.query import ALL, Compare, Condition, Query, matches, sort_key
 
 LAST_ID_KEY: Final = "lastId"
 _ABSENT: Final = object()
@@ -104,6 +104,7 @@ class BatchView:
 
     async def create(self, record: Any) -> Record:
         checked = check_record(self.fields, _without_id(record))
+        await self._refuse_duplicates(0, checked)
         last_id = self._last_id
         entity_id = await self._next_id()
         row = {ID: entity_id, **checked}
@@ -116,6 +117,7 @@ class BatchView:
         current = await self._row(entity_id)
         if current is None:
             raise InvalidInput(f"update: no row with id {entity_id!r} in {self.name}", field=ID)
+        await self._refuse_duplicates(entity_id, checked)
         row = {**current, **checked}
         self._set(entity_id, row, set(checked), self._last_id)
         return row
@@ -183,6 +185,16 @@ class BatchView:
             self._last_id = await self._ids.load(self.adapter)
         self._last_id += 1
         return self._last_id
+
+    async def _refuse_duplicates(self, entity_id: int, changes: Record) -> None:
+        """A unique field may not take a value another row holds: this event's effect fails
+        here (dead-lettered, or halting), rather than the whole batch's write."""
+        for name, unique in self.adapter.indexes.items():
+            value = changes.get(name)
+            if unique and value is not None:
+                query = Query(where=Compare(name, "=", value), limit=2, fields=(ID,))
+                if any(r[ID] != entity_id for r in await self.find(query)):
+                    raise unique_conflict(self.name, name, value)
 
     async def _row(self, entity_id: int) -> Record | None:
         """The row as the batch sees it (not a copy: never hand it out)."""
