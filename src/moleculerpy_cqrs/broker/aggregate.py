@@ -171,6 +171,9 @@ class Aggregate:
             lease_ttl=self.lease_ttl,
             concurrency=self.concurrency,
         )
+        # Here, not in started(): MoleculerPy logs an error of a started hook and goes on,
+        # while one of a created hook fails broker.register, so the start is refused.
+        await runtime.check_schema()
         self._runtimes[broker] = runtime
         await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
 

@@ -187,6 +187,9 @@ class EventStore:
             node_id=broker.nodeID,
             lease_ttl=self.lease_ttl,
         )
+        # Here, not in started(): MoleculerPy logs an error of a started hook and goes on,
+        # while one of a created hook fails broker.register, so the start is refused.
+        await runtime.check_schema()
         self._runtimes[broker] = runtime
         await broker.register(_event_store_service(self.name, runtime))
 

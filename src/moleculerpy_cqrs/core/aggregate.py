@@ -13,7 +13,9 @@ from moleculerpy_cqrs.core.maintenance import Maintenance
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
+from moleculerpy_cqrs.core.schema import refuse_aggregate_drift
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
+from moleculerpy_cqrs.errors import ConfigurationError
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.query import Query
 
@@ -65,9 +67,22 @@ class AggregateRuntime:
     async def connect(self) -> None:
         if self.closed:
             self._build()
+        await self.check_schema()
         await self.adapter.connect()
         await self.dead_letters.connect()
         self.connected.set()
+
+    async def check_schema(self) -> None:
+        """Refuse to start on a table whose fields differ from the declaration (before
+        :meth:`Adapter.connect` would add columns); the adapter is closed with the refusal."""
+        try:
+            refuse_aggregate_drift(
+                self.name, self.adapter.fields, await self.adapter.stored_fields()
+            )
+        except ConfigurationError:
+            await self.adapter.close()
+            self.closed = True
+            raise
 
     def start_projector(self, log: EventLog) -> Projector:
         self.projector = Projector(

@@ -14,7 +14,8 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
-from moleculerpy_cqrs.errors import InvalidInput, StoreError
+from moleculerpy_cqrs.core.schema import refuse_event_log_drift
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Record, check_json
 from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_condition
@@ -58,9 +59,22 @@ class EventStoreRuntime:
         self.dispatcher = Dispatcher(self.adapter, self.port, lease=self.lease, **self._dispatch)
         self.closed = False
 
+    async def check_schema(self) -> None:
+        """Refuse to start on a log whose extra fields changed type (before
+        :meth:`Adapter.connect` adds the fields declared since); the adapter is closed with
+        the refusal, and the next start builds a fresh one."""
+        try:
+            stored = await self.adapter.stored_fields()
+            refuse_event_log_drift(self.name, self.adapter.fields, stored)
+        except ConfigurationError:
+            await self.adapter.close()
+            self.closed = True
+            raise
+
     async def start(self, *, dispatch: bool = True) -> None:
         if self.closed:
             self._build()
+        await self.check_schema()
         await self.adapter.connect()
         self.started = True
         self.ready.set()

@@ -137,7 +137,23 @@ class Adapter(ABC):
     async def connect(self) -> None:
         """Open connections and create the table (and the meta table) if missing.
 
-        Idempotent: connecting twice, or connecting to an existing table, is fine.
+        Idempotent: connecting twice, or connecting to an existing table, is fine. On an
+        existing table, declared fields it lacks are added as columns (old rows read them as
+        null) and the declared indexes are made to match; a column's type is never changed
+        (compare with :meth:`stored_fields` first to refuse such a change).
+        """
+
+    @abstractmethod
+    async def stored_fields(self) -> dict[str, str] | None:
+        """The fields the table holds now, name -> type (``id`` left out); None when the table
+        does not exist yet. May be called before :meth:`connect` (it opens the database, not
+        the table, so :meth:`close` is still due), which lets a caller compare a declaration
+        with the table before :meth:`connect` adds the columns declared since.
+
+        Types are the declared type names the table was made with where the backend keeps
+        them (SQLite records them in its meta table; PostgreSQL's column types say them
+        exactly). For a SQLite table made before the record existed, a column's type is the
+        declared one if that is stored as the column's type, else the column's own.
         """
 
     @abstractmethod

@@ -58,7 +58,7 @@ from moleculerpy_cqrs.testing.conformance_base import (
     outside,
     promptly,
 )
-from moleculerpy_cqrs.testing.conformance_indexes import IndexCases
+from moleculerpy_cqrs.testing.conformance_indexes import IndexCases, SchemaCases
 
 
 class CrudCases(AdapterCase):
@@ -1159,6 +1159,7 @@ class PropertyCases(AdapterCase):
 class AdapterConformance(
     CrudCases,
     IndexCases,
+    SchemaCases,
     QueryCases,
     TypeCases,
     TransactionCases,
@@ -1186,6 +1187,7 @@ __all__ = [
     "MetaCases",
     "PropertyCases",
     "QueryCases",
+    "SchemaCases",
     "TransactionCases",
     "TypeCases",
 ]

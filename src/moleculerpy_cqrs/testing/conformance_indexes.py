@@ -17,7 +17,7 @@ from moleculerpy_cqrs.errors import ConflictError
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Declarations
 from moleculerpy_cqrs.stores.query import Query, matches, parse_find
-from moleculerpy_cqrs.testing.conformance_base import DAY, T0, AdapterCase, doomed
+from moleculerpy_cqrs.testing.conformance_base import DAY, ITEM_FIELDS, T0, AdapterCase, doomed
 
 INDEXED_FIELDS: Declarations = {
     "sku": {"type": "string", "unique": True},
@@ -193,3 +193,31 @@ class IndexCases(AdapterCase):
         with pytest.raises(ConflictError):
             await shadow.insert({"sku": "a-3"})
         await self.agrees(shadow, await shadow.find(Query()))
+
+
+class SchemaCases(AdapterCase):
+    """:meth:`Adapter.stored_fields`: what an existing table holds, exactly as declared."""
+
+    async def test_stored_fields_of_a_missing_table_is_none_then_the_declaration(self) -> None:
+        first = await self.make_adapter("items", ITEM_FIELDS)
+        self._opened.append(first)
+        assert await first.stored_fields() is None  # callable before connect
+        await first.connect()
+        assert await first.stored_fields() == ITEM_FIELDS
+
+    async def test_stored_fields_keep_the_type_the_table_was_made_with(self) -> None:
+        await self.open("items", ITEM_FIELDS)
+        changed = {**ITEM_FIELDS, "qty": "string", "active": "integer", "at": "string"}
+        later = await self.make_adapter("items", changed)
+        self._opened.append(later)
+        assert await later.stored_fields() == ITEM_FIELDS
+        await later.connect()  # a type is never changed by connect
+        assert await later.stored_fields() == ITEM_FIELDS
+
+    async def test_a_field_declared_since_is_added_and_listed(self) -> None:
+        await self.open("items", {"name": "string"})
+        later = await self.make_adapter("items", {"name": "string", "born": "datetime"})
+        self._opened.append(later)
+        assert await later.stored_fields() == {"name": "string"}
+        await later.connect()
+        assert await later.stored_fields() == {"name": "string", "born": "datetime"}

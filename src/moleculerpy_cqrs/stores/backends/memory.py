@@ -41,7 +41,7 @@ class _Data:
     """A committed table: rows in id order, the last id handed out, meta as JSON text, and an
     index (value -> ids) per indexed field."""
 
-    __slots__ = ("ids", "indexes", "meta", "rows", "seq", "unique")
+    __slots__ = ("fields", "ids", "indexes", "meta", "rows", "seq", "unique")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class _Data:
         self.meta = meta if meta is not None else {}
         self.indexes: dict[str, dict[Any, set[int]]] = {}
         self.unique: dict[str, bool] = {}
+        self.fields: dict[str, str] = {}  # the declared type of each field, as first declared
 
     def ensure_indexes(self, table: str, declared: Mapping[str, bool]) -> None:
         """Index exactly the ``declared`` fields (name -> unique), building missing indexes."""
@@ -353,7 +354,14 @@ class MemoryAdapter(Adapter):
 
     async def connect(self) -> None:
         self._open()
-        self._database.tables.setdefault(self.name, _Data()).ensure_indexes(self.name, self.indexes)
+        data = self._database.tables.setdefault(self.name, _Data())
+        data.fields = {**self.fields, **data.fields}  # a new field is added; none changes type
+        data.ensure_indexes(self.name, self.indexes)
+
+    async def stored_fields(self) -> dict[str, str] | None:
+        self._open()
+        data = self._database.tables.get(self.name)
+        return None if data is None else dict(data.fields)
 
     async def close(self) -> None:
         self._closed = True
@@ -505,6 +513,7 @@ class MemoryAdapter(Adapter):
             ) from e
         try:
             data = self._load(json.loads(raw))
+            data.fields = dict(self.fields)
             data.ensure_indexes(self.name, self.indexes)
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise StoreError(
@@ -529,9 +538,11 @@ class MemoryAdapter(Adapter):
             source, target = tx.work(shadow.name), tx.work(self.name)
             rows = {r[ID]: r for r in source.scan()}
             data = _Data(rows, max(target.seq, source.seq), source.all_meta())
+            data.fields = dict(self.fields)
             data.ensure_indexes(self.name, self.indexes)
             target.replace(data)
             emptied = _Data(seq=source.seq)
+            emptied.fields = dict(shadow.fields)
             emptied.ensure_indexes(shadow.name, shadow.indexes)
             source.replace(emptied)
 

@@ -70,6 +70,15 @@ _COLUMN_TYPES: Final[dict[FieldType, str]] = {
     "json": "json",  # json, not jsonb: keeps the document as written (key order, numbers)
     "datetime": "timestamptz",
 }
+# A column's type (format_type) as the declared type it is made for: one to one.
+_KINDS: Final[dict[str, FieldType]] = {
+    "text": "string",
+    "bigint": "integer",
+    "double precision": "float",
+    "boolean": "boolean",
+    "json": "json",
+    "timestamp with time zone": "datetime",
+}
 # The element type an ``in`` list is bound as (json is never compared by value).
 _ARRAY_TYPES: Final[dict[FieldType, str]] = {
     "string": "text",
@@ -339,6 +348,13 @@ class PostgresAdapter(Adapter):
         return f"PostgreSQL {server}/{database}, table {self.schema}.{self.name}"
 
     async def connect(self) -> None:
+        await self._open_pool()
+        try:
+            await self._create_table()
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    async def _open_pool(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.name!r} is closed", store=self.name)
         try:
@@ -348,9 +364,21 @@ class PostgresAdapter(Adapter):
                     self._db = db
                 else:  # a concurrent connect() won
                     await _release(db)
-            await self._create_table()
         except psycopg.Error as e:
             raise self._error(e) from e
+
+    async def stored_fields(self) -> dict[str, str] | None:
+        await self._open_pool()
+        async with self._session() as conn:
+            cur = await conn.execute(
+                "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+                "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                [self._table],
+            )
+            columns = await cur.fetchall()
+        if not columns:
+            return None
+        return {name: _KINDS.get(sql_type, sql_type) for name, sql_type in columns if name != ID}
 
     async def _create_table(self) -> None:
         db = self._require()

@@ -94,6 +94,12 @@ _ID_CHUNK: Final = 500
 _RESTORE_BATCH: Final = 5000
 _BACKUP_FORMAT: Final = "moleculerpy-cqrs sqlite backup"
 _BACKUP_VERSION: Final = "1"
+_FIELDS_KEY: Final = "$fields"  # meta: the declared type of each column, as made
+_COLUMN_KINDS: Final[dict[str, FieldType]] = {
+    "TEXT": "string",
+    "INTEGER": "integer",
+    "REAL": "float",
+}
 _UNIQUE_FAILED: Final = re.compile(r"UNIQUE constraint failed: (\w+)\.(\w+)$")
 
 
@@ -428,6 +434,14 @@ class SqliteAdapter(Adapter):
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
+        await self._open_database()
+        await self._write(partial(_create_table, self.name, self.fields, self.indexes))
+
+    async def stored_fields(self) -> dict[str, str] | None:
+        await self._open_database()
+        return await self._read(partial(_stored_fields, self.name, self.fields))
+
+    async def _open_database(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.name!r} is closed", store=self.name)
         if self._database is None:
@@ -440,7 +454,6 @@ class SqliteAdapter(Adapter):
                     self._database = database
                 else:  # a concurrent connect() won
                     await _release(database)
-        await self._write(partial(_create_table, self.name, self.fields, self.indexes))
 
     def where(self) -> str:
         _, target, uri = _resolve(self._location, self.name, self._memory_key)
@@ -871,17 +884,56 @@ def _create_table(
     fields: Mapping[str, FieldType],
     indexes: Mapping[str, bool],
     conn: sqlite3.Connection,
+    *,
+    record: bool = True,
 ) -> None:
+    """Create ``table`` (and the meta table) if missing, add declared columns it lacks, give it
+    its declared indexes. With ``record``, the columns' declared types are kept in its meta
+    (:func:`_stored_fields` reads them)."""
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS {_META} (tbl TEXT NOT NULL, key TEXT NOT NULL, "
         "value TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID"
     )
-    conn.execute(_table_sql(table, fields))
     have = {r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))}
-    for name, kind in fields.items():
-        if name not in have:  # a field declared since the table was made
+    conn.execute(_table_sql(table, fields))
+    added = {n: k for n, k in fields.items() if n not in have}
+    if have:
+        for name, kind in added.items():  # a field declared since the table was made
             conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} {_SQL_TYPES[kind]}")
+    if record and added:
+        row = conn.execute(
+            f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, _FIELDS_KEY)
+        ).fetchone()
+        if row is not None or not have:  # a table made before the record keeps none
+            kinds = {**(json.loads(row[0]) if row else {}), **added}
+            _set_meta(table, _FIELDS_KEY, json.dumps(kinds), conn)
     _sync_indexes(table, indexes, conn)
+
+
+def _stored_fields(
+    table: str, declared: Mapping[str, FieldType], conn: sqlite3.Connection
+) -> dict[str, str] | None:
+    columns = conn.execute("SELECT name, type FROM pragma_table_info(?)", (table,)).fetchall()
+    if not columns:
+        return None
+    recorded: dict[str, str] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (_META,)).fetchone():
+        row = conn.execute(
+            f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, _FIELDS_KEY)
+        ).fetchone()
+        recorded = json.loads(row[0]) if row else {}
+    out: dict[str, str] = {}
+    for name, column_type in columns:
+        if name == ID:
+            continue
+        kind = declared.get(name)
+        if name in recorded:
+            out[name] = recorded[name]
+        elif kind is not None and _SQL_TYPES[kind] == column_type.upper():
+            out[name] = kind
+        else:
+            out[name] = _COLUMN_KINDS.get(column_type.upper(), column_type.lower())
+    return out
 
 
 def _sync_indexes(table: str, indexes: Mapping[str, bool], conn: sqlite3.Connection) -> None:
@@ -903,7 +955,7 @@ def _drop_table(table: str, conn: sqlite3.Connection) -> None:
 def _recreate_table(table: str, fields: Mapping[str, FieldType], conn: sqlite3.Connection) -> None:
     """``table`` new and empty, without indexes (they are built once it is filled)."""
     _drop_table(table, conn)
-    _create_table(table, fields, {}, conn)
+    _create_table(table, fields, {}, conn, record=False)
 
 
 def _seq(conn: sqlite3.Connection, table: str) -> int:
