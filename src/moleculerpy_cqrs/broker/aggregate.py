@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
-from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker import compat, names
 from moleculerpy_cqrs.broker.log import event_log, local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
@@ -156,6 +156,10 @@ class Aggregate:
         if broker in self._runtimes:
             return
         compat.install(broker)
+        names.install_guard(broker)
+        names.refuse_local_clash(
+            broker, self.name, f"the aggregate {self.name!r} (of service {service.name!r})"
+        )
         runtime = AggregateRuntime(
             self.name,
             lambda: self.store_factory(self.name, dict(AGGREGATE_FIELDS), self.settings),
@@ -200,6 +204,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self, name: str, runtime: AggregateRuntime, event_store: str, *, write_actions: bool
     ) -> None:
         super().__init__(name=name)
+        names.mark(self, names.AGGREGATE)
         self.write_actions = write_actions
         self.runtime = runtime
         self.port = runtime.port
