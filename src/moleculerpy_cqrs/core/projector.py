@@ -461,6 +461,14 @@ class Projector:
     async def _report(self, event: Record, failure: TransformFailed) -> None:
         kind = "create" if failure.binding.kind == "create_many" else failure.binding.kind
         self.stats.last_error = str(failure)
+        binding = failure.binding
+        log.warning(
+            "%s: event %s (%s) dead-lettered: on(%r).%s(%r) failed after %d attempt(s): "
+            "%s: %s; list them with `cqrs dead-letters %s`",
+            self.name, event["id"], event["event"], binding.event, binding.kind,
+            binding.handler_name, failure.attempts, type(failure.error).__name__, failure.error,
+            self.name,
+        )  # fmt: skip
         try:
             await self.port.emit(
                 f"{self.name}.{kind}.{failure.stage}",
