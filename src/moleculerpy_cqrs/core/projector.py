@@ -384,6 +384,13 @@ class Projector:
         view.written()
         self.stats.applied += sum(1 for f in failures if f is None)
         self.stats.dead_letters += len(dead)
+        for letter in dead:
+            if letter["kind"] == UPCAST_KIND:
+                log.warning(
+                    "%s: event %s (%s) dead-lettered: it could not be upcast: %s; list them "
+                    "with `cqrs dead-letters %s`",
+                    self.name, letter["eventId"], letter["event"], letter["error"], self.name,
+                )  # fmt: skip
         for event, failed in errors:
             await self._report(event, failed)
         if halted is not None:
