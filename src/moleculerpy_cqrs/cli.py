@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moleculerpy_cqrs.errors import CqrsError
+from moleculerpy_cqrs.examples import NAMES as EXAMPLES
 
 if TYPE_CHECKING:
     from moleculerpy_cqrs.face.operator import Options
@@ -64,7 +65,7 @@ def run(
     modules: Annotated[
         list[str],
         typer.Argument(
-            help="what to run: an example's name (profile, property), a dotted module name "
+            help=f"what to run: an example's name ({', '.join(EXAMPLES)}), a dotted module name "
             "importable from here, or a path to a .py file or package folder",
             show_default=False,
         ),
@@ -140,8 +141,15 @@ def _checked[T](check: Callable[[], T]) -> T:
 
 
 def _guard(work: Callable[[], object]) -> None:
+    from moleculerpy_cqrs.face.runner import UserCodeError
+
     try:
         work()
+    except UserCodeError as error:  # the user's frames and error, as Python shows them
+        err.print(f"[red]error:[/] {escape(error.lines[0])}", soft_wrap=True, highlight=False)
+        for line in error.lines[1:]:
+            err.print(escape(line), soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except CqrsError as error:
         _fail(str(error))
     except KeyboardInterrupt:

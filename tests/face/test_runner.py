@@ -142,8 +142,9 @@ def test_what_cannot_be_found_says_what_to_give(service_folder: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"no Python file at 'missing\.py'"):
         runner.load_module("missing.py")
     (service_folder / "broken.py").write_text("import not_installed_anywhere\n")
-    with pytest.raises(ModuleNotFoundError, match="not_installed_anywhere"):
+    with pytest.raises(runner.UserCodeError, match="not_installed_anywhere") as shown:
         runner.load_module("broken")  # the module is there: its own import error is shown
+    assert 'broken.py", line 1' in "\n".join(shown.value.lines)
 
 
 # --------------------------------------------------------------------------- a node

@@ -8,11 +8,11 @@
     curl 'localhost:3000/api/profile-events?sort=-id&pageSize=5'   # the log itself
 
 The gateway only calls actions through the broker, so it may as well run on a node of its own
-(``cqrs run web --transporter nats://...``; it needs the ``web`` extra:
-``pip install 'moleculerpy-cqrs[web]'``). ``CQRS_HTTP_HOST`` (default
-``127.0.0.1``) and ``CQRS_HTTP_PORT`` (default 3000; 0 picks a free port, which uvicorn's
-start-up line names) say where it listens. Errors keep their status: a bad parameter is 422,
-a missing id 404, each with a JSON body that names the problem.
+(``cqrs run web --transporter nats://...``). It needs the ``web`` extra: ``pip install
+'moleculerpy-cqrs[web]'``, or in a clone ``.venv/bin/pip install -e '.[web]'``.
+``CQRS_HTTP_HOST`` (default ``127.0.0.1``) and ``CQRS_HTTP_PORT`` (default 3000; 0 picks a
+free port, which uvicorn's start-up line names) say where it listens. Errors keep their
+status: a bad parameter is 422, a missing id 404, each with a JSON body that names the problem.
 """
 
 from __future__ import annotations
