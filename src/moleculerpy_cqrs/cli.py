@@ -379,7 +379,15 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    return _checked(check)
+    checked = _checked(check)
+    if checked.transporter:
+        from moleculerpy_cqrs.face import reach
+
+        try:  # refused credentials, a missing package: said at once (also any refusal)
+            asyncio.run(reach.check(checked.transporter, timeout))
+        except CqrsError as error:
+            _fail(str(error))
+    return checked
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -403,8 +411,12 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def _fail(message: str) -> NoReturn:
+    from moleculerpy_cqrs.face.reach import redact  # no line shows a password
+
     err.print(
-        f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
+        f"[red]error:[/] {escape(' '.join(redact(message).split()))}",
+        soft_wrap=True,
+        highlight=False,
     )
     raise typer.Exit(2)
 

@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import moleculerpy
 from moleculerpy import Service, ServiceBroker, Settings
@@ -49,6 +48,7 @@ from moleculerpy_cqrs.broker.mixin_base import components
 from moleculerpy_cqrs.core.snapshots import StoreBackup
 from moleculerpy_cqrs.errors import ConfigurationError
 from moleculerpy_cqrs.examples import NAMES as EXAMPLES
+from moleculerpy_cqrs.face import reach
 
 DEFAULT_TRANSPORTER = "memory://"
 DEFAULT_LOG_LEVEL = "warning"
@@ -236,6 +236,8 @@ async def start_node(
             "no services found in the given modules (define a Service subclass, "
             "or list them in `services = [...]`)"
         )
+    # Refused, unresolvable, refused credentials, a missing package: said now, in one line.
+    await reach.check(transporter or os.environ.get("TRANSPORTER") or DEFAULT_TRANSPORTER)
     broker = make_broker(node_id, transporter, log_level)
     names.install_guard(broker)
     services = [item if isinstance(item, Service) else item() for item in found]
@@ -330,12 +332,7 @@ def describe(broker: ServiceBroker, services: Iterable[Service]) -> list[str]:
 
 def public_url(url: str) -> str:
     """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return reach.redact(url)
 
 
 # --------------------------------------------------------------------------- running
