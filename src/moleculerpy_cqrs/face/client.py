@@ -205,14 +205,14 @@ class Session:
         if found is not None and found.kind == "aggregate":
             return found
         if found is not None and found.kind == "event store":
-            raise OperatorError(f"{name!r} is an event store, not an aggregate")
+            raise OperatorError(f"{name!r} is an event store, not an aggregate", 404)
         if found is not None:
             raise OperatorError(
-                f"{name!r} is not an aggregate (it has no status and deadLetters actions)"
+                f"{name!r} is not an aggregate (it has no status and deadLetters actions)", 404
             )
         aggregates = [f.name for f in self.cqrs_services() if f.kind == "aggregate"]
         known = ", ".join(aggregates) if aggregates else "none"
-        raise OperatorError(f"unknown aggregate {name!r} (aggregates in the cluster: {known})")
+        raise OperatorError(f"unknown aggregate {name!r} (aggregates in the cluster: {known})", 404)
 
     async def call(
         self, action: str, params: dict[str, Any], *, within: float | None = None
@@ -485,7 +485,8 @@ class OperatorClient:
             stores = [f.name for f in self.session.cqrs_services() if f.kind == "event store"]
             raise OperatorError(
                 f"unknown event store {name!r} (event stores in the cluster: "
-                f"{', '.join(stores) or 'none'})"
+                f"{', '.join(stores) or 'none'})",
+                404,
             )
 
     async def events(
