@@ -45,6 +45,7 @@ from moleculerpy_cqrs.stores.query import (
     parse_find,
     sort_key,
 )
+from moleculerpy_cqrs.testing.conformance_apply import ApplyCases
 from moleculerpy_cqrs.testing.conformance_base import (
     DAY,
     HOSTILE_NAMES,
@@ -1158,6 +1159,7 @@ class PropertyCases(AdapterCase):
 
 class AdapterConformance(
     CrudCases,
+    ApplyCases,
     IndexCases,
     SchemaCases,
     QueryCases,
@@ -1179,6 +1181,7 @@ __all__ = [
     "LOG_FIELDS",
     "AdapterCase",
     "AdapterConformance",
+    "ApplyCases",
     "BackupCases",
     "CrudCases",
     "EventLogCases",

@@ -427,13 +427,17 @@ class MemoryAdapter(Adapter):
             work = tx.work(self.name)
             for row in changes.inserts:
                 if ID in row:
+                    if work.get(row[ID]) is not None:  # as a primary key refuses it
+                        raise unique_conflict(self.name, ID, row[ID])
                     work.put(self._own(row))
                 else:
                     work.insert(self._own(row))
             for entity_id, fields in changes.updates.items():
                 current = work.get(entity_id)
                 if current is None:
-                    raise StoreError(f"no row {entity_id} to update", store=self.name)
+                    raise StoreError(
+                        f"row {entity_id} of {self.name!r} to update is missing", store=self.name
+                    )
                 work.put({**current, **self._own(fields)})
             for entity_id in changes.deletes:
                 work.delete(entity_id)

@@ -756,6 +756,10 @@ class PostgresAdapter(Adapter):
                 by_columns.setdefault(names_, []).append([*values, entity_id])
             for names_, rows in by_columns.items():
                 await cur.executemany(_q(self._compiler.update_by_id(names_)), rows)
+                if cur.rowcount != len(rows):  # as on every backend: the batch fails whole
+                    raise StoreError(
+                        f"rows of {self.name!r} to update are missing", store=self.name
+                    )
             if changes.deletes:
                 await cur.execute(
                     _q(f"DELETE FROM {self._table} WHERE id = ANY(%s::bigint[])"),
