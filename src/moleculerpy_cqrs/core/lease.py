@@ -41,10 +41,9 @@ class Lease:
         if self._until - now > self.ttl / 2:
             return Grant(held=True)
         async with self.adapter.transaction():
-            # A write first: it takes the table's write lock, so no other node can take the
-            # lease between the read below and our write.
-            await self.adapter.set_meta(f"{self.key}.claim", self.owner)
-            current = await self.adapter.get_meta(self.key)
+            # Read under the table's write lock: no other node can take the lease between
+            # this read and our write.
+            current = await self.adapter.get_meta_for_update(self.key)
             if (
                 isinstance(current, dict)
                 and current.get("owner") != self.owner
@@ -64,8 +63,7 @@ class Lease:
             return
         self._until = 0.0
         async with self.adapter.transaction():
-            await self.adapter.set_meta(f"{self.key}.claim", self.owner)
-            current = await self.adapter.get_meta(self.key)
+            current = await self.adapter.get_meta_for_update(self.key)
             if isinstance(current, dict) and current.get("owner") == self.owner:
                 await self.adapter.set_meta(self.key, None)
 

@@ -295,9 +295,8 @@ class Adapter(ABC):
         it in fewer round trips override it."""
         async with self.transaction():
             if advance is not None:
-                key, old, new = advance
-                await self.set_meta(f"{key}.claim", new)  # a write: takes the write lock first
-                stored = int(await self.get_meta(key) or 0)
+                key, old, _ = advance
+                stored = int(await self.get_meta_for_update(key) or 0)
                 if stored != old:
                     raise MetaMoved(key, stored, old)
             for adapter, changes in work:
@@ -396,6 +395,14 @@ class Adapter(ABC):
     @abstractmethod
     async def set_meta(self, key: str, value: Any) -> None:
         """Set (or with None, delete) a meta value; joins a current transaction."""
+
+    @abstractmethod
+    async def get_meta_for_update(self, key: str) -> Any:
+        """:meth:`get_meta` after taking this table's write lock, held until the current
+        transaction ends: call it inside :meth:`transaction` to read, decide and write a meta
+        value (a lease, a checkpoint) with no other writer of the table in between, as
+        ``SELECT ... FOR UPDATE`` does. Any write to the table (rows or meta) waits for that
+        lock too, so writers of one table are serialised; readers never wait for it."""
 
     # ------------------------------------------------------------------ backup
 

@@ -9,13 +9,20 @@ nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from moleculerpy_cqrs.errors import ConflictError, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
-from moleculerpy_cqrs.testing.conformance_base import LOG_FIELDS, AdapterCase, doomed
+from moleculerpy_cqrs.testing.conformance_base import (
+    LOG_FIELDS,
+    AdapterCase,
+    doomed,
+    outside,
+    promptly,
+)
 
 FIELDS = {"k": "string", "n": "integer"}
 
@@ -123,3 +130,18 @@ class ApplyCases(AdapterCase):
             await a.apply(Changes(inserts=[row(k="x")]), advance=("checkpoint", 0, 1))
             assert await a.count() == 1
         assert await self.state(a, log) == ([], [], None)
+
+    async def test_get_meta_for_update_serialises_read_modify_write(self) -> None:
+        a, _ = await self.table()
+
+        async def bump() -> None:
+            async with a.transaction():
+                n = await a.get_meta_for_update("n")
+                await self.let_others_run(a)  # another bump would read the same n here
+                await a.set_meta("n", (n or 0) + 1)
+
+        async def all_bumps() -> None:
+            await asyncio.gather(*(outside(bump()) for _ in range(5)))
+
+        await promptly(all_bumps())
+        assert await a.get_meta("n") == 5

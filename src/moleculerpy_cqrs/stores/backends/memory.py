@@ -483,6 +483,12 @@ class MemoryAdapter(Adapter):
         text = self._view().get_meta(key)
         return None if text is None else json.loads(text)
 
+    async def get_meta_for_update(self, key: str) -> Any:
+        check_meta(key, None)
+        async with self._unit() as tx:  # a transaction holds the database's lock
+            text = tx.work(self.name).get_meta(key)
+        return None if text is None else json.loads(text)
+
     async def set_meta(self, key: str, value: Any) -> None:
         text = check_meta(key, value)
         async with self._unit() as tx:

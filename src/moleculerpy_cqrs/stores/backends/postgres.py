@@ -796,6 +796,15 @@ class PostgresAdapter(Adapter):
             f"SELECT value FROM {self._meta} WHERE tbl = %s AND key = %s", [self.name, key]
         )
 
+    async def get_meta_for_update(self, key: str) -> Any:
+        check_meta(key, None)
+        async with self._session(write=True) as conn:  # takes the table's write lock
+            cur = await conn.execute(
+                _q(f"SELECT value FROM {self._meta} WHERE tbl = %s AND key = %s"), [self.name, key]
+            )
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
     async def set_meta(self, key: str, value: Any) -> None:
         text = check_meta(key, value)
         if text is None:

@@ -685,6 +685,13 @@ class SqliteAdapter(Adapter):
         text = check_meta(key, value)
         await self._write(partial(_set_meta, self.name, key, text))
 
+    async def get_meta_for_update(self, key: str) -> Any:
+        check_meta(key, None)
+        sql = f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?"
+        # On the writer: its transaction (BEGIN IMMEDIATE) holds the database's write lock.
+        row = await self._write(partial(_fetchone, sql, [self.name, key]))
+        return None if row is None else json.loads(row[0])
+
     # ------------------------------------------------------------------ backup
 
     async def backup(self, location: str) -> int:
