@@ -26,6 +26,7 @@ from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
+from moleculerpy_cqrs.core.slices import prefetch_keys
 from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, Record
@@ -52,6 +53,7 @@ class Binding:
     kind: Kind
     transform: Transform
     key: Key | None = None
+    key_field: str | None = None  # the aggregate field keys are looked up by (core/slices.py)
 
     def key_of(self, event: Record) -> Any:
         """The event's key (a payload field, or what the key function answers)."""
@@ -99,6 +101,7 @@ class ProjectorStats:
     applied: int = 0
     batches: int = 0
     dead_letters: int = 0
+    store_reads: int = 0  # reads of the aggregate's store made by batches (prefetches too)
     stale: int = 0
     last_error: str | None = None
     halted_at: int | None = None
@@ -353,6 +356,7 @@ class Projector:
         """
         view = BatchView(target, ids)
         units = [(e, b) for e in events for b in self._relevant(e)]
+        await prefetch_keys(view, units)  # the rows keyed bindings will read, in one query
         with self.batches.open(view) as token:
             failures = await self._transform_all(view, units, token, len(events))
         halted = next((i for i, f in enumerate(failures) if f and self.on_error == "halt"), None)
@@ -381,6 +385,7 @@ class Projector:
             ids.forget()  # the ids this batch counted on may be taken: read them again
             raise
         view.written()
+        self.stats.store_reads += view.store_reads
         self.stats.applied += sum(1 for f in failures if f is None)
         self.stats.dead_letters += len(dead)
         for event, failed in errors:
