@@ -529,14 +529,15 @@ def entity_rows(sq: bool, r: dict[str, dict[str, Any]], sizes: Sizes) -> list[Ro
         )  # fmt: skip
         if rows == ENTITY_TARGET_ROWS and sq:
             share = ratio(row.ours, smallest)
+
+            def keeps_rate(_row: Row, share: float | None = share) -> bool | None:
+                return None if share is None else share >= 0.7
+
             row.targets = [
                 (">= 10,000/s", at_least(10_000)),
                 (">= 4x es", at_least(4, "es")),
                 (">= 0.15x raw", at_least(0.15, "raw")),
-                (
-                    ">= 0.7x the 1,000-row rate" + (f" ({share:.2f}x)" if share else ""),
-                    lambda _row, share=share: None if share is None else share >= 0.7,
-                ),
+                (">= 0.7x the 1,000-row rate" + (f" ({share:.2f}x)" if share else ""), keeps_rate),
             ]
         elif rows == ENTITY_TARGET_ROWS:
             row.targets = [(">= 5,000/s", at_least(5_000))]
