@@ -5,9 +5,11 @@ to each event with no transaction open, applying each answer (create / update / 
 batch's in-memory :class:`~.batch.BatchView`, which later transformations of the batch read.
 Then the batch's changes, its dead letters and the new checkpoint are written in one short
 transaction: a crash anywhere leaves the aggregate and its checkpoint in step. A transformation
-that fails is retried (no transaction is open meanwhile); then its event's effects are undone
-and the event goes to the dead letters (or the projector halts there, if so configured) while
-the rest of the batch goes on.
+that fails is retried (no transaction is open meanwhile); then that binding's effects for the
+event are undone and the event goes to the dead letters (or, if so configured, the whole
+event is undone and the projector halts there) while the rest of the batch goes on. Before
+the transformations run, the rows keyed bindings will read are fetched in one query
+(:mod:`.slices`).
 """
 
 from __future__ import annotations
