@@ -196,15 +196,30 @@ class BatchView:
     # ------------------------------------------------------------------ reads
 
     async def find(self, query: Query = ALL) -> list[Record]:
+        where = query.where
+        pinned = self._pinned(where)
+        if pinned is not None:  # prefetched: no round trip, and no query to build
+            changed = self._rows
+            rows = [r for r in pinned if r[ID] not in changed and matches(where, r)]
+            if changed:
+                rows += _matching(changed, self._now, where)
+            return self._page(rows, query)
         if not self._rows:
             return [self._out(r, query.fields) for r in await self._committed(query)]
         limit = None if query.limit is None else query.offset + query.limit + self._displaced
-        wide = Query(where=query.where, sort=query.sort, limit=limit)
+        wide = Query(where=where, sort=query.sort, limit=limit)
         rows = [r for r in await self._committed(wide) if r[ID] not in self._rows]
-        rows += _matching(self._rows, self._now, query.where)
-        rows.sort(key=sort_key(query.sort))
+        rows += _matching(self._rows, self._now, where)
+        return self._page(rows, query)
+
+    def _page(self, rows: list[Record], query: Query) -> list[Record]:
+        """``rows`` (every match) sorted, paged and projected as the database would."""
+        if len(rows) > 1:
+            rows.sort(key=sort_key(query.sort))
         end = None if query.limit is None else query.offset + query.limit
-        return [self._out(r, query.fields) for r in rows[query.offset : end]]
+        if query.offset or end is not None:
+            rows = rows[query.offset : end]
+        return [self._out(r, query.fields) for r in rows]
 
     async def count(self, query: Query = ALL) -> int:
         pinned = self._pinned(query.where)
