@@ -51,6 +51,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("create"), keys, values),
         st.tuples(st.just("update"), st.integers(1, 12), values),
+        st.tuples(st.just("rekey"), st.integers(1, 12), keys),
         st.tuples(st.just("remove"), st.integers(1, 12), st.none()),
         st.tuples(st.just("remove_where"), keys, st.none()),
         st.tuples(st.just("mark"), st.none(), st.none()),
@@ -131,6 +132,9 @@ def test_a_batch_reads_what_the_table_will_hold(
                 elif op == "update":
                     if await view.get(a) is not None:
                         await view.update(a, {"n": b})
+                elif op == "rekey":
+                    if await view.get(a) is not None:
+                        await view.update(a, {"k": b})
                 elif op == "remove":
                     await view.remove(a)
                 else:
@@ -138,11 +142,19 @@ def test_a_batch_reads_what_the_table_will_hold(
                 if op == "create" and a == "b":  # now and then, reads between changes
                     for q in early:
                         await _answers(view, q)
-            seen = [await _answers(view, q) for q in asked]
+            asked_too = [*asked, *PROBES]
+            seen = [await _answers(view, q) for q in asked_too]
             await table.apply(view.changes())
-            assert seen == [await _answers(table, q) for q in asked]
+            assert seen == [await _answers(table, q) for q in asked_too]
 
     asyncio.run(check())
+
+
+PROBES = [
+    *({"query": {"k": k}, "sort": "-n"} for k in ("a", "b", "c", None)),
+    {"query": {"k": {"in": ["a", "b"]}}, "sort": "k -n", "limit": 3},
+    {"query": {"k": "a", "n": {">": 0}}, "fields": ["id"]},
+]  # every batch is asked these too: lookups by key, prefetched or through the overlay index
 
 
 async def _answers(store: Adapter | BatchView, params: dict[str, Any]) -> tuple[Any, ...]:

@@ -74,9 +74,9 @@ class _OverlayIndex:
         for name, values in self._by.items():
             old = None if before is None else before.get(name)
             new = None if after is None else after.get(name)
-            if before is not None and after is not None and old == new:
+            if old == new:  # None (no row, or no value) is never indexed
                 continue
-            if old is not None and before is not None:
+            if old is not None:
                 ids = values.get(old)
                 if ids is not None:
                     ids.discard(entity_id)
