@@ -150,7 +150,7 @@ def test_a_batch_reads_what_the_table_will_hold(
     asyncio.run(check())
 
 
-PROBES = [
+PROBES: list[dict[str, Any]] = [
     *({"query": {"k": k}, "sort": "-n"} for k in ("a", "b", "c", None)),
     {"query": {"k": {"in": ["a", "b"]}}, "sort": "k -n", "limit": 3},
     {"query": {"k": "a", "n": {">": 0}}, "fields": ["id"]},
