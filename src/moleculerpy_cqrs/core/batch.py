@@ -29,7 +29,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.errors import ConflictError, InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import (
     ID,
@@ -191,6 +191,8 @@ class BatchView:
         # field -> value -> the committed rows holding it (see prefetch)
         self._prefetched: dict[str, dict[Any, list[Record]]] = {}
         self.store_reads = 0  # round trips to the store for reads (prefetches included)
+        indexes: dict[str, bool] = getattr(adapter, "indexes", None) or {}
+        self._unique = tuple(name for name, unique in indexes.items() if unique)
         self.event_marks: dict[int, int] = {}  # event id -> mark before its effects
 
     # ------------------------------------------------------------------ reads
@@ -277,6 +279,7 @@ class BatchView:
 
     async def create(self, record: Any) -> Record:
         checked = check_record(self.fields, _without_id(record))
+        await self._check_unique(None, checked, self._unique)
         last_id = self._last_id
         entity_id = await self._next_id()
         row = {ID: entity_id, **checked}
@@ -290,6 +293,8 @@ class BatchView:
         if current is None:
             raise InvalidInput(f"update: no row with id {entity_id!r} in {self.name}", field=ID)
         row = {**current, **checked}
+        moved = [n for n in self._unique if n in checked and checked[n] != current.get(n)]
+        await self._check_unique(entity_id, row, moved)
         self._set(entity_id, row, set(checked), self._last_id)
         return row
 
@@ -390,6 +395,20 @@ class BatchView:
         if fields:
             self._changed.setdefault(entity_id, set()).update(fields)
 
+    async def _check_unique(self, entity_id: int | None, row: Record, names: Sequence[str]) -> None:
+        """Refuse (409, naming the field) a row that would give a unique field a value another
+        row holds once the batch is written — in the table or in the batch — so that this
+        event fails alone, before the batch's write could. A lookup through the overlay index
+        (and the prefetched rows, when the field is a binding's key field), else one indexed
+        read of the table, cached for the batch."""
+        for name in names:
+            value = row.get(name)
+            if value is None:
+                continue
+            holders = await self.find(Query(where=Compare(name, "=", value), fields=(ID,), limit=2))
+            if any(h[ID] != entity_id for h in holders):
+                raise unique_conflict(self.name, name, value)
+
     def _pinned(self, where: Condition | None) -> list[Record] | None:
         """The prefetched committed rows that hold every row matching ``where``, when
         ``where`` pins a prefetched field to prefetched values; else None."""
@@ -437,6 +456,18 @@ class BatchView:
             if name in out and isinstance(out[name], dict | list):
                 out[name] = copy.deepcopy(out[name])
         return out
+
+
+def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:
+    shown = value if isinstance(value, int | float | str) and len(repr(value)) <= 80 else None
+    taken = f"{shown!r} is" if shown is not None else "the value is"
+    return ConflictError(
+        f"field {field!r} of store {store!r} is unique and {taken} already taken by another "
+        "row; nothing was written",
+        store=store,
+        field=field,
+        value=shown,
+    )
 
 
 def _hashable(query: Query) -> bool:
