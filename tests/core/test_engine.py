@@ -162,6 +162,65 @@ async def _answers(store: Adapter | BatchView, params: dict[str, Any]) -> tuple[
     return (await store.find(query), await store.count(Query(where=query.where)))
 
 
+UNIQUE_FIELDS: dict[str, Any] = {"k": {"type": "string", "unique": True}, "n": "integer"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    initial=st.lists(st.sampled_from(["a", "b", "c", "d", None]), max_size=4, unique=True),
+    ops=operations,
+)
+def test_a_batch_refuses_what_its_write_would_refuse(
+    initial: list[str | None], ops: list[tuple[str, Any, Any]]
+) -> None:
+    """With a unique field, every create or update the view accepts can be written (the
+    batch's write never fails on it), and one it refuses (409, naming the field) changes
+    nothing; reads still answer what the table holds after the write."""
+
+    async def check() -> None:
+        async with stores.sqlite(":memory:")("t", UNIQUE_FIELDS) as table:
+            await table.insert_many([{"k": k, "n": 0} for k in initial])
+            view = BatchView(table, IdCounter())
+            for op, a, b in ops:
+                before = view.changes()
+                try:
+                    if op == "create":
+                        await view.create({"k": a, "n": b})
+                    elif op in ("update", "rekey") and await view.get(a) is not None:
+                        await view.update(a, {"k": b} if op == "rekey" else {"n": b})
+                    elif op == "remove":
+                        await view.remove(a)
+                    elif op == "undo":
+                        view.undo(0)
+                except Conflict as refused:
+                    assert refused.code == 409 and refused.data["field"] == "k"
+                    assert view.changes() == before
+            seen = [await _answers(view, q) for q in PROBES]
+            await table.apply(view.changes())
+            assert seen == [await _answers(table, q) for q in PROBES]
+
+    asyncio.run(check())
+
+
+async def test_a_unique_value_freed_by_the_batch_is_taken_only_after_it(tmp_path: Path) -> None:
+    async with stores.sqlite(tmp_path / "db")("t", UNIQUE_FIELDS) as table:
+        await table.insert_many([{"k": "x", "n": 1}])
+        view = BatchView(table, IdCounter())
+        with pytest.raises(Conflict, match="'k' of store 't' is unique and 'x'"):
+            await view.create({"k": "x", "n": 2})  # the table holds it
+        mine = await view.create({"k": "y", "n": 2})
+        with pytest.raises(Conflict, match="'y'"):
+            await view.create({"k": "y", "n": 3})  # the batch holds it
+        await view.update(1, {"k": "z"})
+        with pytest.raises(Conflict, match="free only once the batch is written"):
+            await view.update(mine[ID], {"k": "x"})
+        await table.apply(view.changes())
+        view = BatchView(table, IdCounter())
+        await view.update(mine[ID], {"k": "x"})  # the next batch may take it
+        await table.apply(view.changes())
+        assert {r["k"] for r in await table.find()} == {"x", "z"}
+
+
 async def test_undo_takes_back_one_events_effects_and_its_ids(tmp_path: Path) -> None:
     async with stores.sqlite(tmp_path / "db")("t", FIELDS) as table:
         view = BatchView(table, IdCounter())
@@ -248,6 +307,42 @@ async def test_a_failing_event_discards_only_its_own_effects(make_store: MakeSto
         assert [d["record"]["payload"]["k"] for d in dead["rows"]] == ["b"]
         assert runtime.projector is not None
         assert runtime.projector.stats.batches == 1  # one batch, the bad event inside it
+
+
+async def test_a_duplicate_of_a_unique_field_fails_its_event_alone(
+    make_store: MakeStore,
+) -> None:
+    """The second registration of an email is refused by the batch (409 naming the field) and
+    dead-lettered; the events around it, in the same batch, are written."""
+    factory = make_store()
+    events = EventStore("userEventStore", factory)
+    fields = {"email": {"type": "string", "unique": True}}
+    users = Aggregate("users", stores.with_fields(factory, fields), attempts=2)
+    users.snapshot("userEventStore")
+
+    async def register(event: dict[str, Any]) -> dict[str, Any]:
+        return {"email": event["payload"]["email"]}
+
+    users.on("user.registered").create(register)
+
+    class Users(events.mixin(), users.mixin(), Service):  # type: ignore[misc]
+        name = "signup"
+        register = events.map_action("register", "user.registered")
+
+    async with running_broker(Users()) as broker:
+        runtime = users.runtime(broker)
+        await broker.call("signup.register", {"email": "a@x"})
+        await runtime.wait_caught_up()
+        async with held(runtime):
+            for email in ("b@x", "a@x", "c@x", "b@x"):
+                await broker.call("signup.register", {"email": email})
+        await runtime.wait_caught_up()
+        rows = await broker.call("users.find", {"sort": "id"})
+        dead = await broker.call("users.deadLetters", {})
+    assert [r["email"] for r in rows] == ["a@x", "b@x", "c@x"]
+    assert [r["id"] for r in rows] == [1, 2, 3]  # the refused creates took no id
+    assert [d["record"]["payload"]["email"] for d in dead["rows"]] == ["a@x", "b@x"]
+    assert all("'email'" in d["error"] and d["attempts"] == 2 for d in dead["rows"])
 
 
 # ---------------------------------------------------------------------- no transaction open

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConflictError, InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter, Changes
+from moleculerpy_cqrs.stores.base import Adapter, Changes, unique_conflict
 from moleculerpy_cqrs.stores.fields import (
     ID,
     FieldType,
@@ -191,8 +191,7 @@ class BatchView:
         # field -> value -> the committed rows holding it (see prefetch)
         self._prefetched: dict[str, dict[Any, list[Record]]] = {}
         self.store_reads = 0  # round trips to the store for reads (prefetches included)
-        indexes: dict[str, bool] = getattr(adapter, "indexes", None) or {}
-        self._unique = tuple(name for name, unique in indexes.items() if unique)
+        self._unique = tuple(name for name, unique in adapter.indexes.items() if unique)
         self.event_marks: dict[int, int] = {}  # event id -> mark before its effects
 
     # ------------------------------------------------------------------ reads
@@ -397,17 +396,31 @@ class BatchView:
 
     async def _check_unique(self, entity_id: int | None, row: Record, names: Sequence[str]) -> None:
         """Refuse (409, naming the field) a row that would give a unique field a value another
-        row holds once the batch is written — in the table or in the batch — so that this
-        event fails alone, before the batch's write could. A lookup through the overlay index
-        (and the prefetched rows, when the field is a binding's key field), else one indexed
-        read of the table, cached for the batch."""
+        row holds — in the table or in the batch — so that this event fails alone, before the
+        batch's write could.
+
+        The write applies inserts, then updates, then deletes, so a value that a committed row
+        held when the batch began stays taken for the whole batch even if the batch changes or
+        removes that row: otherwise the write could meet both rows at once. Lookups go through
+        the overlay's indexes (and the prefetched rows, when the field is a key field), else one
+        indexed read of the table, cached for the batch."""
         for name in names:
             value = row.get(name)
             if value is None:
                 continue
-            holders = await self.find(Query(where=Compare(name, "=", value), fields=(ID,), limit=2))
+            where = Compare(name, "=", value)
+            holders = await self.find(Query(where=where, fields=(ID,), limit=2))
             if any(h[ID] != entity_id for h in holders):
                 raise unique_conflict(self.name, name, value)
+            for held in _matching(self._original, self._was, where):
+                if held[ID] != entity_id:
+                    raise ConflictError(
+                        f"field {name!r} of store {self.name!r} is unique, and row "
+                        f"{held[ID]} held this value when the batch began: it is free only once "
+                        "the batch is written (retry the dead letter then)",
+                        store=self.name,
+                        field=name,
+                    )
 
     def _pinned(self, where: Condition | None) -> list[Record] | None:
         """The prefetched committed rows that hold every row matching ``where``, when
@@ -456,18 +469,6 @@ class BatchView:
             if name in out and isinstance(out[name], dict | list):
                 out[name] = copy.deepcopy(out[name])
         return out
-
-
-def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:
-    shown = value if isinstance(value, int | float | str) and len(repr(value)) <= 80 else None
-    taken = f"{shown!r} is" if shown is not None else "the value is"
-    return ConflictError(
-        f"field {field!r} of store {store!r} is unique and {taken} already taken by another "
-        "row; nothing was written",
-        store=store,
-        field=field,
-        value=shown,
-    )
 
 
 def _hashable(query: Query) -> bool:
