@@ -507,7 +507,10 @@ async def cluster_load(transporter: str, callers: int, seconds: float, nodes: in
 
 ACCOUNTS: Final = "accountsAggregate"
 ACCOUNT_EVENT_STORE: Final = "accountEventStore"
-ACCOUNT_FIELDS: Final[dict[str, Any]] = {"accountId": "string", "balance": "integer"}
+ACCOUNT_FIELDS: Final[dict[str, Any]] = {
+    "accountId": {"type": "string", "index": True},  # the business key: declared indexed
+    "balance": "integer",
+}
 FILL_CHUNK: Final = 10_000
 
 
