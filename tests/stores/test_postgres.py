@@ -515,3 +515,11 @@ async def test_a_restored_table_keeps_its_index_names(make: Make, tmp_path: Path
         ("things_replay", "things_replay$owner$ix"),
         ("things_replay", "things_replay$pkey"),
     ]
+
+
+async def test_a_look_at_the_stored_fields_leaves_no_pool_open(make: Make) -> None:
+    made = await make("made", {"a": "integer"})
+    look = PostgresAdapter("made", {"a": "string"}, dsn=made.dsn, options={"schema": made.schema})
+    assert await look.stored_fields() == {"a": "integer"}
+    await made.close()
+    assert not _DATABASES  # a refused start never closes the adapter it looked with

@@ -146,9 +146,9 @@ class Adapter(ABC):
     @abstractmethod
     async def stored_fields(self) -> dict[str, str] | None:
         """The fields the table holds now, name -> type (``id`` left out); None when the table
-        does not exist yet. May be called before :meth:`connect` (it opens the database, not
-        the table, so :meth:`close` is still due), which lets a caller compare a declaration
-        with the table before :meth:`connect` adds the columns declared since.
+        does not exist yet. May be called before :meth:`connect` (a database it opens for the
+        look is closed again), which lets a caller compare a declaration with the table before
+        :meth:`connect` adds the columns declared since.
 
         Types are the declared type names the table was made with where the backend keeps
         them (SQLite records them in its meta table; PostgreSQL's column types say them

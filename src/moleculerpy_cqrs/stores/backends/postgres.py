@@ -368,14 +368,22 @@ class PostgresAdapter(Adapter):
             raise self._error(e) from e
 
     async def stored_fields(self) -> dict[str, str] | None:
+        opened = self._db is None
         await self._open_pool()
-        async with self._session() as conn:
-            cur = await conn.execute(
-                "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
-                "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-                [self._table],
-            )
-            columns = await cur.fetchall()
+        try:
+            async with self._session() as conn:
+                cur = await conn.execute(
+                    "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+                    "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                    [self._table],
+                )
+                columns = await cur.fetchall()
+        finally:
+            # Opened only for this look: nothing stays open (a refused start never closes).
+            db = self._db
+            if opened and db is not None:
+                self._db = None
+                await _release(db)
         if not columns:
             return None
         return {name: _KINDS.get(sql_type, sql_type) for name, sql_type in columns if name != ID}

@@ -438,8 +438,16 @@ class SqliteAdapter(Adapter):
         await self._write(partial(_create_table, self.name, self.fields, self.indexes))
 
     async def stored_fields(self) -> dict[str, str] | None:
+        opened = self._database is None
         await self._open_database()
-        return await self._read(partial(_stored_fields, self.name, self.fields))
+        try:
+            return await self._read(partial(_stored_fields, self.name, self.fields))
+        finally:
+            # Opened only for this look: nothing stays open (a refused start never closes).
+            database = self._database
+            if opened and database is not None and self._parent is None:
+                self._database = None
+                await _release(database)
 
     async def _open_database(self) -> None:
         if self._closed:
