@@ -78,11 +78,13 @@ class AggregateRuntime:
         self.dead_letters = self.adapter.sibling(f"{self.name}_deadletters", DEAD_LETTER_FIELDS)
         self.discarded = self.adapter.sibling(f"{self.name}_discarded", DISCARDED_FIELDS)
         self.closed = False
+        self.schema_checked = False  # a fresh adapter: its table is looked at again
 
     async def connect(self) -> None:
         if self.closed:
             self._build()
-        await self.check_schema()
+        if not self.schema_checked:  # the broker layer checks while it registers the service
+            await self.check_schema()
         await self.adapter.connect()
         await self.dead_letters.connect()
         await self.discarded.connect()
@@ -92,9 +94,9 @@ class AggregateRuntime:
         """Refuse to start on a table whose fields differ from the declaration (before
         :meth:`Adapter.connect` would add columns); the adapter is closed with the refusal."""
         try:
-            refuse_aggregate_drift(
-                self.name, self.adapter.fields, await self.adapter.stored_fields()
-            )
+            stored = await self.adapter.stored_fields()
+            refuse_aggregate_drift(self.name, self.adapter.fields, stored)
+            self.schema_checked = True
         except ConfigurationError:
             await self.adapter.close()
             self.closed = True

@@ -64,6 +64,7 @@ class EventStoreRuntime:
             self.adapter, self.port, lease=self.lease, upcasters=self.upcasters, **self._dispatch
         )
         self.closed = False
+        self.schema_checked = False  # a fresh adapter: its table is looked at again
 
     async def check_schema(self) -> None:
         """Refuse to start on a log whose extra fields changed type (before
@@ -72,6 +73,7 @@ class EventStoreRuntime:
         try:
             stored = await self.adapter.stored_fields()
             refuse_event_log_drift(self.name, self.adapter.fields, stored)
+            self.schema_checked = True
         except ConfigurationError:
             await self.adapter.close()
             self.closed = True
@@ -80,7 +82,8 @@ class EventStoreRuntime:
     async def start(self, *, dispatch: bool = True) -> None:
         if self.closed:
             self._build()
-        await self.check_schema()
+        if not self.schema_checked:  # the broker layer checks while it registers the service
+            await self.check_schema()
         await self.adapter.connect()
         self.started = True
         self.ready.set()
