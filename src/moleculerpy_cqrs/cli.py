@@ -289,11 +289,11 @@ def dead_letters(
     or discard them."""
     from moleculerpy_cqrs.face import calls, operator
 
-    options = _options(transporter, timeout, as_json)
     if sum((retry, discard, discarded)) > 1:
         _fail("give one of --retry, --discard and --discarded")
     if ids and not discard:
         _fail("dead-letter ids go with --discard (e.g. `cqrs dead-letters AGG --discard 3 4`)")
+    options = _options(transporter, timeout, as_json)
     if discard:
         _operate(
             lambda: calls.discard_dead_letters(
@@ -379,15 +379,7 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    checked = _checked(check)
-    if checked.transporter:
-        from moleculerpy_cqrs.face import reach
-
-        try:  # refused credentials, a missing package: said at once (also any refusal)
-            asyncio.run(reach.check(checked.transporter, timeout))
-        except CqrsError as error:
-            _fail(str(error))
-    return checked
+    return _checked(check)
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:

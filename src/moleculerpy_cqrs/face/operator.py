@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.face import reach
 
 QUIET: Final = 0.25
 """Discovery is over once a CQRS service is known and no node news came for this long: nodes
@@ -283,6 +284,8 @@ async def check_reachable(transporter: str, within: float) -> None:
 async def session(options: Options) -> AsyncIterator[Session]:
     """A broker joined to the cluster for one command; stopped on the way out."""
     transporter = check_transporter(options.transporter)
+    # A missing package, refused credentials, a refused connection: one line, at once.
+    await reach.check(transporter, options.timeout)
     await check_reachable(transporter, options.timeout)
     _quiet_stdlib_logging()
     node_id = f"cqrs-cli-{socket.gethostname()}-{os.getpid()}"
