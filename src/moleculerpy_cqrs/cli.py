@@ -60,6 +60,30 @@ LogLevel = Annotated[
 ]
 
 
+UiPort = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=65535, help="serve the operator's web page on this port (0: any free port)"
+    ),
+]
+UiHost = Annotated[
+    str, typer.Option(help="address the page listens on (another machine's browser: 0.0.0.0)")
+]
+UiToken = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CQRS_UI_TOKEN",
+        show_envvar=True,
+        help="token the page's actions (retry, snapshot, restore, replay) need, sent as "
+        "Authorization: Bearer; without one the page is read-only",
+    ),
+]
+
+
+def _ui_token(token: str | None) -> str | None:
+    return token.strip() if token and token.strip() else None
+
+
 @app.command()
 def run(
     modules: Annotated[
@@ -82,6 +106,9 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(help="address the metrics endpoint listens on")
     ] = "127.0.0.1",
+    ui_port: UiPort = None,
+    ui_host: UiHost = "127.0.0.1",
+    ui_token: UiToken = None,
 ) -> None:
     """Start a node with the services of the given modules (like moleculer-runner); it says
     what it started, and stops cleanly on Ctrl-C or SIGTERM."""
@@ -103,6 +130,9 @@ def run(
             log_level=level,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            ui_port=ui_port,
+            ui_host=ui_host,
+            ui_token=_ui_token(ui_token),
         )
     )
 
@@ -367,6 +397,39 @@ def call(
                 highlight=False,
             )
         raise typer.Exit(1) from None
+
+
+@app.command()
+def ui(
+    transporter: Transporter = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free port)")] = 8000,
+    host: UiHost = "127.0.0.1",
+    token: UiToken = None,
+    stall_after: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="seconds without an applied event, the lag not shrinking, before an "
+            "aggregate is shown as stalled",
+        ),
+    ] = 30.0,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Serve the operator's web page from a node of its own that joins the cluster, watches
+    and calls (it runs no services); read-only unless started with a token."""
+    from moleculerpy_cqrs.face.runner import signalled
+    from moleculerpy_cqrs.face.ui.node import run_ui
+
+    options = _options(transporter, timeout, False)
+
+    async def serve() -> None:
+        with signalled() as stop:
+            await run_ui(
+                options, host=host, port=port, token=_ui_token(token), stall_after=stall_after,
+                say=lambda line: print(line, flush=True), stop=stop,
+            )  # fmt: skip
+
+    _operate(serve)
 
 
 def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:

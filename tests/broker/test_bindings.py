@@ -79,3 +79,25 @@ async def test_a_produced_or_stored_event_is_no_warning(
         await checked(shipped, broker)
         assert await broker.call("shipped.count", {}) == 1
     assert warnings(caplog) == []
+
+
+async def test_a_name_events_are_read_under_is_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stored as ``order.sent``, read as ``order.shipped`` (a rename): binding the name
+    events are read under is right, so no warning."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    events = EventStore("shopEvents", stores.memory())
+    events.rename("order.sent", "order.shipped")
+    shipped = Aggregate("shipped", stores.with_fields(stores.memory(), {"sku": "string"}))
+    shipped.snapshot("shopEvents").on("order.shipped").create(to_row)
+
+    class Shop(events.mixin(), shipped.mixin(), Service):  # type: ignore[misc]
+        name = "shop"
+        ship = events.map_action("ship", "order.sent")
+
+    async with running_broker(Shop()) as broker:
+        await broker.call("shop.ship", {"sku": "a"})
+        await shipped.runtime(broker).wait_caught_up()
+        assert await broker.call("shipped.count", {}) == 1
+    assert warnings(caplog) == []

@@ -29,6 +29,9 @@ async def unproduced(
         return []
     status: dict[str, Any] = await port.call(f"{store}.status", {})
     produced = {str(name) for name in status.get("produces") or []}
+    # Names events are read under (renames, upcasters' new names) are produced too.
+    produced |= {str(name) for name in status.get("versions") or {}}
+    produced |= {str(name) for name in (status.get("renames") or {}).values()}
     missing = [name for name in wanted if name not in produced]
     if not missing:
         return []

@@ -368,6 +368,9 @@ def run(
     say: Callable[[str], None] | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    ui_port: int | None = None,
+    ui_host: str = "127.0.0.1",
+    ui_token: str | None = None,
 ) -> None:
     """Start a node, say what runs, wait for Ctrl-C or SIGTERM, stop it and say so."""
     say = say or _say
@@ -387,16 +390,34 @@ def run(
                 raise ConfigurationError(
                     f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}"
                 ) from None
+        page = None
+        if ui_port is not None:
+            from moleculerpy_cqrs.face.ui.node import serve_beside
+
+            try:
+                page = await serve_beside(broker, host=ui_host, port=ui_port, token=ui_token)
+            except OSError as error:
+                if metrics is not None:
+                    metrics.close()
+                await broker.stop()
+                raise ConfigurationError(
+                    f"cannot serve the page on {ui_host}:{ui_port}: {error.strerror or error}"
+                ) from None
         try:
             with signalled() as stop:
                 for line in describe(broker, services):
                     say(line)
                 say(f"metrics on {metrics.url}" if metrics else "metrics: off (--metrics-port)")
+                if page is not None:
+                    access = "actions need the token" if ui_token else "read-only"
+                    say(f"page on {page.url} ({access})")
                 say("ready; Ctrl-C or SIGTERM stops it")
                 signal_name = await stop
         finally:
             if metrics is not None:
                 metrics.close()
+            if page is not None:
+                await page.close()
         await broker.stop()
         say(f"node {broker.nodeID} stopped ({signal_name})")
 
