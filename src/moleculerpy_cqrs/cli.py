@@ -220,6 +220,8 @@ def status(
     state, dead letters, the node holding each lease and the nodes standing by."""
     from moleculerpy_cqrs.face import operator
 
+    if watch and as_json:
+        _fail("--watch draws a live table; leave out --json")
     options = _options(transporter, timeout, as_json)
     _operate(lambda: operator.status(options, watch=watch, interval=interval))
 
