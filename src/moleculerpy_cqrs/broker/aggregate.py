@@ -20,7 +20,7 @@ from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.log import Listeners
+from moleculerpy_cqrs.core.log import EventLog, Listeners
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, Binding, Key, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
@@ -225,6 +225,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self.event_store = event_store
         self.remote_listeners = Listeners()
         self.starter: asyncio.Task[None] | None = None
+        self.bindings_checked: asyncio.Task[None] | None = None
         self.replays: set[asyncio.Task[Any]] = set()
 
     @property
@@ -253,6 +254,10 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             except asyncio.CancelledError:
                 pass
             self.starter = None
+        if self.bindings_checked is not None:
+            self.bindings_checked.cancel()
+            await asyncio.gather(self.bindings_checked, return_exceptions=True)
+            self.bindings_checked = None
         await self.runtime.stop()
 
     async def _start_projector(self) -> None:
@@ -260,9 +265,15 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
         self.runtime.start_projector(log_)
-        try:  # a check only, made once the projector runs, so nothing waits for it
+        self.bindings_checked = asyncio.create_task(
+            self._check_bindings(log_), name=f"cqrs-check-{self.name}"
+        )
+
+    async def _check_bindings(self, source: EventLog) -> None:
+        """Warn of bindings to events nobody produces (a check only, beside the projector)."""
+        try:
             bound = [b.event for b in self.runtime.bindings]
-            for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
+            for line in await unproduced(self.name, bound, self.event_store, self.port, source):
                 log.warning("%s", line)
         except Exception as error:
             log.debug("aggregate %s: bindings not checked: %s", self.name, error)

@@ -58,6 +58,11 @@ class Lease:
             await self.adapter.set_meta(self.key, {"owner": self.owner, "until": self._until})
         return Grant(held=True, fresh=fresh)
 
+    def forget(self) -> None:
+        """Forget that this node holds the lease (its meta was rewritten, by a restore): the
+        next :meth:`acquire` writes it again instead of trusting what it remembered."""
+        self._until = 0.0
+
     async def release(self) -> None:
         """Give the lease up (a clean stop), so another node takes over at once."""
         if self._until <= time.time():

@@ -210,8 +210,10 @@ class Maintenance:
         location = self.strategy.location(snapshot_id, self.name)
         if not location:
             raise Conflict(f"snapshot {snapshot_id} has no backup location")
+        lease = self.projector.lease
         async with self.projector.paused():
             paused = time.perf_counter()
+            held = lease is not None and bool((await lease.holder() or {}).get("mine"))
             # One transaction: a crash between the two would re-apply events whose dead
             # letters the old table still holds.
             async with self.adapter.transaction():
@@ -219,6 +221,10 @@ class Maintenance:
                 await self.dead_letters.restore(location)
                 for key in LEASE_KEYS:  # whoever held the lease then does not hold it now
                     await self.adapter.set_meta(key, None)
+            if lease is not None:  # the holder takes it back at once (status names it)
+                lease.forget()
+                if held:
+                    await lease.acquire()
             checkpoint = await self.projector.reload_checkpoint()
             self.last_pause_ms = (time.perf_counter() - paused) * 1000
         return {"snapshotId": snapshot_id, "checkpoint": checkpoint}
