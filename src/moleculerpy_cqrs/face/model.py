@@ -200,6 +200,7 @@ class AggregateStatus:
     rows: int
     replay: ReplayProgress | None
     lease: Lease | None
+    discarded_dead_letters: int = 0
     version: Any = None
     """The projector's version, once aggregates have one (``status()["version"]``)."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -230,6 +231,7 @@ class AggregateStatus:
             rows=_int(answer.get("rows")),
             replay=ReplayProgress.from_answer(answer.get("replay")),
             lease=Lease.from_answer(answer.get("lease")),
+            discarded_dead_letters=_int(answer.get("discardedDeadLetters")),
             version=answer.get("version"),
             raw=dict(answer),
         )
