@@ -501,10 +501,21 @@ def test_snapshots_at_80_columns_keep_ids_locations_and_errors_whole(node: Node)
 
 
 def test_a_page_past_the_last_says_so(node: Node) -> None:
-    (run,) = cqrs(["dead-letters", "shipments", "--page", "5"], transporter=node.url)
+    async def one_dead_letter(broker: ServiceBroker) -> int:
+        await broker.call("ops.place", {"sku": "no-qty"})  # to_order needs qty: dead-lettered
+        await caught_up(broker)
+        total: int = (await broker.call("orderTotals.deadLetters", {}))["total"]
+        return total
+
+    total = with_broker(node.url, one_dead_letter)
+    assert total >= 1
+    pages = -(-total // 20)
+    (run,) = cqrs(["dead-letters", "orderTotals", "--page", str(pages + 4)], transporter=node.url)
     assert run.code == 0, run
-    assert "page 5 of 1" not in run.out
-    assert run.out.strip() == "shipments: page 5 is past the last page (1); 1 in all"
+    assert f"page {pages + 4} of" not in run.out
+    assert run.out.strip() == (
+        f"orderTotals: page {pages + 4} is past the last page ({pages}); {total} in all"
+    )
 
 
 # --------------------------------------------------------------------------- status --watch
