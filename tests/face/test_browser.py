@@ -130,6 +130,8 @@ def test_an_operator_works_from_the_page(
 
     # The log of an event store, one event whole.
     page.goto(page_node.url + "#/store/profileEventStore")
+    cursor = page.locator("#dispatcher tr", has_text="cursor")
+    expect(cursor).to_contain_text("41")  # 40 updates and the snapshot's event, dispatched
     events = page.locator("#events tr[data-event]")
     expect(events.first).to_contain_text("profileSummaryAggregate.snapshot")  # newest first
     page.fill("#ev-name", "profile.updated")
