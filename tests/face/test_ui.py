@@ -164,6 +164,9 @@ def test_the_page_and_the_status_are_read_without_a_token(page_node: PageNode) -
     assert "<title>cqrs</title>" in page.body
     assert "default-src 'none'" in page.headers["content-security-policy"]
 
+    rebound = http(f"{page_node.url}api/status", headers={"Host": "evil.test"})
+    assert rebound.status == 400  # a name rebound to 127.0.0.1 reads nothing
+
     status = http(f"{page_node.url}api/status").body
     assert {s["name"] for s in status["eventStores"]} == EVENT_STORES
     assert {a["name"] for a in status["aggregates"]} == AGGREGATES
