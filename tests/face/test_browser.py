@@ -120,6 +120,18 @@ def test_an_operator_works_from_the_page(
     expect(row).to_contain_text("completed")
     shot(page, shots, "snapshot")
 
+    # A restore asks first: cancelled, nothing happens; confirmed, it is done.
+    row.locator("button.restore").click()
+    expect(page.locator("#confirm-text")).to_contain_text(
+        f"Restore profileSummaryAggregate from {snapshot_id}"
+    )
+    page.click("#confirm-no")
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(page.locator("#message")).to_have_text(said)
+    row.locator("button.restore").click()
+    page.click("#confirm-yes")
+    expect(page.locator("#message")).to_have_text(f"restored from {snapshot_id}")
+
     # A replay, confirmed, followed to its end.
     page.click("#replay-btn")
     expect(page.locator("#confirm")).to_be_visible()
