@@ -98,6 +98,7 @@ def test_an_operator_works_from_the_page(
     letters = page.locator("#dead-letters tr[data-dead-letter]")
     expect(letters).to_have_count(2)
     expect(page.locator("#dead-letters")).to_contain_text("cannot ship poison")
+    expect(page.locator("#dl-caption")).to_have_text("page 1 of 1, 2 in all")
     shot(page, shots, "dead-letters")
     (page_node.data / "fixed").touch()  # the transformation is fixed
     newest = letters.last.get_attribute("data-dead-letter")
