@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moleculerpy_cqrs.errors import CqrsError
+from moleculerpy_cqrs.examples import NAMES as EXAMPLES
 
 if TYPE_CHECKING:
     from moleculerpy_cqrs.face.operator import Options
@@ -88,7 +89,7 @@ def run(
     modules: Annotated[
         list[str],
         typer.Argument(
-            help="what to run: an example's name (profile, property), a dotted module name "
+            help=f"what to run: an example's name ({', '.join(EXAMPLES)}), a dotted module name "
             "importable from here, or a path to a .py file or package folder",
             show_default=False,
         ),
@@ -170,8 +171,15 @@ def _checked[T](check: Callable[[], T]) -> T:
 
 
 def _guard(work: Callable[[], object]) -> None:
+    from moleculerpy_cqrs.face.runner import UserCodeError
+
     try:
         work()
+    except UserCodeError as error:  # the user's frames and error, as Python shows them
+        err.print(f"[red]error:[/] {escape(error.lines[0])}", soft_wrap=True, highlight=False)
+        for line in error.lines[1:]:
+            err.print(escape(line), soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except CqrsError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -434,7 +442,15 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    return _checked(check)
+    checked = _checked(check)
+    if checked.transporter:
+        from moleculerpy_cqrs.face import reach
+
+        try:  # refused credentials, a missing package: said at once (also any refusal)
+            asyncio.run(reach.check(checked.transporter, timeout))
+        except CqrsError as error:
+            _fail(str(error))
+    return checked
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -458,8 +474,12 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def _fail(message: str) -> NoReturn:
+    from moleculerpy_cqrs.face.reach import redact  # no line shows a password
+
     err.print(
-        f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
+        f"[red]error:[/] {escape(' '.join(redact(message).split()))}",
+        soft_wrap=True,
+        highlight=False,
     )
     raise typer.Exit(2)
 
