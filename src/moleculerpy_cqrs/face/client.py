@@ -373,8 +373,6 @@ def stops_on_sigterm() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- the typed client
 
-ACTIVE_REPLAY: Final = ("running", "swapping")
-
 
 class OperatorClient:
     """The cluster's event stores and aggregates, and what an operator does to them, as

@@ -119,6 +119,10 @@ class EventStoreStatus:
     appended: int
     commits: int
     dispatcher: DispatcherStatus
+    versions: dict[str, int] = field(default_factory=dict)
+    """The current version of each event (issue 15's event versions), when the node says."""
+    renames: dict[str, str] = field(default_factory=dict)
+    """Old event names read as new ones."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "event store"
 
@@ -131,6 +135,8 @@ class EventStoreStatus:
             appended=_int(answer.get("appended")),
             commits=_int(answer.get("commits")),
             dispatcher=DispatcherStatus.from_answer(answer.get("dispatcher")),
+            versions={str(k): _int(v) for k, v in _dict(answer.get("versions")).items()},
+            renames={str(k): str(v) for k, v in _dict(answer.get("renames")).items()},
             raw=dict(answer),
         )
 
@@ -200,6 +206,7 @@ class AggregateStatus:
     rows: int
     replay: ReplayProgress | None
     lease: Lease | None
+    discarded_dead_letters: int = 0
     version: Any = None
     """The projector's version, once aggregates have one (``status()["version"]``)."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -230,6 +237,7 @@ class AggregateStatus:
             rows=_int(answer.get("rows")),
             replay=ReplayProgress.from_answer(answer.get("replay")),
             lease=Lease.from_answer(answer.get("lease")),
+            discarded_dead_letters=_int(answer.get("discardedDeadLetters")),
             version=answer.get("version"),
             raw=dict(answer),
         )

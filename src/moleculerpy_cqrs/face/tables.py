@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -59,8 +60,6 @@ SNAPSHOT_STYLES: Final[dict[SnapshotState, str]] = {
 
 def stdout_console() -> Console:
     # A table piped into grep keeps whole names rather than 80 columns of ellipses.
-    import os
-
     wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
     return Console(width=wide, highlight=False)
 
