@@ -58,6 +58,11 @@ class Lease:
             await self.adapter.set_meta(self.key, {"owner": self.owner, "until": self._until})
         return Grant(held=True, fresh=fresh)
 
+    def forget(self) -> None:
+        """Act as if the lease had lapsed: the next ``acquire`` writes it again (after the
+        aggregate's meta was swapped for a shadow's, which held no lease)."""
+        self._until = 0.0
+
     async def release(self) -> None:
         """Give the lease up (a clean stop), so another node takes over at once."""
         if self._until <= time.time():

@@ -28,7 +28,15 @@ from moleculerpy_cqrs.broker.timings import append_timings
 
 SCRAPE_TIMEOUT: Final = 5.0
 DISPATCHER_STATES: Final = ("running", "standby", "stopped")
-PROJECTOR_STATES: Final = ("running", "standby", "paused", "halted", "stopped")
+PROJECTOR_STATES: Final = (
+    "running",
+    "standby",
+    "paused",
+    "halted",
+    "stopped",
+    "rebuilding",
+    "outdated",
+)
 
 
 @dataclass

@@ -474,7 +474,9 @@ def status_table(rows: list[tuple[Found, Any]]) -> tuple[Table, list[str]]:
             if answer.get("haltedAt") is not None:
                 state += f" at {answer['haltedAt']}"
             replay = answer.get("replay") or {}
-            if replay.get("state") in ("running", "swapping"):
+            if answer.get("rebuild"):  # "rebuilding v2: 43%, about 12 s left", "outdated: ..."
+                state = str(answer["rebuild"])
+            elif replay.get("state") in ("running", "swapping"):
                 state += f", replaying {replay.get('done', 0)}/{replay.get('total', 0)}"
             seconds = lag.get("seconds")
             lease, standby = _lease_cells(f, answer.get("lease"))
