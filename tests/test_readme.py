@@ -48,7 +48,11 @@ def test_the_quickstart_runs_and_does_what_it_says(tmp_path: Path) -> None:
     assert saved == "profile.updated 0 {'name': 'John', 'country': 'NZ'}"
     assert "'country': 'NZ'" in found
     assert "'total': 1" in found
-    assert (tmp_path / "data" / "profileEventStore.sqlite3").exists()
+    # Its own folder and names: the demo's ./data and tables are never touched.
+    assert (tmp_path / "quickstart" / "quickstartEvents.sqlite3").exists()
+    assert not (tmp_path / "data").exists()
+    assert "profileEventStore" not in quickstart
+    assert "profileSummaryAggregate" not in quickstart
 
 
 def command_block() -> str:
@@ -81,6 +85,7 @@ def test_every_cqrs_command_of_the_readme_runs_as_written(tmp_path: Path, nats_u
     assert "2000 updates stored and projected" in out  # the demo
     assert "node n1 started on " + nats_url in out  # the node says what it runs
     assert "aggregate profileSummaryAggregate (fed by profileEventStore)" in out
+    assert '"event": "profile.updated"' in out  # cqrs call answers the stored event as JSON
     assert f"snapshots in {tmp_path / 'data' / 'backups'}" in out
     snapshot = re.search(r"restored profileSummaryAggregate from (snapshot_[0-9a-f]{16})", out)
     assert snapshot is not None, out  # snapshot, then restore, of the example's own aggregate

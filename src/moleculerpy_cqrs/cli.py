@@ -24,6 +24,30 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        import moleculerpy
+
+        import moleculerpy_cqrs
+
+        ours, theirs = moleculerpy_cqrs.__version__, moleculerpy.__version__
+        print(f"moleculerpy-cqrs {ours} (MoleculerPy {theirs})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """moleculerpy-cqrs: run CQRS services and operate them."""
+
+
 Transporter = Annotated[
     str | None,
     typer.Option("--transporter", "-t", envvar="TRANSPORTER", help="e.g. nats://127.0.0.1:4222"),
@@ -232,7 +256,20 @@ def replay(
 @app.command("dead-letters")
 def dead_letters(
     aggregate: AggregateName,
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(help="with --discard: the dead letters' ids (default: all)"),
+    ] = None,
     retry: Annotated[bool, typer.Option("--retry", help="apply the dead letters again")] = False,
+    discard: Annotated[
+        bool,
+        typer.Option(
+            "--discard", help="give up on the dead letters IDS (or all), recording who and when"
+        ),
+    ] = False,
+    discarded: Annotated[
+        bool, typer.Option("--discarded", help="list the discarded dead letters instead")
+    ] = False,
     page: Annotated[int, typer.Option(min=1, help="page to show")] = 1,
     page_size: Annotated[int, typer.Option(min=1, max=1000, help="rows per page")] = 20,
     transporter: Transporter = None,
@@ -240,10 +277,27 @@ def dead_letters(
     call_timeout: CallTimeout = 600.0,
     as_json: Json = False,
 ) -> None:
-    """List an aggregate's dead letters (events its transformations failed on), or retry them."""
-    from moleculerpy_cqrs.face import operator
+    """List an aggregate's dead letters (events its transformations failed on), retry them,
+    or discard them."""
+    from moleculerpy_cqrs.face import calls, operator
 
     options = _options(transporter, timeout, as_json)
+    if sum((retry, discard, discarded)) > 1:
+        _fail("give one of --retry, --discard and --discarded")
+    if ids and not discard:
+        _fail("dead-letter ids go with --discard (e.g. `cqrs dead-letters AGG --discard 3 4`)")
+    if discard:
+        _operate(
+            lambda: calls.discard_dead_letters(
+                options, aggregate, ids or None, call_timeout=call_timeout
+            )
+        )
+        return
+    if discarded:
+        _operate(
+            lambda: calls.discarded_dead_letters(options, aggregate, page=page, page_size=page_size)
+        )
+        return
     _operate(
         lambda: operator.dead_letters(
             options,
@@ -254,6 +308,57 @@ def dead_letters(
             call_timeout=call_timeout,
         )
     )
+
+
+@app.command()
+def call(
+    action: Annotated[str, typer.Argument(help="the action, e.g. profile.update")],
+    params: Annotated[
+        str | None, typer.Argument(help='its params as JSON, e.g. \'{"name": "Ann"}\'')
+    ] = None,
+    meta: Annotated[str | None, typer.Option("--meta", help="meta as a JSON object")] = None,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 60.0,
+) -> None:
+    """Call any action in the cluster and print its answer as JSON; an error answer prints
+    its name, code, type and data on stderr, with exit code 1."""
+    import json
+
+    from moleculerpy_cqrs.face import calls
+
+    def parsed(text: str | None, what: str) -> Any:
+        if text is None:
+            return {}
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            _fail(f'{what} is not JSON ({error}): give e.g. \'{{"name": "Ann"}}\'')
+
+    values, meta_values = parsed(params, "PARAMS_JSON"), parsed(meta, "--meta")
+    if not isinstance(meta_values, dict):
+        _fail('--meta must be a JSON object, e.g. \'{"user": "ann"}\'')
+    options = _options(transporter, timeout, True)
+    try:
+        _operate(
+            lambda: calls.call(options, action, values, meta_values, call_timeout=call_timeout)
+        )
+    except calls.CallFailed as failed:
+        detail = failed.detail
+        kind = f", {detail['type']}" if detail["type"] else ""
+        err.print(
+            f"[red]error:[/] {escape(str(detail['name']))} ({detail['code']}{escape(kind)}): "
+            f"{escape(' '.join(str(detail['message']).split()))}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        if detail["data"] is not None:
+            err.print(
+                f"data: {escape(json.dumps(detail['data'], default=str))}",
+                soft_wrap=True,
+                highlight=False,
+            )
+        raise typer.Exit(1) from None
 
 
 def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
@@ -282,6 +387,10 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except (OperatorError, CqrsError) as error:
         _fail(str(error))
     except Exception as error:
+        from moleculerpy_cqrs.face.calls import CallFailed
+
+        if isinstance(error, CallFailed):
+            raise  # `cqrs call` says it
         _fail(f"{type(error).__name__}: {error}")
 
 

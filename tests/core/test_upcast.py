@@ -341,7 +341,7 @@ async def test_a_split_event_is_applied_once_per_piece_and_checkpointed_by_posit
 
 
 async def test_an_upcaster_that_raises_dead_letters_that_event_and_the_rest_go_on(
-    make_store: MakeStore,
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = make_store()
     await _write_v1(
@@ -374,6 +374,9 @@ async def test_an_upcaster_that_raises_dead_letters_that_event_and_the_rest_go_o
         assert (letter["eventId"], letter["kind"]) == (2, "upcast")
         assert "upcasting 'profile.updated' from version 1 failed" in letter["error"]
         assert letter["record"]["payload"] == {"name": "boom", "country": "NZ"}  # as stored
+        said = [r for r in caplog.records if "could not be upcast" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"]
+        assert "event 2 (profile.updated) dead-lettered" in said[0].getMessage()
         again = await broker.call("byCountry.retryDeadLetters", {})
         assert again["retried"] == 0
         assert "cannot read boom" in again["failed"][0]["error"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
-from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker import compat, names
 from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, SNAPSHOTS
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
@@ -195,6 +195,10 @@ class EventStore:
             return
         self.upcasters.check()  # a broken chain stops the start, naming event and versions
         compat.install(broker)
+        names.install_guard(broker)
+        names.refuse_local_clash(
+            broker, self.name, f"the event store {self.name!r} (of service {service.name!r})"
+        )
         fields = {**EVENT_FIELDS, **self.extra_fields}
         runtime = EventStoreRuntime(
             self.name,
@@ -226,6 +230,7 @@ class EventStoreService(ReadActions, Service):
 
     def __init__(self, name: str, runtime: EventStoreRuntime) -> None:
         super().__init__(name=name)
+        names.mark(self, names.EVENT_STORE)
         self.runtime = runtime
         self.port = runtime.port
 

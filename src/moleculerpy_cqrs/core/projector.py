@@ -427,6 +427,13 @@ class Projector:
         view.written()
         self.stats.applied += sum(1 for f in failures if f is None)
         self.stats.dead_letters += len(dead)
+        for letter in dead:
+            if letter["kind"] == UPCAST_KIND:
+                log.warning(
+                    "%s: event %s (%s) dead-lettered: it could not be upcast: %s; list them "
+                    "with `cqrs dead-letters %s`",
+                    self.name, letter["eventId"], letter["event"], letter["error"], self.name,
+                )  # fmt: skip
         for event, failed in errors:
             await self._report(event, failed)
         if halted is not None:
@@ -504,6 +511,14 @@ class Projector:
     async def _report(self, event: Record, failure: TransformFailed) -> None:
         kind = "create" if failure.binding.kind == "create_many" else failure.binding.kind
         self.stats.last_error = str(failure)
+        binding = failure.binding
+        log.warning(
+            "%s: event %s (%s) dead-lettered: on(%r).%s(%r) failed after %d attempt(s): "
+            "%s: %s; list them with `cqrs dead-letters %s`",
+            self.name, event["id"], event["event"], binding.event, binding.kind,
+            binding.handler_name, failure.attempts, type(failure.error).__name__, failure.error,
+            self.name,
+        )  # fmt: skip
         try:
             await self.port.emit(
                 f"{self.name}.{kind}.{failure.stage}",

@@ -40,6 +40,7 @@ import moleculerpy
 from moleculerpy import Service, ServiceBroker, Settings
 
 import moleculerpy_cqrs
+from moleculerpy_cqrs.broker import names
 from moleculerpy_cqrs.broker.aggregate import Aggregate
 from moleculerpy_cqrs.broker.eventstore import EventStore
 from moleculerpy_cqrs.broker.mixin_base import components
@@ -51,6 +52,9 @@ DEFAULT_TRANSPORTER = "memory://"
 DEFAULT_LOG_LEVEL = "warning"
 JOIN_TIMEOUT = 15.0
 """Seconds ``cqrs run`` waits for the transporter's server before it gives up."""
+DISCOVERY_WAIT = 0.5
+"""Seconds a node started on a shared transporter waits for the other nodes' INFO packets
+(Moleculer.js waits as long after connecting) before it checks its names against theirs."""
 
 
 def load_module(target: str) -> ModuleType:
@@ -150,6 +154,7 @@ async def start_node(
             "or list them in `services = [...]`)"
         )
     broker = make_broker(node_id, transporter, log_level)
+    names.install_guard(broker)
     services = [item if isinstance(item, Service) else item() for item in found]
     for service in services:
         await broker.register(service)
@@ -168,6 +173,13 @@ async def start_node(
         except BaseException:
             await _stop_quietly(broker)
             raise
+    if not broker.settings.transporter.startswith("memory://"):
+        await asyncio.sleep(DISCOVERY_WAIT)
+        clashes = names.remote_clashes(broker)
+        if clashes:
+            await _stop_quietly(broker)
+            more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+            raise ConfigurationError(clashes[0] + more)
     return broker, services
 
 
