@@ -33,11 +33,14 @@ def build(
     dispatch_batch_size: int = 100,
     lease_ttl: float = 5.0,
     key: str | None = None,
+    version: int = 1,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
     """The event store, the summary aggregate and the profile service, on ``store`` (default:
     SQLite files in the data folder); snapshots go to ``backups`` (default:
     ``<data folder>/backups``). ``key="country"``: summaries of different countries are
-    transformed concurrently."""
+    transformed concurrently. ``version=2``: the profile's second shape, ``{fullName,
+    address: {country}}`` (``profile_v2``), with the upcaster that reads v1 events as v2 and
+    the summary's transformation for it."""
     store = store or stores.sqlite(data_folder())
     events = EventStore(
         "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
@@ -48,16 +51,21 @@ def build(
         snapshot=StoreBackup(backups or data_folder() / "backups"),
         batch_size=batch_size,
         lease_ttl=lease_ttl,
+        version=version,
     ).snapshot("profileEventStore")
+    if version == 2:
+        events.upcast("profile.updated", 1, profile_v1_to_v2)
 
     class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]
         name = "profile"
 
-        update = events.map_action("update", "profile.updated")
+        update = events.map_action("update", "profile.updated", version=version)
 
         @action(name="transformProfileSummary")
         async def transform_profile_summary(self, ctx: Context) -> dict[str, Any]:
             profile = ctx.params["payload"]
+            if version == 2:
+                profile = {**profile, "country": profile["address"]["country"]}
             found = await ctx.call("profileSummaryAggregate.find", {"country": profile["country"]})
             result: dict[str, Any] = {}
             if found:
@@ -79,6 +87,12 @@ def build(
         )
 
     return events, summary, ProfileService
+
+
+def profile_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """``{name, country, ...}`` (v1) read as ``{fullName, address: {country}, ...}`` (v2)."""
+    rest = {k: v for k, v in payload.items() if k not in ("name", "country")}
+    return {**rest, "fullName": payload.get("name"), "address": {"country": payload["country"]}}
 
 
 events, summary, ProfileService = build()
