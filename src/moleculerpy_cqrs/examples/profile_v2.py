@@ -7,7 +7,7 @@ table.
 
 from __future__ import annotations
 
-from moleculerpy_cqrs.examples.profile import build
+from moleculerpy_cqrs.examples.profile import PROFILE_V2_PARAMS, build
 
-events, summary, ProfileService = build(version=2)
+events, summary, ProfileService = build(params=PROFILE_V2_PARAMS, version=2)
 services = [ProfileService]
