@@ -83,9 +83,7 @@ def build(
     class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]
         name = "profile"
 
-        update = events.map_action(
-            "update", "profile.updated", params=params, version=version
-        )
+        update = events.map_action("update", "profile.updated", params=params, version=version)
 
         @action(name="transformProfileSummary")
         async def transform_profile_summary(self, ctx: Context) -> dict[str, Any]:

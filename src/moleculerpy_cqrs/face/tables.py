@@ -187,7 +187,7 @@ def _state_text(status: ServiceStatus) -> Text:
             text.append(f" at {status.halted_at}")
         if status.state is ProjectorState.REBUILDING and status.rebuild:
             text.append(status.rebuild.removeprefix("rebuilding"))  # " v2: 43%, about 12 s left"
-        elif status.state is ProjectorState.OUTDATED:
+        elif status.state is ProjectorState.OUTDATED and status.table_version is not None:
             text.append(f" (this node v{status.version}, the table v{status.table_version})")
         elif status.replay is not None and status.replay.active:
             text.append(f", replaying {status.replay.done}/{status.replay.total}")

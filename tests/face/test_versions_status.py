@@ -1,0 +1,26 @@
+"""``cqrs status`` shows a rebuild's progress and why an outdated node does not project."""
+
+from __future__ import annotations
+
+from moleculerpy_cqrs.face.model import AggregateStatus, ClusterStatus, status_from_answer
+from tests.face.test_states import aggregate_answer, rendered
+
+
+def test_the_table_shows_rebuilding_with_its_progress_and_time_left() -> None:
+    answer = {
+        **aggregate_answer("rebuilding"),
+        "version": 2,
+        "tableVersion": 1,
+        "rebuild": "rebuilding v2: 43%, about 12 s left",
+    }
+    status = status_from_answer(answer, ["n1"])
+    assert isinstance(status, AggregateStatus)
+    assert (status.version, status.table_version) == (2, 1)
+    assert "rebuilding v2: 43%, about 12 s left" in rendered(ClusterStatus((), (status,)))
+
+
+def test_the_table_says_why_an_outdated_node_does_not_project() -> None:
+    answer = {**aggregate_answer("outdated"), "version": 1, "tableVersion": 2, "rebuild": "x"}
+    status = status_from_answer(answer, ["n1"])
+    assert isinstance(status, AggregateStatus)
+    assert "outdated (this node v1, the table v2)" in rendered(ClusterStatus((), (status,)))
