@@ -121,6 +121,9 @@ class EventStoreStatus:
     dispatcher: DispatcherStatus
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "event store"
+    versions: dict[str, int] = field(default_factory=dict)
+    """Each event's current version (the events its mappings store or upcasters reach)."""
+    renames: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any], nodes: Sequence[str] = ()) -> EventStoreStatus:
@@ -132,6 +135,8 @@ class EventStoreStatus:
             commits=_int(answer.get("commits")),
             dispatcher=DispatcherStatus.from_answer(answer.get("dispatcher")),
             raw=dict(answer),
+            versions={str(k): _int(v) for k, v in _dict(answer.get("versions")).items()},
+            renames={str(k): str(v) for k, v in _dict(answer.get("renames")).items()},
         )
 
     @property

@@ -209,8 +209,15 @@ def status_notes(cluster: ClusterStatus) -> list[str]:
     """The last errors, said under the table."""
     notes: list[str] = []
     for s in cluster.ordered():
-        if isinstance(s, EventStoreStatus) and s.dispatcher.last_error:
-            notes.append(f"{s.name}: dispatcher's last error: {s.dispatcher.last_error}")
+        if isinstance(s, EventStoreStatus):
+            newer = [f"{e} v{v}" for e, v in s.versions.items() if v > 1]
+            renamed = [f"{old} -> {new}" for old, new in s.renames.items()]
+            if newer or renamed:
+                said = [f"events at their version {', '.join(newer)}"] if newer else []
+                said += [f"read renamed {', '.join(renamed)}"] if renamed else []
+                notes.append(f"{s.name}: {'; '.join(said)}")
+            if s.dispatcher.last_error:
+                notes.append(f"{s.name}: dispatcher's last error: {s.dispatcher.last_error}")
         elif isinstance(s, AggregateStatus):
             if s.waiting_for:
                 notes.append(f"{s.name}: waiting for {', '.join(s.waiting_for)}")
