@@ -267,7 +267,7 @@ class Maintenance:
             state="running", started=time.time(), version=self.version if rebuild else None
         )
         progress._t0 = time.perf_counter()
-        shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.fields)
+        shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.specs)
         shadow_dead = self.adapter.sibling(
             self.name + SHADOW_SUFFIX + "_deadletters", DEAD_LETTER_FIELDS
         )
