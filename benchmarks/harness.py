@@ -196,6 +196,19 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             count=s.catch_up_events,
         )  # fmt: skip
     r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
+    # ---- versions: one upcast step against none, in turn, on the same log (the best of two
+    # rounds each, in alternating order: the box is shared); then a version bump
+    for round_ in range(2):
+        for upcast in (False, True) if round_ == 0 else (True, False):
+            best(f"ours.upcast.catch_up.{upcast}", run_job(
+                "ours", "catch_up", log, shape="create", as_action=False, head=head,
+                cap=s.catch_up_cap, upcast=upcast, round=round_,
+            ))  # fmt: skip
+            best(f"ours.upcast.dispatch.{upcast}", run_job(
+                "ours", "dispatch", stores.fresh(f"dispatch{int(upcast)}r{round_}"),
+                count=s.catch_up_events, upcast=upcast,
+            ))  # fmt: skip
+    r["ours.rebuild"] = run_job("ours", "rebuild", log, head=head)
     # ---- per-entity read model: one row per account, read-then-update by an indexed key
     for rows in s.entity_rows:
         size = {"rows": rows, "events": s.entity_events}
@@ -444,6 +457,30 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         f"replay {n:,} ev, create-only", "/s", get(r, "ours.replay", "per_second"), None,
         get(r, "raw.catch_up.create", "per_second"),
         note=completeness(r, "ours.replay", "raw: the same job as its catch-up"),
+    ))  # fmt: skip
+    for what, label in (("catch_up", "catch-up, create-only callable"), ("dispatch", "dispatch")):
+        share = ratio(
+            get(r, f"ours.upcast.{what}.True", "per_second"),
+            get(r, f"ours.upcast.{what}.False", "per_second"),
+        )
+        rows.append(Row(
+            f"{label} {n:,} ev, one upcast step, as a share of none", "x", share,
+            targets=[(">= 0.9x", lambda row: None if row.ours is None else row.ours >= 0.9)],
+            note=f"{fmt(get(r, f'ours.upcast.{what}.True', 'per_second'), '/s')} vs "
+            f"{fmt(get(r, f'ours.upcast.{what}.False', 'per_second'), '/s')}",
+        ))  # fmt: skip
+    bump = r.get("ours.rebuild", {})
+    rows.append(Row(
+        f"version-bump rebuild {n:,} ev, as a share of replay", "x",
+        get(r, "ours.rebuild", "rebuild_over_replay"),
+        targets=[("<= 1.2x", lambda row: None if row.ours is None else row.ours <= 1.2)],
+        note=f"{fmt(bump.get('rebuild_seconds'), 's')} vs {fmt(bump.get('replay_seconds'), 's')}",
+    ))  # fmt: skip
+    rows.append(Row(
+        "reads during the rebuild, p99", "ms", get(r, "ours.rebuild", "read_p99_ms"),
+        note=f"{bump.get('reads', 0):,} reads by id, {bump.get('reads_failed', 0)} failed; "
+        f"during replay p99 {fmt(bump.get('read_p99_ms_during_replay'), 'ms')}",
+        targets=[("0 failed", lambda row: None if not bump else bump.get("reads_failed") == 0)],
     ))  # fmt: skip
     rows += entity_rows(sq, r, sizes)
     if "ours.replay_large" in r:

@@ -73,8 +73,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "appends": lambda: ours.appends(factory, p["callers"], p["dispatch"], p["seconds"]),
             "prefill": lambda: ours.prefill(factory, p["count"]),
             "catch_up": lambda: ours.catch_up(
-                factory, p["shape"], p["as_action"], p["head"], p["cap"]
+                factory,
+                p["shape"],
+                p["as_action"],
+                p["head"],
+                p["cap"],
+                p.get("upcast"),
+                p.get("round", 0),
             ),
+            "dispatch": lambda: ours.dispatch(factory, p["count"], p["upcast"]),
+            "rebuild": lambda: ours.rebuild(factory, p["head"]),
             "replay": lambda: ours.replay(factory, p["head"], p["cap"], report),
             "replay_large": lambda: ours.replay_large(
                 factory, p["count"], p["fill_cap"], p["cap"], report

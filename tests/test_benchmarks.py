@@ -48,6 +48,18 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert r["ours.replay"]["events"] == 60
     assert r["ours.replay"]["complete"]
 
+    for upcast in (False, True):
+        key = f"ours.upcast.catch_up.{upcast}"
+        r[key] = await ours.catch_up(log, "create", False, head=60, cap=60, upcast=upcast)
+        assert r[key]["correct"], key
+        key = f"ours.upcast.dispatch.{upcast}"
+        r[key] = await ours.dispatch(stores.sqlite(tmp_path / key), 40, upcast)
+        assert r[key]["heard"] == 40, key
+        assert r[key]["per_second"] > 0, key
+    r["ours.rebuild"] = await ours.rebuild(log, head=60)
+    assert r["ours.rebuild"]["reads_failed"] == 0
+    assert r["ours.rebuild"]["rebuild_seconds"] > 0
+
     r["ours.sustained"] = await ours.sustained(stores.sqlite(tmp_path / "load"), 8, 0.3)
     assert r["ours.sustained"]["projector_lag_events"] >= 0
     assert r["ours.sustained"]["dispatcher_lag_events"] is not None
@@ -58,6 +70,7 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     lines = table(["scenario", *"abcdefg"], [row.cells() for row in rows])
     text = "\n".join(lines)
     assert "catch-up 60 ev, read-then-update, callable" in text
+    assert "version-bump rebuild 60 ev, as a share of replay" in text
     assert "ack -> visible p99" in text
     assert "sustained: dispatcher lag" in text
     assert all(row.ours is not None for row in rows if not row.scenario.startswith("peak"))

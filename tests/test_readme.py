@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import socket
@@ -113,6 +114,15 @@ def test_every_cqrs_command_of_the_readme_runs_as_written(tmp_path: Path, nats_u
     assert (tmp_path / "data" / "backups" / snapshot[1] / "profileSummaryAggregate").exists()
     assert re.search(r"replay of profileSummaryAggregate done: 20\d\d events", out), out
     assert "node n1 stopped (SIGTERM)" in out
+    # v2 of the profile: the summary rebuilt as version 2, a v1 event read as v2
+    v2 = out[out.index("node n1 stopped (SIGTERM)") :]
+    assert "profileSummaryAggregate: rebuilding version 2 from the log" in v2
+    assert "profileSummaryAggregate: version 2 built and swapped in" in v2
+    start = v2.index('{\n  "id": 1,')
+    stored = json.loads(v2[start : v2.index("\n}\n", start) + 2])
+    assert (stored["version"], sorted(stored["payload"]["address"])) == (2, ["country"])
+    assert "fullName" in stored["payload"]
+    assert "node n2 stopped (SIGTERM)" in out
     assert f"page on http://127.0.0.1:{ports[0]}/ (read-only)" in out
     assert f"page on http://127.0.0.1:{ports[1]}/ (read-only)" in out
     assert "page stopped (SIGTERM)" in out

@@ -100,6 +100,10 @@ class Aggregate:
     ``write_actions``: serve moleculer-db's ``create``/``insert``/``update``/``remove`` as the
     Go library does. Off by default (they answer 405 ``ReadOnlyAggregateError``): rows written
     through them are not events, so a replay (and a restore's catch-up) drops them.
+    ``version``: the version of the transformations (bump it when they change): a node with a
+    higher version than the table was built with rebuilds it from the log into a shadow table,
+    reads answering from the old one, and swaps it in; a node with a lower one does not
+    project (a rolling deploy) and answers reads.
     """
 
     def __init__(
@@ -116,12 +120,16 @@ class Aggregate:
         concurrency: int = CONCURRENCY,
         settings: Mapping[str, Any] | None = None,
         write_actions: bool = False,
+        version: int = 1,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError("concurrency must be an integer >= 1")
         self.concurrency = concurrency
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigurationError(f"version must be an integer from 1, got {version!r}")
+        self.version = version
         if on_error not in ("dead_letter", "halt"):
             raise ConfigurationError("on_error is 'dead_letter' or 'halt'")
         self.name = name
@@ -187,6 +195,7 @@ class Aggregate:
             node_id=broker.nodeID,
             lease_ttl=self.lease_ttl,
             concurrency=self.concurrency,
+            version=self.version,
         )
         self._runtimes[broker] = runtime
         await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
@@ -325,6 +334,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             )
         snapshot_id = _snapshot_id(ctx, required=False)
         maintenance = self._maintenance()
+        maintenance.refuse_if_outdated()
         if snapshot_id is not None:
             restored = await maintenance.restore(snapshot_id)
             if params.get("wait"):

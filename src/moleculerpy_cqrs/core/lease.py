@@ -59,8 +59,9 @@ class Lease:
         return Grant(held=True, fresh=fresh)
 
     def forget(self) -> None:
-        """Forget that this node holds the lease (its meta was rewritten, by a restore): the
-        next :meth:`acquire` writes it again instead of trusting what it remembered."""
+        """Act as if the lease had lapsed: the next :meth:`acquire` writes it again instead of
+        trusting what it remembered (after the aggregate's meta was rewritten by a restore, or
+        swapped for a shadow's, which held no lease)."""
         self._until = 0.0
 
     async def release(self) -> None:

@@ -157,6 +157,13 @@ class Projector:
         self._resume = asyncio.Event()
         self._progress = asyncio.Condition()
         self._halted = asyncio.Event()
+        # Answers whether this node may project the table (its version against the table's),
+        # rebuilding the table first when this node's version is newer; run on taking the
+        # lease (see Maintenance.ensure_version).
+        self.version_gate: Callable[[], Awaitable[bool]] | None = None
+        self.outdated = False
+        self.rebuilding = False
+        self._version_checked = False  # the table is of this node's version (after a rebuild)
 
     # ------------------------------------------------------------------ control
 
@@ -168,6 +175,10 @@ class Projector:
     def state(self) -> ProjectorState:
         if not self.running:
             return ProjectorState.STOPPED
+        if self.outdated:
+            return ProjectorState.OUTDATED
+        if self.rebuilding:
+            return ProjectorState.REBUILDING
         if self.waiting_for:
             return ProjectorState.WAITING
         if self.stats.halted_at is not None:
@@ -256,7 +267,9 @@ class Projector:
     async def wait_until(self, position: int) -> int:
         """Wait until every event up to ``position`` has been applied (or dead-lettered)."""
         async with self._progress:
-            await self._progress.wait_for(lambda: self.checkpoint >= position)
+            await self._progress.wait_for(
+                lambda: self.checkpoint >= position and self._version_checked
+            )
         return self.checkpoint
 
     async def wait_halted(self) -> int:
@@ -280,6 +293,8 @@ class Projector:
     async def _run(self) -> None:
         await self._wait_for_transformations()
         await self.reload_checkpoint()
+        if self.lease is None and not await self._version_allows():
+            return await self._stand_outdated()
         failures = 0
         while True:
             self._wakeup.arm()
@@ -291,6 +306,19 @@ class Projector:
                     continue
                 if grant.fresh:
                     await self.reload_checkpoint()
+                    try:
+                        allowed = await self._version_allows()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as error:  # a failed rebuild: try again later
+                        failures += 1
+                        self.stats.last_error = f"{type(error).__name__}: {error}"
+                        log.exception("projector %s: rebuild failed, retrying", self.name)
+                        await self.lease.release()
+                        await asyncio.sleep(min(0.05 * 2**failures, 5.0))
+                        continue
+                    if not allowed:
+                        return await self._stand_outdated()
             try:
                 async with self._gate:
                     progressed = await self._step()
@@ -329,6 +357,21 @@ class Projector:
             else:
                 await self._wakeup.wait()
                 await asyncio.sleep(LINGER)  # let a few more commits join the next batch
+
+    async def _version_allows(self) -> bool:
+        allowed = self.version_gate is None or await self.version_gate()
+        if allowed and not self._version_checked:
+            self._version_checked = True
+            await self._advanced()
+        return allowed
+
+    async def _stand_outdated(self) -> None:
+        """The table was built by newer transformations: leave it to the nodes running them
+        (reads go on), until this node is stopped."""
+        self.outdated = True
+        if self.lease is not None:
+            await self.lease.release()
+        await asyncio.Event().wait()
 
     async def _step(self) -> bool:
         events = await self.source.read_after(self.checkpoint, self.batch_size)

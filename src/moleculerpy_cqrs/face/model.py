@@ -208,7 +208,11 @@ class AggregateStatus:
     lease: Lease | None
     discarded_dead_letters: int = 0
     version: Any = None
-    """The projector's version, once aggregates have one (``status()["version"]``)."""
+    """This node's ``Aggregate(version=...)`` (``status()["version"]``)."""
+    table_version: int | None = None
+    """The version the table was built by (``status()["tableVersion"]``)."""
+    rebuild: str | None = None
+    """``"rebuilding v2: 43%, about 12 s left"`` or why the node does not project."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "aggregate"
 
@@ -239,6 +243,8 @@ class AggregateStatus:
             lease=Lease.from_answer(answer.get("lease")),
             discarded_dead_letters=_int(answer.get("discardedDeadLetters")),
             version=answer.get("version"),
+            table_version=_opt_int(answer.get("tableVersion")),
+            rebuild=_opt_str(answer.get("rebuild")),
             raw=dict(answer),
         )
 
