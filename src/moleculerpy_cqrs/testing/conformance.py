@@ -532,7 +532,7 @@ class QueryCases(AdapterCase):
             ({"limit": 2, "offset": 2}, [3, 0]),
             ({"offset": 4}, [5, 1]),
             ({"offset": "1", "limit": "1"}, [4]),
-            ({"limit": 0}, []),
+            ({"limit": 0}, [2, 4, 3, 0, 5, 1]),  # no limit, as moleculer-db reads 0
             ({"offset": 100}, []),
             ({"limit": 100}, [2, 4, 3, 0, 5, 1]),
         ],
