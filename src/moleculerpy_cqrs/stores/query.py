@@ -18,8 +18,9 @@ Conditions (``query`` and top-level declared fields, ANDed)::
     {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely
 
 NULL behaves as in SQL: a comparison with a NULL column is never true (only IS NULL matches).
-``search`` matches a case-insensitive (ASCII) substring in ``searchFields`` (default: every
-string field). ``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
+``search`` matches a substring in ``searchFields`` (default: every string field), ignoring
+case as moleculer-db does: both sides through Unicode lowercasing (:func:`fold_case`).
+``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
 descending last, and ``id`` breaks ties so paging is stable.
 """
 
@@ -454,9 +455,9 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
             got = record.get(name)
             return got is not None and (low <= got <= high) != negate
         case Search(text, names):
-            needle = ascii_lower(text)
+            needle = fold_case(text)
             return any(
-                isinstance(record.get(n), str) and needle in ascii_lower(record[n]) for n in names
+                isinstance(record.get(n), str) and needle in fold_case(record[n]) for n in names
             )
     raise AssertionError(f"unknown condition {cond!r}")
 
@@ -560,6 +561,14 @@ def ascii_lower(text: str) -> str:
     return text.translate(_ASCII_LOWER)
 
 
+def fold_case(text: str) -> str:
+    """How ``search`` ignores case: Unicode's full lowercase mapping, as JavaScript's
+    ``toLowerCase`` in moleculer-db ("É" is "é", "İ" is "i̇", a final "Σ" is "ς"; "ß" stays
+    "ß", so "strasse" does not find "Straße"). SQLite calls this very function; PostgreSQL
+    lowercases under ICU's root locale, which maps the same."""
+    return text.lower()
+
+
 def escape_like(text: str) -> str:
     """Escape ``\\``, ``%`` and ``_`` so ``text`` matches literally in a LIKE pattern."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -576,6 +585,6 @@ _COMPARATORS: Final = {
 
 __all__ = [
     "ALL", "And", "Between", "Compare", "Condition", "In", "IsNull", "Like", "Or", "Query",
-    "Search", "ascii_lower", "escape_like", "like_match", "like_regex", "matches",
+    "Search", "ascii_lower", "escape_like", "fold_case", "like_match", "like_regex", "matches",
     "parse_condition", "parse_find", "parse_projection", "parse_sort", "sort_key",
 ]  # fmt: skip
