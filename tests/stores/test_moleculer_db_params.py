@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from moleculerpy_cqrs.errors import InvalidInput
+from moleculerpy_cqrs.errors import EntityNotFoundError, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.backends.memory import MemoryDatabase
 
@@ -111,3 +111,16 @@ async def test_populate_is_refused_saying_why(populate: Any) -> None:
     with pytest.raises(InvalidInput, match="populate is not supported"):
         await actions.get({"id": 1, "populate": populate})
     assert len(await actions.find({"populate": [], "limit": 2})) == 2
+
+
+def test_entity_not_found_is_shaped_as_moleculer_db_shapes_it() -> None:
+    # moleculer-db: new MoleculerClientError("Entity not found", 404, null, { id })
+    plain = EntityNotFoundError(7, store="orders").to_dict()
+    assert (plain["name"], plain["code"], plain["type"], plain["data"]) == (
+        "EntityNotFoundError",
+        404,
+        None,
+        {"id": 7},
+    )
+    assert plain["message"].startswith("Entity not found")
+    assert "orders" in plain["message"]
