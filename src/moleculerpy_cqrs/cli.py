@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moleculerpy_cqrs.errors import CqrsError
+from moleculerpy_cqrs.examples import NAMES as EXAMPLES
 
 if TYPE_CHECKING:
     from moleculerpy_cqrs.face.operator import Options
@@ -59,12 +60,36 @@ LogLevel = Annotated[
 ]
 
 
+UiPort = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=65535, help="serve the operator's web page on this port (0: any free port)"
+    ),
+]
+UiHost = Annotated[
+    str, typer.Option(help="address the page listens on (another machine's browser: 0.0.0.0)")
+]
+UiToken = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CQRS_UI_TOKEN",
+        show_envvar=True,
+        help="token the page's actions (retry, snapshot, restore, replay) need, sent as "
+        "Authorization: Bearer; without one the page is read-only",
+    ),
+]
+
+
+def _ui_token(token: str | None) -> str | None:
+    return token.strip() if token and token.strip() else None
+
+
 @app.command()
 def run(
     modules: Annotated[
         list[str],
         typer.Argument(
-            help="what to run: an example's name (profile, property), a dotted module name "
+            help=f"what to run: an example's name ({', '.join(EXAMPLES)}), a dotted module name "
             "importable from here, or a path to a .py file or package folder",
             show_default=False,
         ),
@@ -81,6 +106,9 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(help="address the metrics endpoint listens on")
     ] = "127.0.0.1",
+    ui_port: UiPort = None,
+    ui_host: UiHost = "127.0.0.1",
+    ui_token: UiToken = None,
 ) -> None:
     """Start a node with the services of the given modules (like moleculer-runner); it says
     what it started, and stops cleanly on Ctrl-C or SIGTERM."""
@@ -102,6 +130,9 @@ def run(
             log_level=level,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            ui_port=ui_port,
+            ui_host=ui_host,
+            ui_token=_ui_token(ui_token),
         )
     )
 
@@ -140,8 +171,15 @@ def _checked[T](check: Callable[[], T]) -> T:
 
 
 def _guard(work: Callable[[], object]) -> None:
+    from moleculerpy_cqrs.face.runner import UserCodeError
+
     try:
         work()
+    except UserCodeError as error:  # the user's frames and error, as Python shows them
+        err.print(f"[red]error:[/] {escape(error.lines[0])}", soft_wrap=True, highlight=False)
+        for line in error.lines[1:]:
+            err.print(escape(line), soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except CqrsError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -182,6 +220,8 @@ def status(
     state, dead letters, the node holding each lease and the nodes standing by."""
     from moleculerpy_cqrs.face import operator
 
+    if watch and as_json:
+        _fail("--watch draws a live table; leave out --json")
     options = _options(transporter, timeout, as_json)
     _operate(lambda: operator.status(options, watch=watch, interval=interval))
 
@@ -281,11 +321,11 @@ def dead_letters(
     or discard them."""
     from moleculerpy_cqrs.face import calls, operator
 
-    options = _options(transporter, timeout, as_json)
     if sum((retry, discard, discarded)) > 1:
         _fail("give one of --retry, --discard and --discarded")
     if ids and not discard:
         _fail("dead-letter ids go with --discard (e.g. `cqrs dead-letters AGG --discard 3 4`)")
+    options = _options(transporter, timeout, as_json)
     if discard:
         _operate(
             lambda: calls.discard_dead_letters(
@@ -361,6 +401,39 @@ def call(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def ui(
+    transporter: Transporter = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free port)")] = 8000,
+    host: UiHost = "127.0.0.1",
+    token: UiToken = None,
+    stall_after: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="seconds without an applied event, the lag not shrinking, before an "
+            "aggregate is shown as stalled",
+        ),
+    ] = 30.0,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Serve the operator's web page from a node of its own that joins the cluster, watches
+    and calls (it runs no services); read-only unless started with a token."""
+    from moleculerpy_cqrs.face.runner import signalled
+    from moleculerpy_cqrs.face.ui.node import run_ui
+
+    options = _options(transporter, timeout, False)
+
+    async def serve() -> None:
+        with signalled() as stop:
+            await run_ui(
+                options, host=host, port=port, token=_ui_token(token), stall_after=stall_after,
+                say=lambda line: print(line, flush=True), stop=stop,
+            )  # fmt: skip
+
+    _operate(serve)
+
+
 def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
     from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.operator import Options
@@ -371,7 +444,15 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    return _checked(check)
+    checked = _checked(check)
+    if checked.transporter:
+        from moleculerpy_cqrs.face import reach
+
+        try:  # refused credentials, a missing package: said at once (also any refusal)
+            asyncio.run(reach.check(checked.transporter, timeout))
+        except CqrsError as error:
+            _fail(str(error))
+    return checked
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -395,8 +476,12 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def _fail(message: str) -> NoReturn:
+    from moleculerpy_cqrs.face.reach import redact  # no line shows a password
+
     err.print(
-        f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
+        f"[red]error:[/] {escape(' '.join(redact(message).split()))}",
+        soft_wrap=True,
+        highlight=False,
     )
     raise typer.Exit(2)
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
 from moleculerpy_cqrs.broker import compat, names
+from moleculerpy_cqrs.broker.bindings import unproduced
 from moleculerpy_cqrs.broker.log import event_log, local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
@@ -258,6 +259,12 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         broker = self.broker
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
+        try:
+            bound = [b.event for b in self.runtime.bindings]
+            for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
+                log.warning("%s", line)
+        except Exception as error:  # a check only: the projector starts regardless
+            log.debug("aggregate %s: bindings not checked: %s", self.name, error)
         self.runtime.start_projector(log_)
 
     def on_appended(self) -> None:

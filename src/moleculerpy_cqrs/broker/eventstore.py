@@ -76,6 +76,9 @@ class EventStore:
         )
         self._mixin: type | None = None
         self.upcasters = Upcasters(name)
+        self.produces: set[str] = set()
+        """The event names its ``map_action``s and ``map_event``s store (``status`` lists
+        them; an aggregate bound to another name is warned about at start)."""
 
     # ------------------------------------------------------------------ user API
 
@@ -123,6 +126,7 @@ class EventStore:
                 f"map_action extras {unknown} are not declared fields of {self.name!r}"
             )
         store = self
+        self.produces.add(event_name)
         allowed = set(params) if params and strict else None
 
         async def save(service: Any, ctx: Context) -> dict[str, Any]:
@@ -172,6 +176,7 @@ class EventStore:
         (stamped ``version``, its current version)."""
         self.upcasters.declare(stored_event, version)
         store = self
+        self.produces.add(stored_event)
 
         @event(name=origin_event)
         async def handler(service: Any, ctx: Context) -> None:
@@ -220,7 +225,7 @@ class EventStore:
             upcasters=self.upcasters,
         )
         self._runtimes[broker] = runtime
-        await broker.register(_event_store_service(self.name, runtime))
+        await broker.register(_event_store_service(self.name, runtime, self.produces))
 
     async def on_started(self, service: Any) -> None:
         pass  # the <name> service starts the runtime
@@ -236,8 +241,11 @@ class EventStoreService(ReadActions, Service):
     enter through ``map_action``/``map_event`` only.
     """
 
-    def __init__(self, name: str, runtime: EventStoreRuntime) -> None:
+    def __init__(
+        self, name: str, runtime: EventStoreRuntime, produces: set[str] | None = None
+    ) -> None:
         super().__init__(name=name)
+        self.produces = produces if produces is not None else set()
         names.mark(self, names.EVENT_STORE)
         self.runtime = runtime
         self.port = runtime.port
@@ -297,7 +305,7 @@ class EventStoreService(ReadActions, Service):
         if params_of(ctx):
             raise InvalidInput("status takes no parameters", field=next(iter(params_of(ctx))))
         await self.wait_ready()
-        return await self.runtime.status()
+        return {**await self.runtime.status(), "produces": sorted(self.produces)}
 
     @action(name=SNAPSHOTS)
     async def snapshots_action(self, ctx: Context) -> list[Record]:
@@ -342,14 +350,16 @@ def _raw(params: Mapping[str, Any]) -> bool:
     return raw
 
 
-def _event_store_service(name: str, runtime: EventStoreRuntime) -> EventStoreService:
+def _event_store_service(
+    name: str, runtime: EventStoreRuntime, produces: set[str]
+) -> EventStoreService:
     @event(name=f"cqrs.{name}.appended")
     async def appended(service: EventStoreService, ctx: Context) -> None:
         # Another node appended to a shared log: a standby dispatcher must hear of it.
         service.runtime.dispatcher.wake()
 
     klass = type(f"{name}Service", (EventStoreService,), {"cqrs_appended": appended})
-    service: EventStoreService = klass(name, runtime)
+    service: EventStoreService = klass(name, runtime, produces)
     return service
 
 

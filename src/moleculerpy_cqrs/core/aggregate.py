@@ -16,6 +16,7 @@ from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, 
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
 from moleculerpy_cqrs.core.slices import check_key_fields
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
+from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import ID
 from moleculerpy_cqrs.stores.query import ALL, In, Query
@@ -142,9 +143,10 @@ class AggregateRuntime:
             if nxt:
                 lag_seconds = max(now_ms() - int(nxt[0]["created"]), 0) / 1000
         return {
+            "kind": "aggregate",
             "name": self.name,
             "eventStore": p.source.name if p else None,
-            "state": p.state if p else "stopped",
+            "state": str(p.state if p else ProjectorState.STOPPED),
             "waitingFor": list(p.waiting_for) if p else [],
             "checkpoint": checkpoint,
             "head": head,

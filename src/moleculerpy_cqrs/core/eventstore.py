@@ -14,6 +14,7 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
+from moleculerpy_cqrs.core.states import DispatcherState
 from moleculerpy_cqrs.core.upcast import Upcasters
 from moleculerpy_cqrs.errors import InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
@@ -167,7 +168,15 @@ class EventStoreRuntime:
     async def status(self) -> dict[str, Any]:
         head = await self.adapter.head()
         d = self.dispatcher
+        state = (
+            DispatcherState.STANDBY
+            if d.standby
+            else DispatcherState.RUNNING
+            if d.running
+            else DispatcherState.STOPPED
+        )
         return {
+            "kind": "eventStore",
             "name": self.name,
             "head": head,
             "appended": self.committer.appended,
@@ -175,6 +184,7 @@ class EventStoreRuntime:
             "versions": self.upcasters.versions(),
             "renames": self.upcasters.renamed(),
             "dispatcher": {
+                "state": str(state),
                 "running": d.running,
                 "standby": d.standby,
                 "cursor": d.cursor,

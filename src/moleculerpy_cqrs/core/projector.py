@@ -29,6 +29,7 @@ from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.core.slices import prefetch_keys
+from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
@@ -164,18 +165,18 @@ class Projector:
         return self._task is not None and not self._task.done()
 
     @property
-    def state(self) -> str:
+    def state(self) -> ProjectorState:
         if not self.running:
-            return "stopped"
+            return ProjectorState.STOPPED
         if self.waiting_for:
-            return "waiting"
+            return ProjectorState.WAITING
         if self.stats.halted_at is not None:
-            return "halted"
+            return ProjectorState.HALTED
         if self.standby:
-            return "standby"
+            return ProjectorState.STANDBY
         if self._gate.locked() and getattr(self, "_paused", False):
-            return "paused"
-        return "running"
+            return ProjectorState.PAUSED
+        return ProjectorState.RUNNING
 
     async def _wait_for_transformations(self) -> None:
         """Wait until every transformation action is served somewhere; meanwhile ``state``

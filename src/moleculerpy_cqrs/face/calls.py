@@ -1,7 +1,7 @@
 """``cqrs call ACTION`` (any action, from the shell) and ``cqrs dead-letters --discard``.
 
 Both join the cluster with the operator commands' short-lived node
-(:func:`moleculerpy_cqrs.face.operator.session`) and pass ``meta``, which the operator's own
+(:func:`moleculerpy_cqrs.face.client.session`) and pass ``meta``, which the operator's own
 calls do not.
 """
 
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moleculerpy_cqrs.face.operator import OperatorError, Options, Session, session
+from moleculerpy_cqrs.face.client import OperatorError, Options, Session, session
 
 
 class CallFailed(Exception):
