@@ -259,13 +259,13 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         broker = self.broker
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
-        try:
+        self.runtime.start_projector(log_)
+        try:  # a check only, made once the projector runs, so nothing waits for it
             bound = [b.event for b in self.runtime.bindings]
             for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
                 log.warning("%s", line)
-        except Exception as error:  # a check only: the projector starts regardless
+        except Exception as error:
             log.debug("aggregate %s: bindings not checked: %s", self.name, error)
-        self.runtime.start_projector(log_)
 
     def on_appended(self) -> None:
         # Another node appended to the log (a remote event store, or the same database
