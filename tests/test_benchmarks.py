@@ -5,6 +5,7 @@ eventsourcing subject needs the ``bench`` extra, which the test environment does
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,21 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     r["ours.ack_visible"] = await ours.ack_to_visible(stores.sqlite(tmp_path / "ack"), 100, 0.3)
     assert r["ours.ack_visible"]["events"] == 30
 
-    rows = harness.build_rows("sqlite", r, harness.QUICK)
+    sizes = dataclasses.replace(harness.QUICK, entity_rows=(50, 300), entity_events=120)
+    for count in sizes.entity_rows:
+        key = f"ours.per_entity.{count}"
+        r[key] = await ours.per_entity(stores.sqlite(tmp_path / key), count, 120, cap=60)
+        assert r[key]["complete"], key
+        assert r[key]["correct"], f"{key}: the balances do not add up"
+        r[f"raw.per_entity.{count}"] = raw.per_entity(folder(f"raw_entity{count}"), count, 120)
+        assert r[f"raw.per_entity.{count}"]["correct"]
+
+    rows = harness.build_rows("sqlite", r, sizes)
     lines = table(["scenario", *"abcdefg"], [row.cells() for row in rows])
     text = "\n".join(lines)
     assert "catch-up 60 ev, read-then-update, callable" in text
     assert "version-bump rebuild 60 ev, as a share of replay" in text
     assert "ack -> visible p99" in text
+    assert "per-entity 300 rows, 120 deposits" in text
     assert "sustained: dispatcher lag" in text
     assert all(row.ours is not None for row in rows if not row.scenario.startswith("peak"))
