@@ -190,6 +190,7 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             count=s.catch_up_events,
         )  # fmt: skip
     r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
+    r.update(elsewhere(stores, log, head, s))
     # ---- load, latency, large replay: one process on SQLite
     if sqlite_only:
         r["ours.sustained"] = run_job(
@@ -206,6 +207,47 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             )  # fmt: skip
     else:
         r["ours.cluster"] = cluster(stores, s.sustained_seconds)
+    return r
+
+
+ELSEWHERE = (("create", "create-only"), ("summary_keyed", "read-then-update, key=country"),
+             ("summary", "read-then-update, no key"))  # fmt: skip
+
+
+def elsewhere(stores: Stores, log: dict[str, Any], head: int, s: Sizes) -> dict[str, Any]:
+    """The catch-up of a new aggregate whose transformation (``summarizer.transform``) is
+    served on the projector's node, then only by a second node (its own process) over a real
+    nats-server; with ``before``, the second node does not take many calls in one request (the
+    projector calls it once per event, as it did before)."""
+    from moleculerpy_cqrs.testing.nats_server import NatsServer
+
+    url = stores.stack.enter_context(NatsServer()).url
+    r: dict[str, Any] = {}
+    variants = [("local", True), ("remote", True)] + ([] if s.rounds < 2 else [("remote", False)])
+    for shape, _ in ELSEWHERE:
+        for where, call_many in variants:
+            key = f"ours.elsewhere.{shape}.{where}" + ("" if call_many else ".before")
+            params = dict(shape=shape, where=where, transporter=url, head=head,
+                          cap=s.catch_up_cap, call_many=call_many)  # fmt: skip
+            if where == "local":
+                r[key] = run_job("ours", "catch_up_nats", log, **params)
+                continue
+            ready = stores.workdir / f"summarizer-{shape}-{int(call_many)}"
+            node = start_job(
+                "ours", "summarizer_node", log, shape=shape, transporter=url,
+                node_id="summarizer", ready=str(ready), call_many=call_many,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                while not ready.exists():
+                    if time.monotonic() > deadline or node.poll() is not None:
+                        raise RuntimeError("the summarizer node did not start")
+                    time.sleep(0.05)
+                r[key] = run_job("ours", "catch_up_nats", log, **params)
+            except RuntimeError as error:
+                r[key] = {"error": str(error)}
+            finally:
+                result_of(node, "stop\n")
     return r
 
 
@@ -426,6 +468,22 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         get(r, "raw.catch_up.create", "per_second"),
         note=completeness(r, "ours.replay", "raw: the same job as its catch-up"),
     ))  # fmt: skip
+    for shape, label in ELSEWHERE:
+        local = get(r, f"ours.elsewhere.{shape}.local", "per_second")
+        there = get(r, f"ours.elsewhere.{shape}.remote", "per_second")
+        before = get(r, f"ours.elsewhere.{shape}.remote.before", "per_second")
+        share = ratio(there, local)
+        notes = [f"local {fmt(local, '/s')}", f"{fmt_ratio(share)} of local"]
+        if before is not None:
+            notes.append(f"one call per event: {fmt(before, '/s')}")
+        done = completeness(r, f"ours.elsewhere.{shape}.local", f"ours.elsewhere.{shape}.remote")
+        row = Row(
+            f"transformation on another node over NATS: {label}", "/s", there,
+            note=", ".join([*notes, *([done] if done else [])]),
+        )  # fmt: skip
+        if shape != "summary":
+            row.targets = [half_of_local(share)]
+        rows.append(row)
     if "ours.replay_large" in r:
         big = r["ours.replay_large"]
         stored = int(big.get("stored") or 0)
@@ -493,6 +551,11 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         note="1M replay included" if "ours.replay_large" in r else "",
     ))  # fmt: skip
     return rows
+
+
+def half_of_local(share: float | None) -> tuple[str, Callable[[Row], bool | None]]:
+    label = ">= 0.5x local" + ("" if share is None else f" ({share:.2f}x)")
+    return label, lambda row: None if share is None else share >= 0.5
 
 
 def completeness(r: dict[str, dict[str, Any]], *keys: str) -> str:

@@ -80,6 +80,7 @@ from moleculerpy.registry import Registry
 from moleculerpy.validator import validate_params
 
 from moleculerpy_cqrs import errors
+from moleculerpy_cqrs.broker import remote
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY
 
 if TYPE_CHECKING:
@@ -88,7 +89,15 @@ if TYPE_CHECKING:
     from moleculerpy.registry import Action, Event
     from moleculerpy.service import Service
 
-__all__ = ["broadcast", "emit", "install", "is_client_error", "is_installed", "remote_error"]
+__all__ = [
+    "broadcast",
+    "emit",
+    "install",
+    "is_client_error",
+    "is_installed",
+    "remote_error",
+    "request_on_node",
+]
 
 _STATE_ATTR = "_moleculerpy_cqrs_compat"
 
@@ -176,6 +185,24 @@ class _RoutingRegistry(_BatchReadRouting, Registry):
 # Registry.__setattr__ stores a name outside ``self.__slots__`` aside; the subclass must
 # answer the registry's own slot names there (its layout is unchanged: no new slots).
 _RoutingRegistry.__slots__ = Registry.__slots__  # type: ignore[assignment]
+
+
+async def request_on_node(broker: ServiceBroker, node_id: str, action: str, params: Any) -> Any:
+    """Send a request for ``action`` to ``node_id`` whatever the registry says serves it
+    (the toolkit's own :data:`~.remote.CALL_MANY`, which no service registers)."""
+    install(broker)
+    ctx = broker.lifecycle.create_context(action=action, params=params, meta={})
+    return await _state(broker).request(cast(Any, _NodeEndpoint(node_id, action)), ctx)
+
+
+class _NodeEndpoint:
+    """What ``Transit.request`` reads of an endpoint."""
+
+    def __init__(self, node_id: str, name: str) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.timeout: float | None = None
+        self.is_local = False
 
 
 def _state(broker: ServiceBroker) -> _Compat:
@@ -366,6 +393,10 @@ class _Compat:
         transit.disconnect = self.disconnect
         # A new list: the old one may be a Settings.middlewares list shared with other brokers.
         broker.middlewares = [*broker.middlewares, _BrokerHooks(self)]
+        # Tell other nodes (in INFO) that this one serves many transformation calls at once.
+        local_node = broker.node_catalog.local_node
+        if local_node is not None:
+            local_node.metadata = {**(local_node.metadata or {}), remote.CAPABILITY: 1}
         # The registry has fixed slots: route through a subclass, not an instance attribute.
         registry = cast(Any, broker.registry)
         if type(registry) is Registry:
@@ -577,6 +608,9 @@ class _Compat:
         if not task.cancelled() and (error := task.exception()) is not None:
             self.logger.error(f"Serving a request failed: {error!r}")
 
+    def _serves_here(self, name: str) -> bool:
+        return self._local_action(name) is not None
+
     def _local_action(self, name: str) -> Action | None:
         for endpoint in self.broker.registry.get_all_actions(name):
             if endpoint.is_local:
@@ -593,14 +627,7 @@ class _Compat:
         endpoint = self._local_action(str(action_name))
         response: dict[str, Any]
         try:
-            handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
-            if endpoint is None or handler is None:
-                raise ServiceNotFoundError(str(action_name), node_id=self.broker.nodeID)
-            if endpoint._compiled_checker is not None:
-                endpoint._compiled_checker(ctx.params or {})
-            elif endpoint.params_schema:
-                validate_params(ctx.params or {}, endpoint.params_schema)
-            result = await handler(ctx)
+            result = await self._run_request(str(action_name), ctx, endpoint)
             response = {"id": ctx.id, "data": result, "success": True, "meta": ctx.meta}
         except Exception as error:
             self._log_failure(str(action_name), error)
@@ -623,6 +650,18 @@ class _Compat:
                 )
             else:
                 raise
+
+    async def _run_request(self, action_name: str, ctx: Context, endpoint: Action | None) -> Any:
+        if action_name == remote.CALL_MANY:  # the toolkit's own: no service registers it
+            return await remote.serve_many(self.broker, ctx, self._serves_here, _error_payload)
+        handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
+        if endpoint is None or handler is None:
+            raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
+        if endpoint._compiled_checker is not None:
+            endpoint._compiled_checker(ctx.params or {})
+        elif endpoint.params_schema:
+            validate_params(ctx.params or {}, endpoint.params_schema)
+        return await handler(ctx)
 
     async def _answer_unsendable(
         self, action_name: str, packet: Packet, response: dict[str, Any], error: Exception
@@ -689,6 +728,9 @@ class _Compat:
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
+        here = await remote.read_here(str(endpoint.name), context)
+        if here is not None:
+            return here[1]
         limit = timeout if timeout is not None else (context.timeout or None)
         try:
             return await self._original_request(endpoint, context, limit)
@@ -707,6 +749,9 @@ class _Compat:
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
+        here = await remote.read_here(action_name, context)
+        if here is not None:
+            return here[1]
         limit = timeout if timeout is not None else (context.timeout or None)
         try:
             return await self._original_request_without_endpoint(action_name, context, limit)

@@ -26,7 +26,11 @@ from moleculerpy_cqrs.errors import Conflict
 TOKEN_KEY: Final = "$cqrsTx"
 AGGREGATE_KEY: Final = "$cqrsAggregate"
 NODE_KEY: Final = "$cqrsNode"
-PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY)
+ITEM_KEY: Final = "$cqrsItem"
+"""Set on the calls of a serial request to another node (see core/remote.py): the call's place
+in it. Only the first (0) may read the aggregate: the answers of the ones before it are not
+applied to the batch yet."""
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class OpenBatches:
         self.aggregate = aggregate
         self.node = node
         self._views: dict[str, BatchView] = {}
+        self._early: dict[str, int] = {}  # token -> the first item that read too early
 
     @contextmanager
     def open(self, view: BatchView) -> Iterator[BatchToken]:
@@ -61,6 +66,12 @@ class OpenBatches:
         finally:
             _CURRENT.reset(reset)
             del self._views[token.token]
+            self._early.pop(token.token, None)
+
+    def take_early_read(self, token: BatchToken) -> int | None:
+        """The first call of the last serial request that read the aggregate although calls
+        before it were not applied yet (refused, see :data:`ITEM_KEY`); forgets it."""
+        return self._early.pop(token.token, None)
 
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
@@ -68,6 +79,15 @@ class OpenBatches:
         if token is None or token.aggregate != self.aggregate:
             return None
         view = self._views.get(token.token)
+        item = meta.get(ITEM_KEY) if isinstance(meta, Mapping) else None
+        if view is not None and isinstance(item, int) and item > 0:
+            self._early[token.token] = min(item, self._early.get(token.token, item))
+            raise Conflict(
+                f"this read of {self.aggregate} was made by call {item} of a request that "
+                "carried several events: the answers before it are not applied yet (it is "
+                "made again on its own)",
+                batch=token.token,
+            )
         if view is None:
             where = f"node {token.node!r}" if token.node != self.node else "this node any more"
             raise Conflict(

@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+Outcome = tuple[bool, Any]
+"""(answered, the answer) or (False, the exception raised)."""
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """Every row of the aggregate whose ``field`` equals ``value``, as the batch holds them
+    when the call is made: a read that asks for no more than that is answered from them on
+    the serving node, with no call back."""
+
+    field: str
+    value: Any
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ManyCall:
+    """One call of :meth:`BrokerPort.call_many`."""
+
+    action: str
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    rows: KeyRows | None = None
+
+
+@dataclass
+class ManyAnswers:
+    """The outcome of each call of :meth:`BrokerPort.call_many`, in order. In ``serial``
+    mode there may be fewer than the calls: the call after the last one answered tried to
+    read the aggregate, and neither it nor any later call was answered."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 class BrokerPort(Protocol):
@@ -10,6 +45,25 @@ class BrokerPort(Protocol):
         self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Any:
         """Call an action; raise its error."""
+
+    def batch_node(self, action: str) -> str | None:
+        """The other node that would serve ``action`` and runs many calls in one request
+        (see :meth:`call_many`); None when it is served on this node or by no such node:
+        then call it once per event."""
+
+    async def call_many(
+        self,
+        node: str,
+        calls: Sequence[ManyCall],
+        *,
+        serial: bool,
+        fields: dict[str, Any] | None = None,
+    ) -> ManyAnswers:
+        """Make every call on ``node`` (which serves their actions) in one request.
+        ``serial``: one after another, stopping before the first one (after the first) that
+        reads the aggregate named in its meta; else all at once. ``fields`` are the aggregate's, for
+        answering reads from the rows a call carries. Raises when the request as a whole
+        failed (the node is gone, the request timed out): then no call was answered."""
 
     async def emit(
         self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None
