@@ -136,11 +136,13 @@ def expected_summary(numbers: list[int]) -> dict[str, tuple[int, int]]:
 async def test_create_only_events_travel_many_in_one_request(tmp_path: Path, nats_url: str) -> None:
     _, agg, writer = projector_side(tmp_path, "create", None)
     summarizer = Summarizer("create")
-    async with running_broker(writer, node_id="node-a", transporter=nats_url) as a:
-        async with transformer_node(nats_url, summarizer):
-            await feed(a, 400)
-            await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 30)
-            rows = await a.call("profileView.find", {"sort": "id"})
+    async with (
+        running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+        transformer_node(nats_url, summarizer),
+    ):
+        await feed(a, 400)
+        await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 30)
+        rows = await a.call("profileView.find", {"sort": "id"})
     assert [r["n"] for r in rows] == list(range(400))  # each once, in log order
     assert max(i for i in summarizer.items if i is not None) > 0  # several in one request
 
@@ -152,12 +154,14 @@ async def test_without_a_key_every_event_sees_the_earlier_ones(
     sent again first in the next one; the totals and the last event of each country are
     those of the log, in order."""
     _, agg, writer = projector_side(tmp_path, "summary", None)
-    async with running_broker(writer, node_id="node-a", transporter=nats_url) as a:
-        async with transformer_node(nats_url, Summarizer("summary")):
-            await feed(a, 300)
-            await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 60)
-            rows = await a.call("profileView.find", {})
-            dead = await a.call("profileView.deadLetters", {})
+    async with (
+        running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+        transformer_node(nats_url, Summarizer("summary")),
+    ):
+        await feed(a, 300)
+        await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 60)
+        rows = await a.call("profileView.find", {})
+        dead = await a.call("profileView.deadLetters", {})
     assert dead["total"] == 0, dead["rows"][:1]
     got = {r["country"]: (r["total"], r["last"]) for r in rows}
     assert got == expected_summary(list(range(300)))
@@ -168,12 +172,17 @@ async def test_keyed_reads_are_answered_from_the_rows_sent_along(
 ) -> None:
     reads = Reads("profileView.find")
     _, agg, writer = projector_side(tmp_path, "summary", "country")
-    async with running_broker(writer, node_id="node-a", transporter=nats_url) as a:
-        a.middlewares.append(reads)
+    settings = Settings(transporter=nats_url, log_level="ERROR", middlewares=[reads])
+    a = ServiceBroker("node-a", settings=settings)
+    await a.register(writer)
+    await a.start()
+    try:
         async with transformer_node(nats_url, Summarizer("summary")):
             await feed(a, 300)
             await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 60)
             rows = await a.call("profileView.find", {})
+    finally:
+        await a.stop()
     got = {r["country"]: (r["total"], r["last"]) for r in rows}
     assert got == expected_summary(list(range(300)))
     assert reads.count <= 1, f"{reads.count} reads came back to the projector's node"
@@ -184,12 +193,14 @@ async def test_one_failing_event_in_a_request_is_dead_lettered_alone(
     tmp_path: Path, nats_url: str, key: str | None
 ) -> None:
     _, agg, writer = projector_side(tmp_path, "create", key)
-    async with running_broker(writer, node_id="node-a", transporter=nats_url) as a:
-        async with transformer_node(nats_url, Summarizer("create", fail={37, 38})):
-            await feed(a, 200)
-            await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 30)
-            rows = await a.call("profileView.find", {})
-            dead = await a.call("profileView.deadLetters", {})
+    async with (
+        running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+        transformer_node(nats_url, Summarizer("create", fail={37, 38})),
+    ):
+        await feed(a, 200)
+        await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 30)
+        rows = await a.call("profileView.find", {})
+        dead = await a.call("profileView.deadLetters", {})
     assert sorted(r["n"] for r in rows) == [n for n in range(200) if n not in (37, 38)]
     assert sorted(d["record"]["payload"]["n"] for d in dead["rows"]) == [37, 38]
 
@@ -198,12 +209,14 @@ async def test_halt_mode_stops_at_the_failing_event_of_a_request(
     tmp_path: Path, nats_url: str
 ) -> None:
     _, agg, writer = projector_side(tmp_path, "create", None, on_error="halt")
-    async with running_broker(writer, node_id="node-a", transporter=nats_url) as a:
-        async with transformer_node(nats_url, Summarizer("create", fail={120})):
-            await feed(a, 200)
-            runtime = agg.runtime(a)
-            await asyncio.wait_for(runtime.projector.wait_halted(), 30)
-            rows = await a.call("profileView.find", {})
+    async with (
+        running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+        transformer_node(nats_url, Summarizer("create", fail={120})),
+    ):
+        await feed(a, 200)
+        runtime = agg.runtime(a)
+        await asyncio.wait_for(runtime.projector.wait_halted(), 30)
+        rows = await a.call("profileView.find", {})
     assert sorted(r["n"] for r in rows) == list(range(120))
 
 
