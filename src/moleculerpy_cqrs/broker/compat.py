@@ -50,6 +50,12 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   ``timeout`` is still not enforced: cancelling a local handler midway (a store commit, say)
   is worse than waiting for it.
 
+Not a workaround, but hooked in the same places: the request handler also serves the toolkit's
+own ``$cqrs.callMany`` (many transformation calls in one request, ``broker/remote.py``; no
+service registers it, and the node's INFO metadata says it is served), and an outgoing request
+made by one of those calls for a read of the projector's aggregate is answered on this node
+from the rows the call carries, when it can be (``remote.read_here``).
+
 Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
 ``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
 neither; its mixins are plain Python base classes whose lifecycle hooks chain through
