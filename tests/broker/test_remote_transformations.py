@@ -108,6 +108,8 @@ class Summarizer(Service):
             await self.release.wait()
         if self.kind == "create":
             return {"name": p["name"], "country": p["country"], "n": p["n"]}
+        if self.kind == "mixed" and p["n"] % 3:
+            return None  # reads nothing, changes nothing
         found = await ctx.call("profileView.find", {"query": {"country": p["country"]}})
         if found:
             return {"id": found[0]["id"], "total": found[0]["total"] + 1, "last": p["n"]}
@@ -167,6 +169,24 @@ async def test_without_a_key_every_event_sees_the_earlier_ones(
     assert got == expected_summary(list(range(300)))
 
 
+async def test_without_a_key_calls_that_read_now_and_then_see_the_earlier_ones(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Every third event reads: requests are cut at varying places."""
+    _, agg, writer = projector_side(tmp_path, "summary", None)
+    summarizer = Summarizer("mixed")
+    async with (
+        running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+        transformer_node(nats_url, summarizer),
+    ):
+        await feed(a, 600)
+        await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 60)
+        rows = await a.call("profileView.find", {})
+    got = {r["country"]: (r["total"], r["last"]) for r in rows}
+    assert got == expected_summary([n for n in range(600) if n % 3 == 0])
+    assert max(i for i in summarizer.items if i is not None) > 1
+
+
 async def test_keyed_reads_are_answered_from_the_rows_sent_along(
     tmp_path: Path, nats_url: str
 ) -> None:
@@ -214,8 +234,9 @@ async def test_halt_mode_stops_at_the_failing_event_of_a_request(
         transformer_node(nats_url, Summarizer("create", fail={120})),
     ):
         await feed(a, 200)
-        runtime = agg.runtime(a)
-        await asyncio.wait_for(runtime.projector.wait_halted(), 30)
+        projector = agg.runtime(a).projector
+        assert projector is not None
+        await asyncio.wait_for(projector.wait_halted(), 30)
         rows = await a.call("profileView.find", {})
     assert sorted(r["n"] for r in rows) == list(range(120))
 

@@ -415,12 +415,17 @@ class Projector:
         chunk = remote.ChunkSizer()
         i = 0
         while i < len(units):
-            node = self._batch_node(units[i][1])
+            # One choice of node per binding and request (the broker balances each choice).
+            nodes = {units[i][1]: self._batch_node(units[i][1])}
+            node = nodes[units[i][1]]
             firsts: list[Outcome | None] = [None]
             if node is not None:
                 end = i + 1
                 while end < len(units) and end - i < chunk.size:
-                    if self._batch_node(units[end][1]) != node:
+                    binding = units[end][1]
+                    if binding not in nodes:
+                        nodes[binding] = self._batch_node(binding)
+                    if nodes[binding] != node:
                         break
                     end += 1
                 calls = [self._many_call(e, b, token, size) for e, b in units[i:end]]

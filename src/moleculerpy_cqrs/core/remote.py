@@ -62,6 +62,7 @@ class KeyedCalls:
         self._out: dict[str, int] = {}
         self._scheduled: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def call(self, node: str, call: ManyCall) -> Outcome:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -70,11 +71,12 @@ class KeyedCalls:
         return await future
 
     def close(self) -> None:
+        self._closed = True
         for task in self._tasks:
             task.cancel()
 
     def _schedule(self, node: str) -> None:
-        if node in self._scheduled or self._out.get(node, 0) >= IN_FLIGHT:
+        if self._closed or node in self._scheduled or self._out.get(node, 0) >= IN_FLIGHT:
             return
         self._scheduled.add(node)
         asyncio.get_running_loop().call_soon(self._flush, node)
