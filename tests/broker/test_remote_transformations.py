@@ -5,6 +5,7 @@ hold as for a local transformation (see ``core/remote.py``)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.testing.brokers import running_broker
 from moleculerpy_cqrs.testing.nats_server import NatsServer
 
+REPO = Path(__file__).resolve().parents[2]
 COUNTRIES = ("NZ", "FR", "JP", "BR", "KE")
 ROW_FIELDS = {"name": "string", "country": "string", "n": "integer"}
 SUMMARY_FIELDS = {"country": "string", "total": "integer", "last": "integer"}
@@ -260,3 +262,45 @@ async def test_a_request_that_never_answers_is_retried_one_event_at_a_time(
             summarizer.release.set()
     assert dead["total"] == 0
     assert sorted(r["n"] for r in rows) == list(range(200))
+
+
+async def test_a_node_that_dies_mid_request_leaves_its_events_to_the_others(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Two nodes serve the transformation; one is killed (SIGKILL) while it holds a request.
+    Its heartbeats stop, the projector's request fails at once (not at its 30 s timeout),
+    the events are called again on the other node, and each is applied exactly once."""
+    _, agg, writer = projector_side(tmp_path, "create", "country")
+    settings = Settings(
+        transporter=nats_url, log_level="ERROR", request_timeout=30,
+        heartbeat_interval=0.2, heartbeat_timeout=1.0,
+    )  # fmt: skip
+    dying = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.broker.transformer_node", nats_url, "node-dying", "150",
+        stdout=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert dying.stdout is not None
+    a = ServiceBroker("node-a", settings=settings)
+    survivor = ServiceBroker("node-c", settings=settings)
+    try:
+        assert await asyncio.wait_for(dying.stdout.readline(), 30) == b"ready\n"
+        compat.install(survivor)
+        await survivor.register(Summarizer("create"))
+        await survivor.start()
+        await a.register(writer)
+        await a.start()
+        await feed(a, 300)
+        assert await asyncio.wait_for(dying.stdout.readline(), 30) == b"hung\n"
+        dying.kill()
+        await dying.wait()
+        await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 20)
+        rows = await a.call("profileView.find", {})
+        dead = await a.call("profileView.deadLetters", {})
+    finally:
+        if dying.returncode is None:
+            dying.kill()
+            await dying.wait()
+        await a.stop()
+        await survivor.stop()
+    assert dead["total"] == 0, dead["rows"][:1]
+    assert sorted(r["n"] for r in rows) == list(range(300))

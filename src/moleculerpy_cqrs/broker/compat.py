@@ -44,6 +44,10 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   logged the remote stack trace at ERROR again. A client error (4xx) is now logged at DEBUG;
   a real failure at ERROR once (the same failure repeated within a minute, as retries do, at
   DEBUG), and never by the caller, who gets the exception.
+* **requests to a node that left** — a request sent to a node that then disconnected (its
+  DISCONNECT packet, or its heartbeats stopped) waited for its timeout. It now fails at once
+  with ``RequestRejectedError`` (503, retryable), as Moleculer.js's
+  ``removePendingRequestByNodeID`` does.
 * **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
   and raised the builtin ``TimeoutError``; now ``x`` applies and
   :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
@@ -78,6 +82,7 @@ from moleculerpy.errors import (
     ERROR_REGISTRY,
     MoleculerError,
     RemoteCallError,
+    RequestRejectedError,
     RequestTimeoutError,
     ServiceNotFoundError,
 )
@@ -378,6 +383,7 @@ class _Compat:
         self.requests: set[asyncio.Task[None]] = set()
         self.event_lock = asyncio.Lock()
         self.turns: dict[tuple[str, str], int] = {}
+        self.pending: dict[str, dict[str, str]] = {}  # node id -> {request id: action}
 
     def apply(self) -> None:
         broker = cast(Any, self.broker)
@@ -397,6 +403,9 @@ class _Compat:
         transit.request_without_endpoint = self.request_without_endpoint
         self._original_disconnect: _AsyncFn = transit.disconnect
         transit.disconnect = self.disconnect
+        catalog = broker.node_catalog
+        self._original_disconnect_node: Callable[..., None] = catalog.disconnect_node
+        catalog.disconnect_node = self.disconnect_node
         # A new list: the old one may be a Settings.middlewares list shared with other brokers.
         broker.middlewares = [*broker.middlewares, _BrokerHooks(self)]
         # Tell other nodes (in INFO) that this one serves many transformation calls at once.
@@ -738,6 +747,9 @@ class _Compat:
         if here is not None:
             return here[1]
         limit = timeout if timeout is not None else (context.timeout or None)
+        node_id = str(endpoint.node_id)
+        waiting = self.pending.setdefault(node_id, {})
+        waiting[context.id] = str(endpoint.name)
         try:
             return await self._original_request(endpoint, context, limit)
         except TimeoutError:
@@ -748,6 +760,20 @@ class _Compat:
             if _too_large(error):
                 raise self._params_too_large(str(endpoint.name)) from None
             raise
+        finally:
+            waiting.pop(context.id, None)
+            if not waiting and self.pending.get(node_id) is waiting:
+                del self.pending[node_id]
+
+    def disconnect_node(self, node_id: str, unexpected: bool = True) -> None:
+        """The catalog's ``disconnect_node``; first fails the requests waiting on that node."""
+        pending = cast(Any, self.transit)._pending_requests
+        for request_id, action_name in self.pending.pop(node_id, {}).items():
+            future = pending.pop(request_id, None)
+            if future is not None and not future.done():
+                reason = f"node {node_id} left before answering"
+                future.set_exception(RequestRejectedError(action_name, reason))
+        self._original_disconnect_node(node_id, unexpected)
 
     async def request_without_endpoint(
         self,
