@@ -58,7 +58,7 @@ Not a workaround, but hooked in the same places: the request handler also serves
 own ``$cqrs.callMany`` (many transformation calls in one request, ``broker/remote.py``; no
 service registers it, and the node's INFO metadata says it is served), and an outgoing request
 made by one of those calls for a read of the projector's aggregate is answered on this node
-from the rows the call carries, when it can be (``remote.read_here``).
+from the rows the call carries when it can be, and recorded (``remote.around_read``).
 
 Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
 ``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
@@ -743,9 +743,16 @@ class _Compat:
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
-        here = await remote.read_here(str(endpoint.name), context)
-        if here is not None:
-            return here[1]
+        return await remote.around_read(
+            str(endpoint.name), context, lambda: self._request(endpoint, context, timeout)
+        )
+
+    async def _request(
+        self,
+        endpoint: Action,
+        context: Context,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Any:
         limit = timeout if timeout is not None else (context.timeout or None)
         node_id = str(endpoint.node_id)
         waiting = self.pending.setdefault(node_id, {})
@@ -781,9 +788,18 @@ class _Compat:
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
-        here = await remote.read_here(action_name, context)
-        if here is not None:
-            return here[1]
+        return await remote.around_read(
+            action_name,
+            context,
+            lambda: self._request_without_endpoint(action_name, context, timeout),
+        )
+
+    async def _request_without_endpoint(
+        self,
+        action_name: str,
+        context: Context,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Any:
         limit = timeout if timeout is not None else (context.timeout or None)
         try:
             return await self._original_request_without_endpoint(action_name, context, limit)

@@ -36,8 +36,9 @@ class MoleculerPort:
         *,
         serial: bool,
         fields: dict[str, Any] | None = None,
+        known: Sequence[tuple[dict[str, Any], Any]] = (),
     ) -> ManyAnswers:
-        params = remote.request_params(calls, serial=serial, fields=fields)
+        params = remote.request_params(calls, serial=serial, fields=fields, known=known)
         answer = await compat.request_on_node(self.broker, node, remote.CALL_MANY, params)
         return remote.answers_of(answer, node, compat.remote_error)
 

@@ -7,28 +7,48 @@ to serves it in its request handler, and says so in its node's INFO metadata
 (``cqrsCallMany``), which is how a projector knows it may send many calls at once; to a node
 without it (a Moleculer.js node, a plain MoleculerPy broker) it calls once per event.
 
-While a call runs on the serving node, a read it makes of the projector's aggregate is
-answered there from the rows the call carries, when the read asks for no more than them
-(equality on the binding's key field); in a serial request, such a read by any call but the
-first stops the request there (its answer would miss the effects of the calls before it).
+While a call runs on the serving node, a read it makes of the projector's aggregate goes
+through :func:`around_read`. In a non-serial (keyed) request, it is answered there from the
+rows the call carries when it asks for no more than them (equality on the binding's key
+field). In a serial request, every read is recorded with its answer (the projector checks
+them before it uses the call's answer); a find whose params the request's ``known`` answers
+cover, or that an earlier call of the request made, is answered there, patched by the answers
+of the calls since (a partial update of a row by id); any other read goes to the projector's
+node, marked as recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from moleculerpy.errors import ServiceNotFoundError
 
-from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, ITEM_KEY
-from moleculerpy_cqrs.core.port import KeyRows, ManyAnswers, ManyCall, Outcome
-from moleculerpy_cqrs.errors import Conflict, InvalidInput
+from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, RECORDED_KEY
+from moleculerpy_cqrs.core.port import KeyRows, ManyAnswers, ManyCall, Outcome, Read
+from moleculerpy_cqrs.core.remote import canonical
+from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
-from moleculerpy_cqrs.stores.fields import Record
-from moleculerpy_cqrs.stores.query import ALL, And, Compare, Condition, In, Query, matches, sort_key
+from moleculerpy_cqrs.stores.fields import ID, Record
+from moleculerpy_cqrs.stores.query import (
+    ALL,
+    And,
+    Between,
+    Compare,
+    Condition,
+    In,
+    IsNull,
+    Like,
+    Or,
+    Query,
+    Search,
+    matches,
+    parse_find,
+    sort_key,
+)
 
 if TYPE_CHECKING:
     from moleculerpy.broker import ServiceBroker
@@ -50,16 +70,22 @@ def serves_many(broker: ServiceBroker, node_id: str) -> bool:
 
 
 def request_params(
-    calls: Sequence[ManyCall], *, serial: bool, fields: dict[str, Any] | None
+    calls: Sequence[ManyCall],
+    *,
+    serial: bool,
+    fields: dict[str, Any] | None,
+    known: Sequence[tuple[dict[str, Any], Any]] = (),
 ) -> dict[str, Any]:
     return {
         "serial": serial,
         "fields": fields,
+        "known": [[params, answer] for params, answer in known],
         "calls": [
             {
                 "action": c.action,
                 "params": c.params,
                 "meta": c.meta,
+                "kind": c.kind,
                 "rows": None
                 if c.rows is None
                 else {"field": c.rows.field, "value": c.rows.value, "rows": c.rows.rows},
@@ -79,17 +105,72 @@ def answers_of(answer: Any, node: str, rebuild: RebuildError) -> ManyAnswers:
         else (False, rebuild(a.get("error") if isinstance(a, dict) else None, node))
         for a in got
     ]
-    return ManyAnswers(outcomes)
+    return ManyAnswers(outcomes, [_reads_of(a) for a in got])
+
+
+def _reads_of(answer: Any) -> list[Read] | None:
+    reads = answer.get("reads") if isinstance(answer, dict) else None
+    if not isinstance(reads, list):
+        return None
+    out: list[Read] = []
+    for read in reads:
+        if not (isinstance(read, list) and len(read) == 3 and isinstance(read[0], str)):
+            return None
+        if not isinstance(read[1], dict):
+            return None
+        out.append((read[0], read[1], read[2]))
+    return out
 
 
 # ---------------------------------------------------------------------- the serving node
 
 
 @dataclass
+class _Cached:
+    where: Condition | None
+    rows: list[Record]
+
+
+@dataclass
 class _Request:
     serial: bool
     fields: dict[str, Any] | None
-    stop: int | None = None  # serial: the call that read too early
+    cache: dict[str, _Cached] = field(default_factory=dict)  # serial: find answers by params
+
+    def remember(self, params: Any, rows: Any) -> None:
+        """Keep a find's answer for later calls, if it is a plain filter (no sort, paging or
+        projection) whose answer stays right when a row is patched."""
+        if self.fields is None or not isinstance(rows, list) or not isinstance(params, dict):
+            return
+        try:
+            query = parse_find(self.fields, params)
+        except Exception:
+            return
+        if query.sort or query.limit is not None or query.offset or query.fields is not None:
+            return
+        if all(isinstance(r, dict) and isinstance(r.get(ID), int) for r in rows):
+            self.cache[canonical("find", params)] = _Cached(query.where, rows)
+
+    def absorb(self, kind: Any, answer: Any) -> None:
+        """A call answered: patch the kept answers as the projector will apply it (a partial
+        update of a row by id); anything else may change any of them: forget them."""
+        if answer is None or not self.cache:
+            return
+        if kind != "update" or not isinstance(answer, dict) or not isinstance(answer.get(ID), int):
+            self.cache.clear()
+            return
+        changes = {k: v for k, v in answer.items() if k != ID}
+        for key, cached in list(self.cache.items()):
+            at = next((i for i, r in enumerate(cached.rows) if r.get(ID) == answer[ID]), None)
+            if at is None:
+                if _mentions(cached.where, changes):
+                    del self.cache[key]  # the row may come to match: its answer is unknown
+                continue
+            patched = {**cached.rows[at], **changes}
+            if matches(cached.where, patched):
+                cached.rows[at] = patched
+            else:
+                del cached.rows[at]
 
 
 @dataclass
@@ -97,6 +178,7 @@ class _Call:
     request: _Request
     index: int
     rows: KeyRows | None
+    reads: list[list[Any]] | None = field(default_factory=list)
 
 
 _SERVING: ContextVar[_Call | None] = ContextVar("moleculerpy_cqrs_call_many", default=None)
@@ -116,8 +198,8 @@ async def serve_many(
     fields = params.get("fields")
     request = _Request(bool(params.get("serial")), fields if isinstance(fields, dict) else None)
 
-    async def run(index: int, call: dict[str, Any]) -> dict[str, Any]:
-        reset = _SERVING.set(_Call(request, index, _rows_of(call.get("rows"))))
+    async def run(state: _Call, call: dict[str, Any]) -> dict[str, Any]:
+        reset = _SERVING.set(state)
         try:
             action = call.get("action")
             if not isinstance(action, str) or not is_local(action):
@@ -130,22 +212,25 @@ async def serve_many(
         finally:
             _SERVING.reset(reset)
 
-    answers: list[dict[str, Any]] = []
     if request.serial:
+        for item in params.get("known") or ():
+            if isinstance(item, list) and len(item) == 2:
+                request.remember(item[0], item[1])
+        answers: list[dict[str, Any]] = []
         for index, call in enumerate(calls):
-            answer = await run(index, call)
-            if request.stop is not None:
-                break
+            state = _Call(request, index, None)
+            answer = await run(state, call)
+            answer["reads"] = state.reads
+            request.absorb(call.get("kind"), answer.get("data") if answer["ok"] else None)
             answers.append(answer)
-    else:
-        slots = asyncio.Semaphore(AT_ONCE)
+        return {"answers": answers}
+    slots = asyncio.Semaphore(AT_ONCE)
 
-        async def bounded(index: int, call: dict[str, Any]) -> dict[str, Any]:
-            async with slots:
-                return await run(index, call)
+    async def bounded(index: int, call: dict[str, Any]) -> dict[str, Any]:
+        async with slots:
+            return await run(_Call(request, index, _rows_of(call.get("rows"))), call)
 
-        answers = list(await asyncio.gather(*(bounded(i, c) for i, c in enumerate(calls))))
-    return {"answers": answers}
+    return {"answers": list(await asyncio.gather(*(bounded(i, c) for i, c in enumerate(calls))))}
 
 
 def _rows_of(raw: Any) -> KeyRows | None:
@@ -157,34 +242,43 @@ def _rows_of(raw: Any) -> KeyRows | None:
     return KeyRows(raw["field"], raw.get("value"), rows)
 
 
-async def read_here(action: str, ctx: Context) -> Outcome | None:
-    """A read of the projector's aggregate made by a call of :data:`CALL_MANY` running
-    here: answered from the rows the call carries when it can be (``(True, answer)``),
-    refused when it comes too early in a serial request, else None (send it as usual)."""
+async def around_read(action: str, ctx: Context, send: Callable[[], Awaitable[Any]]) -> Any:
+    """An outgoing request of this node (``send`` sends it). A read of the projector's
+    aggregate made by a call of :data:`CALL_MANY` running here is answered here when it can
+    be, and recorded in a serial request (see the module docstring)."""
     call = _SERVING.get()
     meta = getattr(ctx, "meta", None)
     if call is None or not isinstance(meta, dict):
-        return None
+        return await send()
     aggregate = meta.get(AGGREGATE_KEY)
     if not isinstance(aggregate, str) or not action.startswith(aggregate + "."):
-        return None
-    item = meta.get(ITEM_KEY)
-    if call.request.serial and isinstance(item, int) and item > 0:
-        call.request.stop = item if call.request.stop is None else min(call.request.stop, item)
-        raise Conflict(
-            f"this read of {aggregate} was made by call {item} of a request that carried "
-            "several events: the answers before it are not applied yet (it is made again)"
-        )
+        return await send()
     method = action[len(aggregate) + 1 :]
-    fields = call.request.fields
-    if call.rows is None or fields is None or method not in ("find", "count"):
-        return None
-    rows = _KeyRows(aggregate, fields, call.rows)
-    try:
-        answer = await getattr(StoreActions(rows), method)(getattr(ctx, "params", None) or {})
-    except _NotAnswerable:
-        return None
-    return True, answer
+    params = getattr(ctx, "params", None) or {}
+    request = call.request
+    if not request.serial:
+        if call.rows is not None and request.fields is not None and method in ("find", "count"):
+            rows = _KeyRows(aggregate, request.fields, call.rows)
+            try:
+                return await getattr(StoreActions(rows), method)(params)
+            except _NotAnswerable:
+                pass
+        return await send()
+    cached = request.cache.get(canonical(method, params)) if method == "find" else None
+    if cached is not None:
+        answer: Any = [dict(r) for r in cached.rows]
+    else:
+        meta[RECORDED_KEY] = True
+        try:
+            answer = await send()
+        except BaseException:
+            call.reads = None  # a failed read: the call's answer cannot be checked
+            raise
+        if method == "find":
+            request.remember(params, answer)
+    if call.reads is not None:
+        call.reads.append([method, params, answer])
+    return answer
 
 
 class _NotAnswerable(Exception):
@@ -238,3 +332,17 @@ def _pins(where: Condition | None, field: str, value: Any) -> bool:
 
 def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
+
+
+def _mentions(where: Condition | None, changes: Mapping[str, Any]) -> bool:
+    """Whether ``where`` tests a field ``changes`` sets (then a changed row may come to
+    match it)."""
+    if where is None:
+        return False
+    if isinstance(where, And | Or):
+        return any(_mentions(c, changes) for c in where.items)
+    if isinstance(where, Search):
+        return any(f in changes for f in where.fields) or not where.fields
+    if isinstance(where, Compare | Like | In | Between | IsNull):
+        return where.field in changes
+    return True

@@ -27,10 +27,13 @@ TOKEN_KEY: Final = "$cqrsTx"
 AGGREGATE_KEY: Final = "$cqrsAggregate"
 NODE_KEY: Final = "$cqrsNode"
 ITEM_KEY: Final = "$cqrsItem"
-"""Set on the calls of a serial request to another node (see core/remote.py): the call's place
-in it. Only the first (0) may read the aggregate: the answers of the ones before it are not
-applied to the batch yet."""
-PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY)
+"""On the calls of a serial request to another node (core/remote.py): the call's place in it.
+The serving node records the reads of the aggregate such a call makes itself, and marks the
+ones it forwards here with ``RECORDED_KEY``; a read from a later call (place > 0) that arrives
+without the mark came another way (through a third service), unrecorded: its call's answer is
+not used (:meth:`OpenBatches.take_unrecorded`)."""
+RECORDED_KEY: Final = "$cqrsRecorded"
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY, RECORDED_KEY)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class OpenBatches:
         self.aggregate = aggregate
         self.node = node
         self._views: dict[str, BatchView] = {}
-        self._early: dict[str, int] = {}  # token -> the first item that read too early
+        self._unrecorded: dict[str, int] = {}  # token -> first call that read unrecorded
 
     @contextmanager
     def open(self, view: BatchView) -> Iterator[BatchToken]:
@@ -66,12 +69,12 @@ class OpenBatches:
         finally:
             _CURRENT.reset(reset)
             del self._views[token.token]
-            self._early.pop(token.token, None)
+            self._unrecorded.pop(token.token, None)
 
-    def take_early_read(self, token: BatchToken) -> int | None:
-        """The first call of the last serial request that read the aggregate although calls
-        before it were not applied yet (refused, see :data:`ITEM_KEY`); forgets it."""
-        return self._early.pop(token.token, None)
+    def take_unrecorded(self, token: BatchToken) -> int | None:
+        """The first call of the last serial request that read the aggregate here unrecorded
+        (see :data:`ITEM_KEY`); forgets it."""
+        return self._unrecorded.pop(token.token, None)
 
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
@@ -79,15 +82,10 @@ class OpenBatches:
         if token is None or token.aggregate != self.aggregate:
             return None
         view = self._views.get(token.token)
-        item = meta.get(ITEM_KEY) if isinstance(meta, Mapping) else None
-        if view is not None and isinstance(item, int) and item > 0:
-            self._early[token.token] = min(item, self._early.get(token.token, item))
-            raise Conflict(
-                f"this read of {self.aggregate} was made by call {item} of a request that "
-                "carried several events: the answers before it are not applied yet (it is "
-                "made again on its own)",
-                batch=token.token,
-            )
+        if isinstance(meta, Mapping) and view is not None and not meta.get(RECORDED_KEY):
+            item = meta.get(ITEM_KEY)
+            if isinstance(item, int) and item > 0:
+                self._unrecorded[token.token] = min(item, self._unrecorded.get(token.token, item))
         if view is None:
             where = f"node {token.node!r}" if token.node != self.node else "this node any more"
             raise Conflict(

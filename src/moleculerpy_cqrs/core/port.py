@@ -29,15 +29,21 @@ class ManyCall:
     params: dict[str, Any]
     meta: dict[str, Any]
     rows: KeyRows | None = None
+    kind: str | None = None  # the binding's: how its answer changes the rows it read
+
+
+Read = tuple[str, dict[str, Any], Any]
+"""A read of the aggregate a call made: (action method, params, answer)."""
 
 
 @dataclass
 class ManyAnswers:
-    """The outcome of each call of :meth:`BrokerPort.call_many`, in order. In ``serial``
-    mode there may be fewer than the calls: the call after the last one answered tried to
-    read the aggregate, and neither it nor any later call was answered."""
+    """The outcome of each call of :meth:`BrokerPort.call_many`, in order, and (``serial``
+    mode) the reads of the aggregate each made, with the answers it got (None: a read whose
+    answer could not be recorded, e.g. it failed)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
+    reads: list[list[Read] | None] = field(default_factory=list)
 
 
 class BrokerPort(Protocol):
@@ -58,12 +64,15 @@ class BrokerPort(Protocol):
         *,
         serial: bool,
         fields: dict[str, Any] | None = None,
+        known: Sequence[tuple[dict[str, Any], Any]] = (),
     ) -> ManyAnswers:
         """Make every call on ``node`` (which serves their actions) in one request.
-        ``serial``: one after another, stopping before the first one (after the first) that
-        reads the aggregate named in its meta; else all at once. ``fields`` are the aggregate's, for
-        answering reads from the rows a call carries. Raises when the request as a whole
-        failed (the node is gone, the request timed out): then no call was answered."""
+        ``serial``: one after another, each read of the aggregate named in a call's meta
+        recorded with its answer; a read whose params are in ``known`` (find params and their
+        answer as the batch holds it), or that an earlier call of the request made, may be
+        answered on that node, patched by the answers of the calls since. Else all at once.
+        ``fields`` are the aggregate's. Raises when the request as a whole failed (the node is
+        gone, the request timed out): then no call was answered."""
 
     async def emit(
         self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None

@@ -25,7 +25,7 @@ from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
-from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome
+from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome, Read
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
@@ -413,12 +413,14 @@ class Projector:
         go there several at a time (see core/remote.py)."""
         failures: list[TransformFailed | None] = []
         chunk = remote.ChunkSizer()
+        reads = remote.ReadSet()
         i = 0
         while i < len(units):
             # One choice of node per binding and request (the broker balances each choice).
             nodes = {units[i][1]: self._batch_node(units[i][1])}
             node = nodes[units[i][1]]
-            firsts: list[Outcome | None] = [None]
+            firsts: list[tuple[Outcome | None, list[Read] | None]] = [(None, [])]
+            asked = 0
             if node is not None:
                 end = i + 1
                 while end < len(units) and end - i < chunk.size:
@@ -429,17 +431,27 @@ class Projector:
                         break
                     end += 1
                 calls = [self._many_call(e, b, token, size) for e, b in units[i:end]]
-                outcomes = await remote.serial_chunk(self.port, node, calls, self.batches, token)
-                chunk.answered(len(calls), len(outcomes))
-                firsts = list(outcomes)
-            for first in firsts:
+                asked = len(calls)
+                answers = await remote.serial_chunk(
+                    self.port, node, calls, view, reads, self.batches, token
+                )
+                firsts = list(answers)
+            taken = 0
+            for first, its_reads in firsts:
+                # The first answer's reads were answered as the batch holds them now.
+                if taken > 0 and not await remote.still_true(view, its_reads):
+                    break
+                reads.note(its_reads)
                 event, binding = units[i]
                 view.begin_event(event["id"])
                 failure = await self._unit(view, event, binding, token, size, first)
                 failures.append(failure)
                 i += 1
+                taken += 1
                 if failure is not None and self.on_error == "halt":
                     return failures + [None] * (len(units) - len(failures))
+            if asked:
+                chunk.answered(asked, taken)
         return failures
 
     def _batch_node(self, binding: Binding) -> str | None:
@@ -453,7 +465,7 @@ class Projector:
     ) -> ManyCall:
         assert isinstance(binding.transform, str)
         meta = {**(event.get("meta") or {}), **token.meta()}
-        return ManyCall(binding.transform, delivered(event, size), meta, rows)
+        return ManyCall(binding.transform, delivered(event, size), meta, rows, binding.kind)
 
     async def _unit(
         self,

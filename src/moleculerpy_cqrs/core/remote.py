@@ -19,23 +19,29 @@ What a request may hold keeps "a transformation sees the effect of every earlier
   of the aggregate that asks for no more than that key's rows is answered on the serving node
   with no call back; any other read goes back to the projector's node as before.
 * **Bindings without a key** (:func:`serial_chunk`): each event may depend on every earlier
-  one. The serving node runs the calls one after another and stops before the first one
-  after the first that reads the aggregate (its meta says its place, ``$cqrsItem``); the
-  projector applies the answers it got and sends the rest again, the reader first. A call
-  that does not read the aggregate answers the same whatever came before it, and the first
-  call of a request sees every earlier answer applied. The projector's node refuses such an
-  early read too (:meth:`~.joins.OpenBatches.view_for`), and drops the answers from that call
-  on, should the user's code have swallowed the refusal.
+  one. The serving node runs the calls one after another and records every read of the
+  aggregate each makes, with its answer. A read the request's ``known`` answers cover (the
+  find params read lately, :class:`ReadSet`, with their answers as the batch holds them when
+  the request leaves), or that an earlier call of the request made, is answered there,
+  patched by the answers of the calls since; any other goes back to the projector's node.
+  Such answers may be out of date, so the projector applies the answers in order and, before
+  each, asks its reads again of the batch (:func:`still_true`): if one answers differently,
+  that answer and all after it are dropped and sent again in the next request. A
+  transformation is a function of its event and its reads, so an answer whose reads still
+  hold is the answer it would give now: every transformation sees every earlier event's
+  effect, as when it runs here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from moleculerpy_cqrs.core.joins import ITEM_KEY, BatchToken, OpenBatches
-from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyCall, Outcome
+from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyCall, Outcome, Read
+from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.query import Compare, Query
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 MAX_CALLS: Final = 256  # calls in one request
 IN_FLIGHT: Final = 4  # requests to one node at once, for one keyed batch
 FIRST_CHUNK: Final = 16  # calls in the first serial request of a batch
+KNOWN_READS: Final = 64  # find params whose answers a serial request carries
 
 
 class KeyedCalls:
@@ -131,31 +138,92 @@ async def serial_chunk(
     port: BrokerPort,
     node: str,
     calls: Sequence[ManyCall],
+    view: BatchView,
+    reads: ReadSet,
     batches: OpenBatches,
     token: BatchToken,
-) -> list[Outcome]:
-    """Make ``calls`` (events of bindings without a key) on ``node`` in one serial request;
-    answers the outcomes of the leading calls that saw every earlier answer applied (at
-    least the first: a failed request answers its failure for it)."""
+) -> list[tuple[Outcome, list[Read] | None]]:
+    """Make ``calls`` (events of bindings without a key) on ``node`` in one serial request,
+    with the answers of the reads in ``reads`` as ``view`` holds them; answers each call's
+    outcome and reads (at least one: a failed request answers its failure for the first).
+    A call that read the aggregate unrecorded has its reads None."""
     numbered = [
-        ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: i}, c.rows) for i, c in enumerate(calls)
+        ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: i}, c.rows, c.kind)
+        for i, c in enumerate(calls)
     ]
-    batches.take_early_read(token)
+    batches.take_unrecorded(token)
     try:
-        outcomes = (await port.call_many(node, numbered, serial=True)).outcomes
+        known = await reads.known(view)
+        answers = await port.call_many(node, numbered, serial=True, fields=view.fields, known=known)
     except Exception as error:
-        return [(False, error)]
-    early = batches.take_early_read(token)
-    if early is not None:
-        outcomes = outcomes[:early]
-    return outcomes or [(False, RuntimeError(f"{node} answered none of the calls"))]
+        return [((False, error), None)]
+    got = list(zip(answers.outcomes, answers.reads, strict=False))
+    unrecorded = batches.take_unrecorded(token)
+    if unrecorded is not None:
+        got = [(o, None if i >= unrecorded else r) for i, (o, r) in enumerate(got)]
+    return got or [((False, RuntimeError(f"{node} answered none of the calls")), None)]
+
+
+async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
+    """Whether every read a call made answers the same from ``view`` now: then its answer is
+    the one it would give now (a transformation is a function of its event and its reads)."""
+    if reads is None:
+        return False
+    actions = StoreActions(view)
+    for method, params, answer in reads:
+        if method not in ("find", "count", "get"):
+            return False
+        try:
+            now = await getattr(actions, method)(params)
+        except Exception:
+            return False
+        if _plain(now) != _plain(answer):
+            return False
+    return True
+
+
+class ReadSet:
+    """The find params the calls of one batch's keyless bindings read lately (at most
+    ``KNOWN_READS``): each serial request carries their answers as the batch holds them, so
+    that the serving node answers such reads itself."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, dict[str, Any]] = {}
+
+    def note(self, reads: list[Read] | None) -> None:
+        for method, params, _ in reads or ():
+            if method != "find":
+                continue
+            key = canonical(method, params)
+            self._recent.pop(key, None)
+            self._recent[key] = params
+            if len(self._recent) > KNOWN_READS:
+                del self._recent[next(iter(self._recent))]
+
+    async def known(self, view: BatchView) -> list[tuple[dict[str, Any], Any]]:
+        actions = StoreActions(view)
+        out = []
+        for key, params in list(self._recent.items()):
+            try:
+                out.append((params, await actions.find(params)))
+            except Exception:
+                del self._recent[key]
+        return out
+
+
+def canonical(method: str, params: Any) -> str:
+    return json.dumps([method, params], sort_keys=True, default=str)
+
+
+def _plain(value: Any) -> Any:
+    """As it travels (JSON), so that a local answer compares with one that travelled."""
+    return json.loads(json.dumps(value, default=str))
 
 
 class ChunkSizer:
-    """How many calls the next serial request carries: twice as many while every call is
-    answered; after a request cut short (a call read the aggregate), as many as were
-    answered, for ``HOLD`` requests, before trying more again (a transformation that reads
-    on every event then costs one request per event, not a wasted call as well)."""
+    """How many calls the next serial request carries: twice as many while every answer
+    holds; after a request cut short (a call's reads no longer answer the same), as many as
+    held, for ``HOLD`` requests, before trying more again."""
 
     HOLD: Final = 16
 
