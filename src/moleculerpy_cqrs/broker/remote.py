@@ -151,15 +151,18 @@ class _Request:
         if all(isinstance(r, dict) and isinstance(r.get(ID), int) for r in rows):
             self.cache[canonical("find", params)] = _Cached(query.where, rows)
 
-    def absorb(self, kind: Any, answer: Any) -> None:
+    def absorb(self, kind: Any, answer: Any, event_id: Any) -> None:
         """A call answered: patch the kept answers as the projector will apply it (a partial
-        update of a row by id); anything else may change any of them: forget them."""
+        update of a row by id, stamped with the event's id when the aggregate has an
+        ``eventId`` field); anything else may change any of them: forget them."""
         if answer is None or not self.cache:
             return
         if kind != "update" or not isinstance(answer, dict) or not isinstance(answer.get(ID), int):
             self.cache.clear()
             return
         changes = {k: v for k, v in answer.items() if k != ID}
+        if self.fields is not None and "eventId" in self.fields and "eventId" not in changes:
+            changes["eventId"] = event_id
         for key, cached in list(self.cache.items()):
             at = next((i for i, r in enumerate(cached.rows) if r.get(ID) == answer[ID]), None)
             if at is None:
@@ -221,7 +224,9 @@ async def serve_many(
             state = _Call(request, index, None)
             answer = await run(state, call)
             answer["reads"] = state.reads
-            request.absorb(call.get("kind"), answer.get("data") if answer["ok"] else None)
+            event = call.get("params")
+            event_id = event.get("id") if isinstance(event, dict) else None
+            request.absorb(call.get("kind"), answer.get("data") if answer["ok"] else None, event_id)
             answers.append(answer)
         return {"answers": answers}
     slots = asyncio.Semaphore(AT_ONCE)

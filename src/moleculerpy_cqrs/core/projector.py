@@ -151,6 +151,9 @@ class Projector:
         self._resume = asyncio.Event()
         self._progress = asyncio.Condition()
         self._halted = asyncio.Event()
+        # Serial requests to other nodes: their size, and the reads they answer there.
+        self._chunk = remote.ChunkSizer()
+        self._reads = remote.ReadSet()
 
     # ------------------------------------------------------------------ control
 
@@ -412,8 +415,7 @@ class Projector:
         """One unit after another; runs of units whose transformation another node serves
         go there several at a time (see core/remote.py)."""
         failures: list[TransformFailed | None] = []
-        chunk = remote.ChunkSizer()
-        reads = remote.ReadSet()
+        chunk, reads = self._chunk, self._reads
         i = 0
         while i < len(units):
             # One choice of node per binding and request (the broker balances each choice).

@@ -225,7 +225,7 @@ class ChunkSizer:
     holds; after a request cut short (a call's reads no longer answer the same), as many as
     held, for ``HOLD`` requests, before trying more again."""
 
-    HOLD: Final = 16
+    HOLD: Final = 4
 
     def __init__(self) -> None:
         self.size = FIRST_CHUNK
