@@ -189,6 +189,54 @@ async def test_without_a_key_calls_that_read_now_and_then_see_the_earlier_ones(
     assert max(i for i in summarizer.items if i is not None) > 1
 
 
+class Relay(Service):
+    """On node B: a transformation that reads the aggregate through a service of node C."""
+
+    name = "summarizer"
+
+    @action(name="transform")
+    async def transform(self, ctx: Context) -> Any:
+        p = ctx.params["payload"]
+        found = await ctx.call("reader.lookup", {"country": p["country"]})
+        if found:
+            return {"id": found[0]["id"], "total": found[0]["total"] + 1, "last": p["n"]}
+        return {"country": p["country"], "total": 1, "last": p["n"]}
+
+
+class Reader(Service):
+    name = "reader"
+
+    @action(name="lookup")
+    async def lookup(self, ctx: Context) -> Any:
+        return await ctx.call("profileView.find", {"query": {"country": ctx.params["country"]}})
+
+
+async def test_without_a_key_a_read_through_a_third_node_is_not_trusted(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Node B's transformation reads the aggregate through node C: B cannot record those
+    reads, so the projector's node notes them (they carry the call's place and no mark of
+    B's), and uses the answer of no call that made one after the first of its request."""
+    _, agg, writer = projector_side(tmp_path, "summary", None)
+    settings = Settings(transporter=nats_url, log_level="ERROR")
+    c = ServiceBroker("node-c", settings=settings)
+    compat.install(c)
+    await c.register(Reader())
+    await c.start()
+    try:
+        async with (
+            running_broker(writer, node_id="node-a", transporter=nats_url) as a,
+            transformer_node(nats_url, Relay()),
+        ):
+            await feed(a, 300)
+            await asyncio.wait_for(agg.runtime(a).wait_caught_up(), 60)
+            rows = await a.call("profileView.find", {})
+    finally:
+        await c.stop()
+    got = {r["country"]: (r["total"], r["last"]) for r in rows}
+    assert got == expected_summary(list(range(300)))
+
+
 async def test_keyed_reads_are_answered_from_the_rows_sent_along(
     tmp_path: Path, nats_url: str
 ) -> None:
