@@ -51,6 +51,7 @@ MAX_CALLS: Final = 256  # calls in one request
 IN_FLIGHT: Final = 4  # requests to one node at once, for one keyed batch
 FIRST_CHUNK: Final = 16  # calls in the first serial request of a batch
 KNOWN_READS: Final = 64  # find params whose answers a serial request carries
+KNOWN_ROWS: Final = 100  # rows in one such answer at most (a larger one is left out)
 
 
 class KeyedCalls:
@@ -205,9 +206,13 @@ class ReadSet:
         out = []
         for key, params in list(self._recent.items()):
             try:
-                out.append((params, await actions.find(params)))
+                rows = await actions.find(params)
             except Exception:
-                del self._recent[key]
+                rows = None
+            if rows is None or len(rows) > KNOWN_ROWS:
+                del self._recent[key]  # cannot be answered, or too much to send each time
+            else:
+                out.append((params, rows))
         return out
 
 
