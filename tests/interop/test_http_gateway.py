@@ -53,10 +53,13 @@ class Node:
         raise AssertionError(f"no line like {pattern.pattern!r}:\n{''.join(self.log)[-3000:]}")
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
+def http(
+    method: str, url: str, body: Any = None, *, raw: bytes | None = None,
+    content_type: str = "application/json",
+) -> tuple[int, Any]:  # fmt: skip
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json"}
+        url, data=data, method=method, headers={"content-type": content_type}
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as answer:
@@ -140,7 +143,9 @@ def test_commands_and_reads_over_http(node: Node) -> None:
 
 
 def test_errors_keep_their_status_and_change_nothing(node: Node) -> None:
-    status, refused = http("POST", f"{node.base}/profile/update", {"name": "a\u0000b"})
+    status, refused = http(
+        "POST", f"{node.base}/profile/update", {"name": "a\u0000b", "country": "NZ"}
+    )
     assert (status, refused["code"]) == (422, 422), refused
     assert "NUL" in refused["message"]
     status, events = http("GET", f"{node.base}/profile-events")
@@ -156,3 +161,30 @@ def test_errors_keep_their_status_and_change_nothing(node: Node) -> None:
 
     status, nowhere = http("GET", f"{node.base}/nowhere")
     assert status == 404, nowhere
+
+
+def test_bad_commands_are_refused_by_the_examples_schema_and_nothing_is_stored(
+    node: Node,
+) -> None:
+    update = f"{node.base}/profile/update"
+    status, missing = http("POST", update, {"name": "NoCountry"})
+    assert (status, missing["code"]) == (422, 422), missing
+    assert "country" in missing["message"]
+    status, wrong = http("POST", update, {"name": "Ann", "country": 42})
+    assert (status, wrong["code"]) == (422, 422), wrong
+    assert "country" in wrong["message"]
+    status, married = http("POST", update, {"name": "Ann", "country": "NZ", "married": "yes"})
+    assert status == 422, married
+
+    for content_type, raw in (("text/plain", b"hello"), ("application/x-www-form-urlencoded",
+                              b"name=Ann&country=NZ"), ("", b'{"name": "Ann"}')):  # fmt: skip
+        status, unsupported = http("POST", update, raw=raw, content_type=content_type)
+        assert status == 415, (content_type, unsupported)
+        assert "application/json" in unsupported["message"]
+    status, malformed = http("POST", update, raw=b"{name: Ann")
+    assert status == 400, malformed
+
+    status, events = http("GET", f"{node.base}/profile-events")
+    assert (status, events["total"]) == (200, 0)  # nothing was stored
+    status, dead = http("GET", f"{node.base}/profile-summary?pageSize=1")
+    assert (status, dead["total"]) == (200, 0)

@@ -14,6 +14,8 @@ from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
+from moleculerpy_cqrs.core.states import DispatcherState
+from moleculerpy_cqrs.core.upcast import Upcasters
 from moleculerpy_cqrs.errors import InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Record, check_json
@@ -36,8 +38,10 @@ class EventStoreRuntime:
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         node_id: str = "node",
         lease_ttl: float = DEFAULT_TTL,
+        upcasters: Upcasters | None = None,
     ) -> None:
         self.name = name
+        self.upcasters = upcasters or Upcasters(name)
         self.port = port
         self.node_id = node_id
         self.lease_ttl = lease_ttl
@@ -55,7 +59,9 @@ class EventStoreRuntime:
         self.adapter = self._make_adapter()
         self.committer = GroupCommitter(self.adapter, self._committed)
         self.lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
-        self.dispatcher = Dispatcher(self.adapter, self.port, lease=self.lease, **self._dispatch)
+        self.dispatcher = Dispatcher(
+            self.adapter, self.port, lease=self.lease, upcasters=self.upcasters, **self._dispatch
+        )
         self.closed = False
 
     async def start(self, *, dispatch: bool = True) -> None:
@@ -85,13 +91,14 @@ class EventStoreRuntime:
         extras: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         event_type: EventType = EventType.COMMAND,
+        version: int = EVENT_VERSION,
     ) -> Record:
         """Check, then append one event; answers the stored row once it is durable."""
         now = now_ms()
         record = {
             **(extras or {}),
             "event": event,
-            "version": EVENT_VERSION,
+            "version": version,
             "created": now,
             "updated": now,
             "status": int(Status.CREATED),
@@ -147,8 +154,12 @@ class EventStoreRuntime:
         where = And((Compare("event", "=", event), In("eventType", tuple(int(k) for k in kinds))))
         return await self.adapter.find(Query(where=where))
 
-    async def read(self, after: int, limit: int) -> dict[str, Any]:
+    async def read(self, after: int, limit: int, *, raw: bool = False) -> dict[str, Any]:
+        """The events after ``after`` (at most ``limit`` stored ones) as read now — current
+        name and version, split ones as their pieces — or as stored (``raw``)."""
         events = await self.adapter.read_after(after, limit) if limit else []
+        if not raw:
+            events = self.upcasters.read_all(events)
         return {"events": events, "head": await self.adapter.head()}
 
     async def count(self, query: Mapping[str, Any]) -> int:
@@ -157,12 +168,23 @@ class EventStoreRuntime:
     async def status(self) -> dict[str, Any]:
         head = await self.adapter.head()
         d = self.dispatcher
+        state = (
+            DispatcherState.STANDBY
+            if d.standby
+            else DispatcherState.RUNNING
+            if d.running
+            else DispatcherState.STOPPED
+        )
         return {
+            "kind": "eventStore",
             "name": self.name,
             "head": head,
             "appended": self.committer.appended,
             "commits": self.committer.batches,
+            "versions": self.upcasters.versions(),
+            "renames": self.upcasters.renamed(),
             "dispatcher": {
+                "state": str(state),
                 "running": d.running,
                 "standby": d.standby,
                 "cursor": d.cursor,
