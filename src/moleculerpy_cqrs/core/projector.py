@@ -683,7 +683,9 @@ class KeyedRun:
         node = self.p._batch_node(binding)
         if node is not None:
             rows = None
-            if isinstance(binding.key, str):
+            # The rows of its key, for a binding that changes them (a create adds rows: its
+            # key's rows only grow, and its transformation seldom reads them).
+            if isinstance(binding.key, str) and binding.kind in ("update", "remove"):
                 payload = event.get("payload")
                 value = payload.get(binding.key) if isinstance(payload, dict) else None
                 rows = await remote.key_rows(self.view, binding.key, value)

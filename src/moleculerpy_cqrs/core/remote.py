@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 MAX_CALLS: Final = 256  # calls in one request
 IN_FLIGHT: Final = 4  # requests to one node at once, for one keyed batch
-FIRST_CHUNK: Final = 16  # calls in the first serial request of a batch
+FIRST_CHUNK: Final = 16  # calls in a projector's first serial request
 KNOWN_READS: Final = 64  # find params whose answers a serial request carries
 KNOWN_ROWS: Final = 100  # rows in one such answer at most (a larger one is left out)
 
@@ -124,15 +124,16 @@ class KeyedCalls:
 
 
 async def key_rows(view: BatchView, field: str, value: Any) -> KeyRows | None:
-    """Every row whose ``field`` is ``value``, as ``view`` holds them now (None when that
-    cannot be read, e.g. a value of the wrong type: the reads then go back as before)."""
+    """Every row whose ``field`` is ``value``, as ``view`` holds them now; None when that
+    cannot be read (e.g. a value of the wrong type) or is more than ``KNOWN_ROWS`` rows (too
+    much to send with each call): the reads then go back as before."""
     if field not in view.fields or value is None:
         return None
     try:
-        rows = await view.find(Query(where=Compare(field, "=", value)))
+        rows = await view.find(Query(where=Compare(field, "=", value), limit=KNOWN_ROWS + 1))
     except Exception:
         return None
-    return KeyRows(field, value, rows)
+    return KeyRows(field, value, rows) if len(rows) <= KNOWN_ROWS else None
 
 
 async def serial_chunk(
