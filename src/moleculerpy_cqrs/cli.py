@@ -220,6 +220,8 @@ def status(
     state, dead letters, the node holding each lease and the nodes standing by."""
     from moleculerpy_cqrs.face import operator
 
+    if watch and as_json:
+        _fail("--watch draws a live table; leave out --json")
     options = _options(transporter, timeout, as_json)
     _operate(lambda: operator.status(options, watch=watch, interval=interval))
 
@@ -319,11 +321,11 @@ def dead_letters(
     or discard them."""
     from moleculerpy_cqrs.face import calls, operator
 
-    options = _options(transporter, timeout, as_json)
     if sum((retry, discard, discarded)) > 1:
         _fail("give one of --retry, --discard and --discarded")
     if ids and not discard:
         _fail("dead-letter ids go with --discard (e.g. `cqrs dead-letters AGG --discard 3 4`)")
+    options = _options(transporter, timeout, as_json)
     if discard:
         _operate(
             lambda: calls.discard_dead_letters(

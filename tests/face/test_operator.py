@@ -405,6 +405,14 @@ def test_replay_shows_progress_and_ends_done(node: Node) -> None:
     assert with_broker(node.url, totals) == PROFILES  # rebuilt, each event once
 
 
+def test_a_page_past_the_last_says_so(node: Node) -> None:
+    """(Before the dead letter is retried away below: the module shares one node.)"""
+    (run,) = cqrs(["dead-letters", "shipments", "--page", "5"], transporter=node.url)
+    assert run.code == 0, run
+    assert "page 5 of 1" not in run.out
+    assert run.out.strip() == "shipments: page 5 is past the last page (1); 1 in all"
+
+
 def test_dead_letters_are_listed_and_retried(node: Node) -> None:
     table, listed = cqrs(
         ["dead-letters", "shipments"], ["dead-letters", "shipments", "--json"],
@@ -498,13 +506,6 @@ def test_snapshots_at_80_columns_keep_ids_locations_and_errors_whole(node: Node)
     assert "\n  error aggregate.snapshot action failed." in failures.out, failures.out
     assert "no backup strategy" in failures.out, failures.out
     assert max(len(line) for line in failures.out.splitlines()) <= 80
-
-
-def test_a_page_past_the_last_says_so(node: Node) -> None:
-    (run,) = cqrs(["dead-letters", "shipments", "--page", "5"], transporter=node.url)
-    assert run.code == 0, run
-    assert "page 5 of 1" not in run.out
-    assert run.out.strip() == "shipments: page 5 is past the last page (1); 1 in all"
 
 
 # --------------------------------------------------------------------------- status --watch
