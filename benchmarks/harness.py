@@ -26,12 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import fsync_latency, table  # noqa: E402
+
+if TYPE_CHECKING:
+    from benchmarks.bench_ours import RemoteShape
 
 
 @dataclass(frozen=True)
@@ -210,8 +213,11 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
     return r
 
 
-ELSEWHERE = (("create", "create-only"), ("summary_keyed", "read-then-update, key=country"),
-             ("summary", "read-then-update, no key"))  # fmt: skip
+ELSEWHERE: tuple[tuple[RemoteShape, str], ...] = (
+    ("create", "create-only"),
+    ("summary_keyed", "read-then-update, key=country"),
+    ("summary", "read-then-update, no key"),
+)
 
 
 def elsewhere(stores: Stores, log: dict[str, Any], head: int, s: Sizes) -> dict[str, Any]:
