@@ -22,14 +22,16 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, InvalidInput
 from moleculerpy_cqrs.stores.fields import (
     ID,
+    FieldDeclaration,
+    FieldSpec,
     FieldType,
     Record,
     check_id,
     check_record,
-    declare_fields,
+    declare_specs,
 )
 from moleculerpy_cqrs.stores.query import ALL, Query
 
@@ -81,7 +83,7 @@ class StoreFactory(Protocol):
     def __call__(
         self,
         name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
+        cqrs_fields: Mapping[str, FieldDeclaration] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter: ...
 
@@ -114,11 +116,19 @@ class MetaMoved(CqrsError):
 class Adapter(ABC):
     """One table of declared fields plus the implicit integer primary key ``id``."""
 
-    def __init__(self, name: str, fields: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, fields: Mapping[str, FieldDeclaration] | None = None) -> None:
         if not name.isidentifier() or not name.isascii():
             raise InvalidInput(f"store name {name!r} must be an identifier")
         self.name = name
-        self.fields: dict[str, FieldType] = declare_fields(fields)
+        self.specs: dict[str, FieldSpec] = declare_specs(fields)
+        """Each declared field as declared: its type and index flags (pass it to
+        :meth:`sibling` for a table of the same shape, indexes included)."""
+        self.fields: dict[str, FieldType] = {n: s.type for n, s in self.specs.items()}
+        self.indexes: dict[str, bool] = {n: s.unique for n, s in self.specs.items() if s.index}
+        """The indexed fields, each with whether it is unique. Every backend keeps an index
+        for them (created at :meth:`connect`, kept through restore and :meth:`replace_with`);
+        a unique field refuses a second row with the same non-null value with
+        :func:`unique_conflict`, and the write changes nothing."""
         self._json_fields = tuple(n for n, k in self.fields.items() if k == "json")
 
     # ------------------------------------------------------------------ lifecycle
@@ -146,7 +156,7 @@ class Adapter(ABC):
         await self.close()
 
     @abstractmethod
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> Adapter:
+    def sibling(self, name: str, fields: Mapping[str, FieldDeclaration] | None = None) -> Adapter:
         """Another table in the same database, sharing connections and transactions.
 
         Used for dead letters and shadow tables. It must be connected before use (which
@@ -389,6 +399,20 @@ class Adapter(ABC):
     async def replace_with(self, shadow: Adapter) -> None:
         """Atomically make this table hold what the sibling ``shadow`` holds (rows, ids and
         meta); ``shadow`` is left empty. Readers see old or new, never a mix."""
+
+
+def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:
+    """The error of a write that would give a unique field a value another row holds (409):
+    it names the store, the field and, when short enough to show, the value."""
+    shown = value if isinstance(value, int | float | str) and len(repr(value)) <= 80 else None
+    taken = f"{shown!r} is" if shown is not None else "the value is"
+    return ConflictError(
+        f"field {field!r} of store {store!r} is unique and {taken} already taken by another "
+        "row; nothing was written",
+        store=store,
+        field=field,
+        value=shown,
+    )
 
 
 def describe(adapter: Adapter) -> dict[str, Any]:

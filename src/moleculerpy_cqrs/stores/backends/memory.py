@@ -22,8 +22,15 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow
-from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, unique_conflict
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    Declarations,
+    Record,
+    check_meta,
+    check_value,
+    declare_fields,
+)
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 
 _FORMAT: Final = "moleculerpy-cqrs memory backup"
@@ -31,9 +38,10 @@ _VERSION: Final = 1
 
 
 class _Data:
-    """A committed table: rows in id order, the last id handed out, and meta as JSON text."""
+    """A committed table: rows in id order, the last id handed out, meta as JSON text, and an
+    index (value -> ids) per indexed field."""
 
-    __slots__ = ("ids", "meta", "rows", "seq")
+    __slots__ = ("ids", "indexes", "meta", "rows", "seq", "unique")
 
     def __init__(
         self,
@@ -45,21 +53,97 @@ class _Data:
         self.ids = list(self.rows)
         self.seq = max(seq, self.ids[-1] if self.ids else 0)
         self.meta = meta if meta is not None else {}
+        self.indexes: dict[str, dict[Any, set[int]]] = {}
+        self.unique: dict[str, bool] = {}
+
+    def ensure_indexes(self, table: str, declared: Mapping[str, bool]) -> None:
+        """Index exactly the ``declared`` fields (name -> unique), building missing indexes."""
+        for name in [n for n in self.indexes if n not in declared]:
+            del self.indexes[name], self.unique[name]
+        for name, unique in declared.items():
+            if name in self.indexes and self.unique[name] == unique:
+                continue
+            index: dict[Any, set[int]] = {}
+            for entity_id, row in self.rows.items():
+                value = row.get(name)
+                if value is None:
+                    continue
+                holders = index.setdefault(value, set())
+                if unique and holders:
+                    raise unique_conflict(table, name, value)
+                holders.add(entity_id)
+            self.indexes[name], self.unique[name] = index, unique
+
+    def reindex(self, entity_id: int, old: Record | None, new: Record | None) -> None:
+        for name, index in self.indexes.items():
+            before = None if old is None else old.get(name)
+            after = None if new is None else new.get(name)
+            if before == after and old is not None and new is not None:
+                continue
+            if before is not None:
+                holders = index.get(before)
+                if holders is not None:
+                    holders.discard(entity_id)
+                    if not holders:
+                        del index[before]
+            if after is not None:
+                index.setdefault(after, set()).add(entity_id)
 
 
 class _Work:
     """A table as one unit of work sees it: the committed data plus its own changes."""
 
-    __slots__ = ("base", "changes", "dropped", "meta", "name", "replaced", "seq")
+    __slots__ = ("base", "changes", "dropped", "index", "meta", "name", "replaced", "seq")
 
     def __init__(self, name: str, base: _Data | None) -> None:
         self.name = name
         self.base = base if base is not None else _Data()
         self.dropped = base is None
         self.changes: dict[int, Record | None] = {}
+        # The changed rows' values of each indexed field (value -> ids), beside the base's.
+        self.index: dict[str, dict[Any, set[int]]] = {}
         self.meta: dict[str, str | None] = {}
         self.seq = self.base.seq
         self.replaced = False
+
+    def lookup(self, name: str, values: tuple[Any, ...]) -> list[Record] | None:
+        """The rows whose indexed field ``name`` holds one of ``values``, in id order; None
+        if ``name`` is not indexed."""
+        base = self._live().indexes.get(name)
+        if base is None:
+            return None
+        changed = self.index.get(name, {})
+        ids: set[int] = set()
+        for value in values:
+            if value is None:
+                continue
+            ids.update(i for i in base.get(value, ()) if i not in self.changes)
+            ids.update(changed.get(value, ()))
+        return [row for i in sorted(ids) if (row := self.get(i)) is not None]
+
+    def _holders(self, name: str, value: Any) -> set[int]:
+        base = self.base.indexes[name].get(value, ())
+        return {i for i in base if i not in self.changes} | self.index.get(name, {}).get(
+            value, set()
+        )
+
+    def _change(self, entity_id: int, row: Record | None) -> None:
+        """Record a change, refusing a value a unique field already has in another row."""
+        indexes = self.base.indexes
+        if indexes:
+            if row is not None:
+                for name, unique in self.base.unique.items():
+                    value = row.get(name)
+                    if unique and value is not None and self._holders(name, value) - {entity_id}:
+                        raise unique_conflict(self.name, name, value)
+            old = self.changes.get(entity_id)
+            for name in indexes:
+                changed = self.index.setdefault(name, {})
+                if old is not None and (before := old.get(name)) is not None:
+                    changed.get(before, set()).discard(entity_id)
+                if row is not None and (after := row.get(name)) is not None:
+                    changed.setdefault(after, set()).add(entity_id)
+        self.changes[entity_id] = row
 
     def _live(self) -> _Data:
         if self.dropped:
@@ -102,17 +186,17 @@ class _Work:
 
     def insert(self, record: Record) -> Record:
         self._live()
+        row = {ID: self.seq + 1, **record}
+        self._change(self.seq + 1, row)
         self.seq += 1
-        row = {ID: self.seq, **record}
-        self.changes[self.seq] = row
         return row
 
     def put(self, row: Record) -> None:
-        self.changes[row[ID]] = row
+        self._change(row[ID], row)
         self.seq = max(self.seq, row[ID])
 
     def delete(self, entity_id: int) -> None:
-        self.changes[entity_id] = None
+        self._change(entity_id, None)
 
     def get_meta(self, key: str) -> str | None:
         if key in self.meta:
@@ -128,12 +212,12 @@ class _Work:
         self.meta[key] = text
 
     def replace(self, data: _Data) -> None:
-        self.base, self.changes, self.meta = data, {}, {}
+        self.base, self.changes, self.meta, self.index = data, {}, {}, {}
         self.seq = max(self.seq, data.seq)
         self.replaced, self.dropped = True, False
 
     def drop(self) -> None:
-        self.base, self.changes, self.meta = _Data(), {}, {}
+        self.base, self.changes, self.meta, self.index = _Data(), {}, {}, {}
         self.replaced, self.dropped = False, True
 
     def commit(self, tables: dict[str, _Data]) -> None:
@@ -143,6 +227,8 @@ class _Work:
         data = self.base
         deleted: set[int] = set()
         for entity_id, row in self.changes.items():
+            if data.indexes:
+                data.reindex(entity_id, data.rows.get(entity_id), row)
             if row is None:
                 if data.rows.pop(entity_id, None) is not None:
                     deleted.add(entity_id)
@@ -208,7 +294,7 @@ class MemoryDatabase:
             self._lock, self._loop = asyncio.Lock(), loop
         return self._lock
 
-    def adapter(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+    def adapter(self, name: str, fields: Declarations | None = None) -> MemoryAdapter:
         return MemoryAdapter(self, name, fields)
 
     def current(self) -> _Transaction | None:
@@ -249,7 +335,7 @@ class MemoryAdapter(Adapter):
         self,
         database: MemoryDatabase,
         name: str,
-        fields: Mapping[str, str] | None = None,
+        fields: Declarations | None = None,
         *,
         parent: MemoryAdapter | None = None,
     ) -> None:
@@ -267,14 +353,14 @@ class MemoryAdapter(Adapter):
 
     async def connect(self) -> None:
         self._open()
-        self._database.tables.setdefault(self.name, _Data())
+        self._database.tables.setdefault(self.name, _Data()).ensure_indexes(self.name, self.indexes)
 
     async def close(self) -> None:
         self._closed = True
         for sibling in self._siblings:
             sibling._closed = True
 
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+    def sibling(self, name: str, fields: Declarations | None = None) -> MemoryAdapter:
         root = self._parent or self
         adapter = MemoryAdapter(self._database, name, fields, parent=root)
         root._siblings.append(adapter)
@@ -419,6 +505,7 @@ class MemoryAdapter(Adapter):
             ) from e
         try:
             data = self._load(json.loads(raw))
+            data.ensure_indexes(self.name, self.indexes)
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise StoreError(
                 f"the backup of {self.name!r} in {location!r} is damaged: {e}", store=self.name
@@ -441,8 +528,12 @@ class MemoryAdapter(Adapter):
         async with self._unit() as tx:
             source, target = tx.work(shadow.name), tx.work(self.name)
             rows = {r[ID]: r for r in source.scan()}
-            target.replace(_Data(rows, max(target.seq, source.seq), source.all_meta()))
-            source.replace(_Data(seq=source.seq))
+            data = _Data(rows, max(target.seq, source.seq), source.all_meta())
+            data.ensure_indexes(self.name, self.indexes)
+            target.replace(data)
+            emptied = _Data(seq=source.seq)
+            emptied.ensure_indexes(shadow.name, shadow.indexes)
+            source.replace(emptied)
 
     # ------------------------------------------------------------------ helpers
 
@@ -516,12 +607,32 @@ def _candidates(work: _Work, where: Condition | None) -> Iterator[Record]:
     """
     ids = _pinned_ids(where)
     if ids is None:
-        yield from work.scan()
+        found = _looked_up(work, where)
+        if found is None:
+            yield from work.scan()
+        else:
+            yield from found
         return
     for entity_id in sorted(set(ids)):
         row = work.get(entity_id)
         if row is not None:
             yield row
+
+
+def _looked_up(work: _Work, where: Condition | None) -> list[Record] | None:
+    """The rows an index of ``work`` finds for an equality or ``in`` that ``where`` requires
+    (None when no such index helps)."""
+    match where:
+        case Compare(field, "=", value):
+            return work.lookup(field, (value,))
+        case In(field, values, False):
+            return work.lookup(field, values)
+        case And(items):
+            for item in items:
+                found = _looked_up(work, item)
+                if found is not None:
+                    return found
+    return None
 
 
 def _pinned_ids(where: Condition | None) -> tuple[Any, ...] | None:
