@@ -82,7 +82,7 @@ class OpenBatches:
             held = meta.get(TOKEN_KEY)
             if type(held) is str and meta.get(AGGREGATE_KEY) == self.aggregate:
                 found = self._views.get(held)
-                if found is not None:
+                if found is not None and ITEM_KEY not in meta:
                     return found
         token = _from_meta(meta) or _CURRENT.get()
         if token is None or token.aggregate != self.aggregate:
