@@ -754,3 +754,111 @@ async def per_entity(store: StoreFactory, rows: int, events: int, cap: float) ->
         "correct": correct,
         "fill_seconds": fill_seconds,
     }
+
+
+# ---------------------------------------------------------------------- transformation elsewhere
+
+RemoteShape = Literal["create", "summary", "summary_keyed"]
+
+
+def remote_aggregate_name(shape: RemoteShape, where: str, call_many: bool = True) -> str:
+    return f"{shape.replace('_', '')}{where.title()}{'' if call_many else 'Before'}Aggregate"
+
+
+def summarizer_service(shape: RemoteShape, aggregate: str) -> Service:
+    """The ``summarizer`` service: one transformation action, ``summarizer.transform``, for
+    the aggregate ``aggregate`` (create-only: a row from the event; the summaries: read the
+    country's row through the broker, answer ``{id, total + 1}``)."""
+
+    class Summarizer(Service):
+        name = "summarizer"
+
+        @action(name="transform")
+        async def transform(self, ctx: Context) -> Any:
+            payload = ctx.params["payload"]
+            if shape == "create":
+                return {k: payload.get(k) for k in PROFILE_FIELDS}
+            country = payload["country"]
+            found = await ctx.call(f"{aggregate}.find", {"query": {"country": country}})
+            if found:
+                return {"id": found[0]["id"], "total": found[0]["total"] + 1}
+            return {"country": country, "total": 1}
+
+    return Summarizer()
+
+
+async def catch_up_over_nats(
+    store: StoreFactory,
+    shape: RemoteShape,
+    where: Literal["local", "remote"],
+    transporter: str,
+    head: int,
+    cap: float,
+    call_many: bool = True,
+) -> Figures:
+    """A new aggregate on a log of ``head`` events, its transformation ``summarizer.transform``
+    served on the projector's node (``local``) or only by another node (``remote``, started by
+    the harness: :func:`summarizer_node`); the projector's node is on NATS either way.
+    Seconds from the broker's start until the checkpoint reaches ``head``."""
+    events = event_store(store)
+    name = remote_aggregate_name(shape, where, call_many)
+    fields = PROFILE_FIELDS if shape == "create" else SUMMARY_FIELDS
+    aggregate = Aggregate(name, stores.with_fields(store, fields), NoSnapshot).snapshot(EVENT_STORE)
+    on = aggregate.on("profile.updated")
+    if shape == "create":
+        on.create("summarizer.transform")
+    else:
+        on.update("summarizer.transform", key="country" if shape == "summary_keyed" else None)
+
+    class Projecting(events.mixin(), aggregate.mixin(), Service):  # type: ignore[misc]
+        name = "profile"
+
+    services: list[Service] = [Projecting()]
+    if where == "local":
+        services.append(summarizer_service(shape, name))
+    started = time.perf_counter()
+    async with running_broker(
+        *services, transporter=transporter, node_id=f"projector-{where}",
+        request_timeout=REQUEST_TIMEOUT,
+    ) as broker:  # fmt: skip
+        runtime = aggregate.runtime(broker)
+        try:
+            done = await asyncio.wait_for(runtime.wait_caught_up(head), cap)
+            complete = True
+        except TimeoutError:
+            done = await checkpoint_of(broker, name)
+            complete = False
+        seconds = time.perf_counter() - started
+        real_shape: Shape = "create" if shape == "create" else "summary"
+        correct = await check_rows(broker, name, real_shape, done) if complete else None
+    return {
+        "events": done,
+        "seconds": seconds,
+        "per_second": done / seconds,
+        "complete": complete,
+        "correct": correct,
+    }
+
+
+async def summarizer_node(
+    shape: RemoteShape, transporter: str, node_id: str, ready: Path, call_many: bool = True
+) -> Figures:
+    """A node serving only ``summarizer.transform`` for the remote variant of ``shape``;
+    touches ``ready`` once started and runs until its stdin has a line. Without
+    ``call_many`` it does not offer many calls in one request (the projector then calls it
+    once per event, as before)."""
+    from moleculerpy_cqrs.broker import compat
+
+    service = summarizer_service(shape, remote_aggregate_name(shape, "remote", call_many))
+    async with running_broker(
+        transporter=transporter, node_id=node_id, request_timeout=REQUEST_TIMEOUT
+    ) as broker:
+        compat.install(broker)
+        if not call_many:
+            node = broker.node_catalog.local_node
+            assert node is not None
+            node.metadata = {}
+        await broker.register(service)
+        await asyncio.to_thread(ready.touch)
+        await asyncio.to_thread(sys.stdin.readline)
+    return {"node": node_id}

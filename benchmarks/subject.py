@@ -93,6 +93,18 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "cluster_node": lambda: ours.cluster_node(
                 factory, p["transporter"], p["node_id"], Path(p["ready"])
             ),
+            "catch_up_nats": lambda: ours.catch_up_over_nats(
+                factory,
+                p["shape"],
+                p["where"],
+                p["transporter"],
+                p["head"],
+                p["cap"],
+                p.get("call_many", True),
+            ),
+            "summarizer_node": lambda: ours.summarizer_node(
+                p["shape"], p["transporter"], p["node_id"], Path(p["ready"]), p["call_many"]
+            ),
             "cluster_load": lambda: ours.cluster_load(
                 p["transporter"], p["callers"], p["seconds"], p["nodes"]
             ),

@@ -15,6 +15,9 @@ from benchmarks import harness
 from benchmarks._common import table
 
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.testing.brokers import running_broker
+from moleculerpy_cqrs.testing.nats_server import NatsServer
 
 
 async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> None:
@@ -61,6 +64,19 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert r["ours.rebuild"]["reads_failed"] == 0
     assert r["ours.rebuild"]["rebuild_seconds"] > 0
 
+    with NatsServer() as nats:
+        for shape, _ in harness.ELSEWHERE:
+            for where in ("local", "remote"):
+                key = f"ours.elsewhere.{shape}.{where}"
+                async with running_broker(transporter=nats.url, node_id="summarizer") as node:
+                    if where == "remote":
+                        compat.install(node)
+                        name = ours.remote_aggregate_name(shape, "remote")
+                        await node.register(ours.summarizer_service(shape, name))
+                    r[key] = await ours.catch_up_over_nats(log, shape, where, nats.url, 60, 60)
+                assert r[key]["complete"], key
+                assert r[key]["correct"], key
+
     r["ours.sustained"] = await ours.sustained(stores.sqlite(tmp_path / "load"), 8, 0.3)
     assert r["ours.sustained"]["projector_lag_events"] >= 0
     assert r["ours.sustained"]["dispatcher_lag_events"] is not None
@@ -84,4 +100,5 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert "ack -> visible p99" in text
     assert "per-entity 300 rows, 120 deposits" in text
     assert "sustained: dispatcher lag" in text
-    assert all(row.ours is not None for row in rows if not row.scenario.startswith("peak"))
+    assert "transformation on another node over NATS: read-then-update, no key" in text
+    assert [r.scenario for r in rows if r.ours is None and not r.scenario.startswith("peak")] == []
