@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from moleculerpy import Context, Service, ServiceBroker, action
+from moleculerpy import Context, Service, ServiceBroker, action, event
 
 from benchmarks._common import CallStats, percentile
 from moleculerpy_cqrs import Aggregate, EventStore, NoSnapshot, stores
@@ -55,8 +55,20 @@ class BrokerRef:
         return await self.broker.call(name, params)
 
 
-def event_store(store: StoreFactory) -> EventStore:
-    return EventStore(EVENT_STORE, store)
+def upcast_step(payload: dict[str, Any]) -> dict[str, Any]:
+    """One upcast step of the kind a real one is: a new payload with a field renamed."""
+    out = {k: v for k, v in payload.items() if k != "name"}
+    out["name"] = out["fullName"] = payload.get("name")
+    return out
+
+
+def event_store(store: StoreFactory, upcast: bool = False) -> EventStore:
+    """The event store; with ``upcast``, ``profile.updated`` is at version 2 and the v1
+    events of the log are read through :func:`upcast_step`."""
+    events = EventStore(EVENT_STORE, store)
+    if upcast:
+        events.upcast("profile.updated", 1, upcast_step)
+    return events
 
 
 def appends_service(store: StoreFactory) -> Service:
@@ -75,16 +87,26 @@ def projection_name(shape: Shape, as_action: bool) -> str:
 
 
 def projection_service(
-    store: StoreFactory, shape: Shape, as_action: bool, ref: BrokerRef
+    store: StoreFactory,
+    shape: Shape,
+    as_action: bool,
+    ref: BrokerRef,
+    *,
+    upcast: bool = False,
+    version: int = 1,
+    name: str | None = None,
 ) -> tuple[Aggregate, Service]:
     """``profile.update`` plus one aggregate fed from it: ``create`` makes one row per event
     (the property example's shape), ``summary`` reads its row through the broker and answers
     ``{id, total + 1}`` (the profile summary's shape); the transformation is an action of the
-    service or an async callable."""
-    events = event_store(store)
-    name = projection_name(shape, as_action)
+    service or an async callable. ``upcast``: the log is read through one upcast step;
+    ``version``: the aggregate's version."""
+    events = event_store(store, upcast)
+    name = name or projection_name(shape, as_action)
     fields = PROFILE_FIELDS if shape == "create" else SUMMARY_FIELDS
-    aggregate = Aggregate(name, stores.with_fields(store, fields), NoSnapshot).snapshot(EVENT_STORE)
+    aggregate = Aggregate(
+        name, stores.with_fields(store, fields), NoSnapshot, version=version
+    ).snapshot(EVENT_STORE)
 
     async def create_row(event: dict[str, Any]) -> dict[str, Any]:
         payload = event["payload"]
@@ -102,7 +124,7 @@ def projection_service(
 
     class ProjectionService(events.mixin(), aggregate.mixin(), Service):  # type: ignore[misc]
         name = "profile"
-        update = events.map_action("update", "profile.updated")
+        update = events.map_action("update", "profile.updated", version=2 if upcast else 1)
 
         @action(name="transform")
         async def transform(self, ctx: Context) -> Any:
@@ -247,12 +269,22 @@ async def checkpoint_of(broker: ServiceBroker, aggregate: str) -> int:
 
 
 async def catch_up(
-    store: StoreFactory, shape: Shape, as_action: bool, head: int, cap: float
+    store: StoreFactory,
+    shape: Shape,
+    as_action: bool,
+    head: int,
+    cap: float,
+    upcast: bool | None = None,
+    round_: int = 0,
 ) -> Figures:
     """A new aggregate on a log of ``head`` stored events: seconds from the broker's start
-    until its checkpoint reaches ``head`` (or how far it got in ``cap`` seconds)."""
+    until its checkpoint reaches ``head`` (or how far it got in ``cap`` seconds). ``upcast``
+    (True or False: an aggregate of its own): the log read through one upcast step, or not."""
     ref = BrokerRef()
-    aggregate, service = projection_service(store, shape, as_action, ref)
+    name = None if upcast is None else f"upcast{int(upcast)}r{round_}Aggregate"
+    aggregate, service = projection_service(
+        store, shape, as_action, ref, upcast=bool(upcast), name=name
+    )
     started = time.perf_counter()
     async with running_broker(service, request_timeout=REQUEST_TIMEOUT) as broker:
         ref.broker = broker
@@ -347,6 +379,103 @@ async def replay_large(
 
         figures = await timed_replay(broker, aggregate.name, filled["events"], cap, give_up)
     return {**figures, **extra}
+
+
+# ---------------------------------------------------------------------- versions
+
+
+async def dispatch(store: StoreFactory, count: int, upcast: bool) -> Figures:
+    """Store ``count`` events undispatched, then time the dispatcher delivering them all to
+    one subscriber, the log read with one upcast step or not."""
+    await prefill(store, count, settle=False)
+    events = event_store(store, upcast)
+    heard: list[float] = []  # when each event arrived
+
+    class Listener(Service):
+        name = "listener"
+
+        @event(name="profile.updated")
+        async def on_updated(self, ctx: Context) -> None:
+            heard.append(time.perf_counter())
+
+    class Profile(events.mixin(), Service):  # type: ignore[misc]
+        name = "profile"
+        update = events.map_action("update", "profile.updated", version=2 if upcast else 1)
+
+    async with running_broker(Profile(), Listener(), request_timeout=REQUEST_TIMEOUT) as broker:
+        await events.runtime(broker).dispatcher.wait_settled(count)
+    # From the first delivery to the last: the broker's start-up is not the dispatcher's.
+    seconds = heard[-1] - heard[0]
+    return {
+        "events": count,
+        "seconds": seconds,
+        "per_second": (len(heard) - 1) / seconds,
+        "heard": len(heard),
+    }
+
+
+@dataclass
+class Reads:
+    latencies: list[float] = field(default_factory=list)
+    failed: int = 0
+
+    def percentile(self, p: float) -> float:
+        return percentile(self.latencies, p)
+
+
+async def _reader(broker: ServiceBroker, name: str, head: int, stats: Reads) -> None:
+    """Reads by id, one after another with a pause, for as long as it runs."""
+    i = 0
+    while True:
+        i += 1
+        began = time.perf_counter()
+        try:
+            await broker.call(f"{name}.get", {"id": 1 + (i * 7919) % head})
+        except Exception:
+            stats.failed += 1
+        stats.latencies.append(time.perf_counter() - began)
+        await asyncio.sleep(0.002)
+
+
+async def rebuild(store: StoreFactory, head: int) -> Figures:
+    """The create-only aggregate (an action) on a log of ``head`` events: first ``replay``
+    of version 1 (the baseline), then a node of version 2 rebuilding it as it starts; a reader
+    reads by id throughout both. Answers both durations (as the replay's progress measures
+    them) and the reads' latencies during the rebuild."""
+    name = "rebuiltAggregate"
+    ref = BrokerRef()
+    seconds: dict[str, float] = {}
+    reads: dict[str, Reads] = {}
+    for version in (1, 2):
+        aggregate, service = projection_service(
+            store, "create", True, ref, version=version, name=name
+        )
+        async with running_broker(service, request_timeout=REQUEST_TIMEOUT) as broker:
+            ref.broker = broker
+            if version == 1:
+                await aggregate.runtime(broker).wait_caught_up(head)
+            stats = reads[f"v{version}"] = Reads()
+            reader = asyncio.create_task(_reader(broker, name, head, stats))
+            if version == 1:
+                progress = await broker.call(f"{name}.replay", {"wait": True})
+            else:
+                await aggregate.runtime(broker).wait_caught_up(head)
+                progress = (await broker.call(f"{name}.status", {}))["replay"]
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            seconds[f"v{version}"] = float(progress["finished"]) - float(progress["started"])
+    during = reads["v2"]
+    return {
+        "events": head,
+        "replay_seconds": seconds["v1"],
+        "rebuild_seconds": seconds["v2"],
+        "rebuild_over_replay": seconds["v2"] / seconds["v1"],
+        "reads": len(during.latencies),
+        "reads_failed": during.failed,
+        "read_p99_ms": during.percentile(99) * 1000,
+        "read_p50_ms": during.percentile(50) * 1000,
+        "read_p99_ms_during_replay": reads["v1"].percentile(99) * 1000,
+    }
 
 
 # ---------------------------------------------------------------------- sustained load
@@ -625,3 +754,111 @@ async def per_entity(store: StoreFactory, rows: int, events: int, cap: float) ->
         "correct": correct,
         "fill_seconds": fill_seconds,
     }
+
+
+# ---------------------------------------------------------------------- transformation elsewhere
+
+RemoteShape = Literal["create", "summary", "summary_keyed"]
+
+
+def remote_aggregate_name(shape: RemoteShape, where: str, call_many: bool = True) -> str:
+    return f"{shape.replace('_', '')}{where.title()}{'' if call_many else 'Before'}Aggregate"
+
+
+def summarizer_service(shape: RemoteShape, aggregate: str) -> Service:
+    """The ``summarizer`` service: one transformation action, ``summarizer.transform``, for
+    the aggregate ``aggregate`` (create-only: a row from the event; the summaries: read the
+    country's row through the broker, answer ``{id, total + 1}``)."""
+
+    class Summarizer(Service):
+        name = "summarizer"
+
+        @action(name="transform")
+        async def transform(self, ctx: Context) -> Any:
+            payload = ctx.params["payload"]
+            if shape == "create":
+                return {k: payload.get(k) for k in PROFILE_FIELDS}
+            country = payload["country"]
+            found = await ctx.call(f"{aggregate}.find", {"query": {"country": country}})
+            if found:
+                return {"id": found[0]["id"], "total": found[0]["total"] + 1}
+            return {"country": country, "total": 1}
+
+    return Summarizer()
+
+
+async def catch_up_over_nats(
+    store: StoreFactory,
+    shape: RemoteShape,
+    where: Literal["local", "remote"],
+    transporter: str,
+    head: int,
+    cap: float,
+    call_many: bool = True,
+) -> Figures:
+    """A new aggregate on a log of ``head`` events, its transformation ``summarizer.transform``
+    served on the projector's node (``local``) or only by another node (``remote``, started by
+    the harness: :func:`summarizer_node`); the projector's node is on NATS either way.
+    Seconds from the broker's start until the checkpoint reaches ``head``."""
+    events = event_store(store)
+    name = remote_aggregate_name(shape, where, call_many)
+    fields = PROFILE_FIELDS if shape == "create" else SUMMARY_FIELDS
+    aggregate = Aggregate(name, stores.with_fields(store, fields), NoSnapshot).snapshot(EVENT_STORE)
+    on = aggregate.on("profile.updated")
+    if shape == "create":
+        on.create("summarizer.transform")
+    else:
+        on.update("summarizer.transform", key="country" if shape == "summary_keyed" else None)
+
+    class Projecting(events.mixin(), aggregate.mixin(), Service):  # type: ignore[misc]
+        name = "profile"
+
+    services: list[Service] = [Projecting()]
+    if where == "local":
+        services.append(summarizer_service(shape, name))
+    started = time.perf_counter()
+    async with running_broker(
+        *services, transporter=transporter, node_id=f"projector-{where}",
+        request_timeout=REQUEST_TIMEOUT,
+    ) as broker:  # fmt: skip
+        runtime = aggregate.runtime(broker)
+        try:
+            done = await asyncio.wait_for(runtime.wait_caught_up(head), cap)
+            complete = True
+        except TimeoutError:
+            done = await checkpoint_of(broker, name)
+            complete = False
+        seconds = time.perf_counter() - started
+        real_shape: Shape = "create" if shape == "create" else "summary"
+        correct = await check_rows(broker, name, real_shape, done) if complete else None
+    return {
+        "events": done,
+        "seconds": seconds,
+        "per_second": done / seconds,
+        "complete": complete,
+        "correct": correct,
+    }
+
+
+async def summarizer_node(
+    shape: RemoteShape, transporter: str, node_id: str, ready: Path, call_many: bool = True
+) -> Figures:
+    """A node serving only ``summarizer.transform`` for the remote variant of ``shape``;
+    touches ``ready`` once started and runs until its stdin has a line. Without
+    ``call_many`` it does not offer many calls in one request (the projector then calls it
+    once per event, as before)."""
+    from moleculerpy_cqrs.broker import compat
+
+    service = summarizer_service(shape, remote_aggregate_name(shape, "remote", call_many))
+    async with running_broker(
+        transporter=transporter, node_id=node_id, request_timeout=REQUEST_TIMEOUT
+    ) as broker:
+        compat.install(broker)
+        if not call_many:
+            node = broker.node_catalog.local_node
+            assert node is not None
+            node.metadata = {}
+        await broker.register(service)
+        await asyncio.to_thread(ready.touch)
+        await asyncio.to_thread(sys.stdin.readline)
+    return {"node": node_id}

@@ -26,12 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import fsync_latency, table  # noqa: E402
+
+if TYPE_CHECKING:
+    from benchmarks.bench_ours import RemoteShape
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,19 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             count=s.catch_up_events,
         )  # fmt: skip
     r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
+    # ---- versions: one upcast step against none, in turn, on the same log (the best of two
+    # rounds each, in alternating order: the box is shared); then a version bump
+    for round_ in range(2):
+        for upcast in (False, True) if round_ == 0 else (True, False):
+            best(f"ours.upcast.catch_up.{upcast}", run_job(
+                "ours", "catch_up", log, shape="create", as_action=False, head=head,
+                cap=s.catch_up_cap, upcast=upcast, round=round_,
+            ))  # fmt: skip
+            best(f"ours.upcast.dispatch.{upcast}", run_job(
+                "ours", "dispatch", stores.fresh(f"dispatch{int(upcast)}r{round_}"),
+                count=s.catch_up_events, upcast=upcast,
+            ))  # fmt: skip
+    r["ours.rebuild"] = run_job("ours", "rebuild", log, head=head)
     # ---- per-entity read model: one row per account, read-then-update by an indexed key
     for rows in s.entity_rows:
         size = {"rows": rows, "events": s.entity_events}
@@ -209,6 +225,7 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
         r[f"raw.per_entity.{rows}"] = run_job(
             "raw", "per_entity", stores.fresh(f"raw_entity{rows}"), **size
         )
+    r.update(elsewhere(stores, log, head, s))
     # ---- load, latency, large replay: one process on SQLite
     if sqlite_only:
         r["ours.sustained"] = run_job(
@@ -225,6 +242,50 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             )  # fmt: skip
     else:
         r["ours.cluster"] = cluster(stores, s.sustained_seconds)
+    return r
+
+
+ELSEWHERE: tuple[tuple[RemoteShape, str], ...] = (
+    ("create", "create-only"),
+    ("summary_keyed", "read-then-update, key=country"),
+    ("summary", "read-then-update, no key"),
+)
+
+
+def elsewhere(stores: Stores, log: dict[str, Any], head: int, s: Sizes) -> dict[str, Any]:
+    """The catch-up of a new aggregate whose transformation (``summarizer.transform``) is
+    served on the projector's node, then only by a second node (its own process) over a real
+    nats-server; with ``before``, the second node does not take many calls in one request (the
+    projector calls it once per event, as it did before)."""
+    from moleculerpy_cqrs.testing.nats_server import NatsServer
+
+    url = stores.stack.enter_context(NatsServer()).url
+    r: dict[str, Any] = {}
+    variants = [("local", True), ("remote", True)] + ([] if s.rounds < 2 else [("remote", False)])
+    for shape, _ in ELSEWHERE:
+        for where, call_many in variants:
+            key = f"ours.elsewhere.{shape}.{where}" + ("" if call_many else ".before")
+            params = dict(shape=shape, where=where, transporter=url, head=head,
+                          cap=s.catch_up_cap, call_many=call_many)  # fmt: skip
+            if where == "local":
+                r[key] = run_job("ours", "catch_up_nats", log, **params)
+                continue
+            ready = stores.workdir / f"summarizer-{shape}-{int(call_many)}"
+            node = start_job(
+                "ours", "summarizer_node", log, shape=shape, transporter=url,
+                node_id="summarizer", ready=str(ready), call_many=call_many,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                while not ready.exists():
+                    if time.monotonic() > deadline or node.poll() is not None:
+                        raise RuntimeError("the summarizer node did not start")
+                    time.sleep(0.05)
+                r[key] = run_job("ours", "catch_up_nats", log, **params)
+            except RuntimeError as error:
+                r[key] = {"error": str(error)}
+            finally:
+                result_of(node, "stop\n")
     return r
 
 
@@ -445,7 +506,47 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         get(r, "raw.catch_up.create", "per_second"),
         note=completeness(r, "ours.replay", "raw: the same job as its catch-up"),
     ))  # fmt: skip
+    for what, label in (("catch_up", "catch-up, create-only callable"), ("dispatch", "dispatch")):
+        share = ratio(
+            get(r, f"ours.upcast.{what}.True", "per_second"),
+            get(r, f"ours.upcast.{what}.False", "per_second"),
+        )
+        rows.append(Row(
+            f"{label} {n:,} ev, one upcast step, as a share of none", "x", share,
+            targets=[(">= 0.9x", lambda row: None if row.ours is None else row.ours >= 0.9)],
+            note=f"{fmt(get(r, f'ours.upcast.{what}.True', 'per_second'), '/s')} vs "
+            f"{fmt(get(r, f'ours.upcast.{what}.False', 'per_second'), '/s')}",
+        ))  # fmt: skip
+    bump = r.get("ours.rebuild", {})
+    rows.append(Row(
+        f"version-bump rebuild {n:,} ev, as a share of replay", "x",
+        get(r, "ours.rebuild", "rebuild_over_replay"),
+        targets=[("<= 1.2x", lambda row: None if row.ours is None else row.ours <= 1.2)],
+        note=f"{fmt(bump.get('rebuild_seconds'), 's')} vs {fmt(bump.get('replay_seconds'), 's')}",
+    ))  # fmt: skip
+    rows.append(Row(
+        "reads during the rebuild, p99", "ms", get(r, "ours.rebuild", "read_p99_ms"),
+        note=f"{bump.get('reads', 0):,} reads by id, {bump.get('reads_failed', 0)} failed; "
+        f"during replay p99 {fmt(bump.get('read_p99_ms_during_replay'), 'ms')}",
+        targets=[("0 failed", lambda row: None if not bump else bump.get("reads_failed") == 0)],
+    ))  # fmt: skip
     rows += entity_rows(sq, r, sizes)
+    for shape, label in ELSEWHERE:
+        local = get(r, f"ours.elsewhere.{shape}.local", "per_second")
+        there = get(r, f"ours.elsewhere.{shape}.remote", "per_second")
+        before = get(r, f"ours.elsewhere.{shape}.remote.before", "per_second")
+        share = ratio(there, local)
+        notes = [f"local {fmt(local, '/s')}", f"{fmt_ratio(share)} of local"]
+        if before is not None:
+            notes.append(f"one call per event: {fmt(before, '/s')}")
+        done = completeness(r, f"ours.elsewhere.{shape}.local", f"ours.elsewhere.{shape}.remote")
+        row = Row(
+            f"transformation on another node over NATS: {label}", "/s", there,
+            note=", ".join([*notes, *([done] if done else [])]),
+        )  # fmt: skip
+        if shape != "summary":
+            row.targets = [half_of_local(share)]
+        rows.append(row)
     if "ours.replay_large" in r:
         big = r["ours.replay_large"]
         stored = int(big.get("stored") or 0)
@@ -513,6 +614,11 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         note="1M replay included" if "ours.replay_large" in r else "",
     ))  # fmt: skip
     return rows
+
+
+def half_of_local(share: float | None) -> tuple[str, Callable[[Row], bool | None]]:
+    label = ">= 0.5x local" + ("" if share is None else f" ({share:.2f}x)")
+    return label, lambda row: None if share is None else share >= 0.5
 
 
 def entity_rows(sq: bool, r: dict[str, dict[str, Any]], sizes: Sizes) -> list[Row]:

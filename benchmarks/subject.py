@@ -73,8 +73,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "appends": lambda: ours.appends(factory, p["callers"], p["dispatch"], p["seconds"]),
             "prefill": lambda: ours.prefill(factory, p["count"]),
             "catch_up": lambda: ours.catch_up(
-                factory, p["shape"], p["as_action"], p["head"], p["cap"]
+                factory,
+                p["shape"],
+                p["as_action"],
+                p["head"],
+                p["cap"],
+                p.get("upcast"),
+                p.get("round", 0),
             ),
+            "dispatch": lambda: ours.dispatch(factory, p["count"], p["upcast"]),
+            "rebuild": lambda: ours.rebuild(factory, p["head"]),
             "replay": lambda: ours.replay(factory, p["head"], p["cap"], report),
             "replay_large": lambda: ours.replay_large(
                 factory, p["count"], p["fill_cap"], p["cap"], report
@@ -84,6 +92,18 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "ack_visible": lambda: ours.ack_to_visible(factory, p["rate"], p["seconds"]),
             "cluster_node": lambda: ours.cluster_node(
                 factory, p["transporter"], p["node_id"], Path(p["ready"])
+            ),
+            "catch_up_nats": lambda: ours.catch_up_over_nats(
+                factory,
+                p["shape"],
+                p["where"],
+                p["transporter"],
+                p["head"],
+                p["cap"],
+                p.get("call_many", True),
+            ),
+            "summarizer_node": lambda: ours.summarizer_node(
+                p["shape"], p["transporter"], p["node_id"], Path(p["ready"]), p["call_many"]
             ),
             "cluster_load": lambda: ours.cluster_load(
                 p["transporter"], p["callers"], p["seconds"], p["nodes"]

@@ -5,6 +5,7 @@ eventsourcing subject needs the ``bench`` extra, which the test environment does
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from benchmarks import harness
 from benchmarks._common import table
 
 from moleculerpy_cqrs import stores
+from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.testing.brokers import running_broker
+from moleculerpy_cqrs.testing.nats_server import NatsServer
 
 
 async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> None:
@@ -48,16 +52,53 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert r["ours.replay"]["events"] == 60
     assert r["ours.replay"]["complete"]
 
+    for upcast in (False, True):
+        key = f"ours.upcast.catch_up.{upcast}"
+        r[key] = await ours.catch_up(log, "create", False, head=60, cap=60, upcast=upcast)
+        assert r[key]["correct"], key
+        key = f"ours.upcast.dispatch.{upcast}"
+        r[key] = await ours.dispatch(stores.sqlite(tmp_path / key), 40, upcast)
+        assert r[key]["heard"] == 40, key
+        assert r[key]["per_second"] > 0, key
+    r["ours.rebuild"] = await ours.rebuild(log, head=60)
+    assert r["ours.rebuild"]["reads_failed"] == 0
+    assert r["ours.rebuild"]["rebuild_seconds"] > 0
+
+    with NatsServer() as nats:
+        for shape, _ in harness.ELSEWHERE:
+            for where in ("local", "remote"):
+                key = f"ours.elsewhere.{shape}.{where}"
+                async with running_broker(transporter=nats.url, node_id="summarizer") as node:
+                    if where == "remote":
+                        compat.install(node)
+                        name = ours.remote_aggregate_name(shape, "remote")
+                        await node.register(ours.summarizer_service(shape, name))
+                    r[key] = await ours.catch_up_over_nats(log, shape, where, nats.url, 60, 60)
+                assert r[key]["complete"], key
+                assert r[key]["correct"], key
+
     r["ours.sustained"] = await ours.sustained(stores.sqlite(tmp_path / "load"), 8, 0.3)
     assert r["ours.sustained"]["projector_lag_events"] >= 0
     assert r["ours.sustained"]["dispatcher_lag_events"] is not None
     r["ours.ack_visible"] = await ours.ack_to_visible(stores.sqlite(tmp_path / "ack"), 100, 0.3)
     assert r["ours.ack_visible"]["events"] == 30
 
-    rows = harness.build_rows("sqlite", r, harness.QUICK)
+    sizes = dataclasses.replace(harness.QUICK, entity_rows=(50, 300), entity_events=120)
+    for count in sizes.entity_rows:
+        key = f"ours.per_entity.{count}"
+        r[key] = await ours.per_entity(stores.sqlite(tmp_path / key), count, 120, cap=60)
+        assert r[key]["complete"], key
+        assert r[key]["correct"], f"{key}: the balances do not add up"
+        r[f"raw.per_entity.{count}"] = raw.per_entity(folder(f"raw_entity{count}"), count, 120)
+        assert r[f"raw.per_entity.{count}"]["correct"]
+
+    rows = harness.build_rows("sqlite", r, sizes)
     lines = table(["scenario", *"abcdefg"], [row.cells() for row in rows])
     text = "\n".join(lines)
     assert "catch-up 60 ev, read-then-update, callable" in text
+    assert "version-bump rebuild 60 ev, as a share of replay" in text
     assert "ack -> visible p99" in text
+    assert "per-entity 300 rows, 120 deposits" in text
     assert "sustained: dispatcher lag" in text
-    assert all(row.ours is not None for row in rows if not row.scenario.startswith("peak"))
+    assert "transformation on another node over NATS: read-then-update, no key" in text
+    assert [r.scenario for r in rows if r.ours is None and not r.scenario.startswith("peak")] == []

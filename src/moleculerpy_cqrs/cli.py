@@ -444,15 +444,7 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    checked = _checked(check)
-    if checked.transporter:
-        from moleculerpy_cqrs.face import reach
-
-        try:  # refused credentials, a missing package: said at once (also any refusal)
-            asyncio.run(reach.check(checked.transporter, timeout))
-        except CqrsError as error:
-            _fail(str(error))
-    return checked
+    return _checked(check)
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:

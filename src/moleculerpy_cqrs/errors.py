@@ -51,7 +51,10 @@ class InvalidInput(CqrsError, ValidationError):
 
 
 class EntityNotFoundError(CqrsError, MoleculerClientError):
-    """No row with the given id: moleculer-db's ``EntityNotFoundError``, code 404."""
+    """No row with the given id: moleculer-db's ``EntityNotFoundError``, shaped as moleculer-db
+    shapes it (code 404, ``type`` null, ``data`` ``{id}``); the store is named in the message."""
+
+    type: str | None  # type: ignore[assignment]  # moleculer-db's is null
 
     def __init__(self, entity_id: Any, *, store: str | None = None) -> None:
         self.entity_id = entity_id
@@ -61,13 +64,13 @@ class EntityNotFoundError(CqrsError, MoleculerClientError):
             self,
             f"Entity not found: no row with id {_short(entity_id)!r}{where}",
             code=404,
-            type="ENTITY_NOT_FOUND",
-            data={"id": _short(entity_id), "store": store},
+            data={"id": _short(entity_id)},
         )
+        self.type = None
 
     @classmethod
     def from_wire(cls, message: str, data: dict[str, Any]) -> EntityNotFoundError:
-        error = cls(data.get("id"), store=data.get("store"))
+        error = cls(data.get("id"))
         error.message = message
         error.args = (message,)
         return error

@@ -23,6 +23,7 @@ from moleculerpy.decorators import action, event
 from moleculerpy.errors import (
     MoleculerError,
     RemoteCallError,
+    RequestRejectedError,
     RequestTimeoutError,
     ServiceNotFoundError,
     ValidationError,
@@ -105,6 +106,7 @@ class Slow(Service):
     def __init__(self, release: asyncio.Event | None = None) -> None:
         super().__init__()
         self.release = release or asyncio.Event()
+        self.entered = asyncio.Event()  # a hold is being served
 
     @action()
     async def nap(self, ctx: Context) -> str:
@@ -113,6 +115,7 @@ class Slow(Service):
 
     @action()
     async def hold(self, ctx: Context) -> str:
+        self.entered.set()
         await self.release.wait()
         return "released"
 
@@ -505,6 +508,33 @@ async def test_default_remote_timeout_raises_request_timeout_error(nats: Cluster
     with pytest.raises(RequestTimeoutError):
         await asyncio.wait_for(client.call("slow.hold", {}), 4)
     slow.release.set()
+
+
+async def test_a_request_to_a_node_that_leaves_fails_at_once(nats: Cluster) -> None:
+    slow = Slow()
+    server = await nats.node("server", slow)
+    client = await nats.node("client", request_timeout=30)
+    await wait_for_nodes(client, {server.nodeID: {"slow"}})
+    call = asyncio.create_task(client.call("slow.hold", {}))
+    await asyncio.wait_for(slow.entered.wait(), 4)  # the request is out, waiting
+    client.node_catalog.disconnect_node(server.nodeID)  # as when its heartbeats stop
+    with pytest.raises(RequestRejectedError, match="left before answering"):
+        await asyncio.wait_for(call, 4)
+    slow.release.set()
+
+
+async def test_defect_still_present_a_request_to_a_node_that_left_waits(nats: Cluster) -> None:
+    slow = Slow()
+    server = await nats.node("server", slow, fixed=False)
+    client = await nats.node("client", fixed=False, request_timeout=30)
+    await wait_for_nodes(client, {server.nodeID: {"slow"}})
+    call = asyncio.create_task(client.call("slow.hold", {}))
+    await asyncio.wait_for(slow.entered.wait(), 4)
+    client.node_catalog.disconnect_node(server.nodeID)
+    done, _ = await asyncio.wait({call}, timeout=0.5)
+    assert not done  # still waiting for an answer that will not come
+    slow.release.set()
+    assert await asyncio.wait_for(call, 4) == "released"
 
 
 # --------------------------------------------------------------------------- errors across nodes

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from moleculerpy import Context, Service, ServiceBroker, action
+from moleculerpy import Context, Service, ServiceBroker, Settings, action
 
 from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.stores import StoreFactory, with_fields
@@ -75,7 +75,7 @@ def store_for(backend: str, location: str) -> StoreFactory:
     return stores.postgres(dsn, schema=schema)
 
 
-def build(factory: StoreFactory, backups: str | Path) -> Node:
+def build(factory: StoreFactory, backups: str | Path, version: int = 1) -> Node:
     # A short lease: a node after a kill waits this long for the dead one's lease to end.
     events = EventStore(EVENT_STORE, factory, dispatch_batch_size=200, lease_ttl=LEASE_TTL)
     stock = Aggregate(
@@ -86,6 +86,7 @@ def build(factory: StoreFactory, backups: str | Path) -> Node:
         attempts=1,
         replay_batch_size=250,
         lease_ttl=LEASE_TTL,
+        version=version,
     ).snapshot(EVENT_STORE)
     cure = Cure()
 
@@ -110,7 +111,8 @@ def build(factory: StoreFactory, backups: str | Path) -> Node:
             found = await ctx.call(f"{AGGREGATE}.find", {"query": {"kind": "counter", "grp": grp}})
             if found:
                 return {"id": found[0]["id"], "n": found[0]["n"] + 1}
-            return {"kind": "counter", "grp": grp, "name": f"group {grp}", "n": 1}
+            # The name tells which version of the code created the row (rebuild tests).
+            return {"kind": "counter", "grp": grp, "name": f"group {grp} v{version}", "n": 1}
 
         on_added = stock.on(EVENT).update("stock.countGroup")
 
@@ -172,13 +174,43 @@ def _dump_tasks() -> None:
     say("dumped")
 
 
+async def bump(built: Node, params: dict[str, Any], rng: random.Random) -> None:
+    """A node of a newer aggregate version: it rebuilds the table as it starts, under load
+    (with ``phase``: it hangs there in the rebuild's swap)."""
+    broker = ServiceBroker(
+        f"bump-{params['seed']}", settings=Settings(transporter="memory://", log_level="ERROR")
+    )
+    await broker.register(built.service())
+    runtime = built.aggregate.runtime(broker)
+    phase: str | None = params.get("phase")
+    if phase is not None:  # before the start, which begins the rebuild
+        owner, method = PHASES[phase]
+        hang_at(getattr(runtime, owner), method, phase)
+    await broker.start()
+    try:
+        say("ready")
+        say("started bump")
+        appends = asyncio.create_task(writer(broker, f"{params['seed']}.w", rng, poison=True))
+        await runtime.wait_caught_up()
+        say("done bump")
+        await appends
+    finally:
+        await broker.stop()
+
+
 async def node(params: dict[str, Any]) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    built = build(store_for(params["backend"], params["location"]), params["backups"])
+    built = build(
+        store_for(params["backend"], params["location"]),
+        params["backups"],
+        params.get("version", 1),
+    )
     mode: str = params["mode"]
     seed: int = params["seed"]
     phase: str | None = params.get("phase")
     rng = random.Random(seed)
+    if mode == "bump":
+        return await bump(built, params, rng)
     async with running_broker(built.service()) as broker:
         runtime = built.aggregate.runtime(broker)
         await runtime.wait_caught_up()

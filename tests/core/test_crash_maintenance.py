@@ -404,3 +404,54 @@ async def test_kill_9_between_restoring_the_aggregate_and_its_dead_letters(
         node.cure.applied = True
         await broker.call(f"{AGGREGATE}.retryDeadLetters", {})
         await assert_consistent(broker, "after retrying the dead letters", cured=True)
+
+
+@pytest.mark.slow
+async def test_kill_9_during_a_version_bump_rebuild(
+    backend: str, location: str, tmp_path: Path
+) -> None:
+    """Nodes of ever newer aggregate versions (each rebuilds the table as it starts, under
+    load) are killed at random moments of the rebuild and in its swap: the table is the old
+    version's or the new one's, whole, and a later node rebuilds from the start."""
+    params = {"backend": backend, "location": location, "backups": str(tmp_path / "backups")}
+    rng = random.Random(20261202)
+    seen = Seen()
+    version = 1
+    durations: list[float] = []
+    inside = 0
+    async with ForkServer.running(tmp_path / "nodes.log") as server:
+        await fill(server, {**params, "seed": 0}, seen, FILL)
+        loop = asyncio.get_running_loop()
+        for seed in range(1, 5):
+            version += 1
+            pid = await server.start({**params, "seed": seed, "mode": "bump", "version": version})
+            await server.until("started bump", seen)
+            started = loop.time()
+            if not durations:  # the first one measures a whole rebuild
+                await server.until("done bump", seen)
+                durations.append(loop.time() - started)
+                await server.killed(pid, seen)
+                continue
+            await asyncio.sleep(rng.uniform(0, 1.1 * statistics.median(durations)))
+            last = await server.killed(pid, seen)
+            inside += "done bump" not in last
+        for seed, phase in enumerate(("before-swap", "mid-swap"), start=10):
+            version += 1
+            await server.start(
+                {**params, "seed": seed, "mode": "bump", "version": version, "phase": phase}
+            )
+            await server.until(f"phase {phase}", seen)
+            assert server.node is not None
+            await server.killed(server.node, seen)
+    assert inside >= 1, f"no kill landed inside a rebuild: {durations}"
+    assert await shadow_rows(location, backend) > 0, "the killed swaps left no shadow"
+    # The version killed in its swap again: the table must still be the older one's, so it
+    # rebuilds (its counters are named by the version that created them).
+    node = build(store_for(backend, location), tmp_path / "backups", version)
+    async with running_broker(node.service()) as broker:
+        await caught_up(broker, node)
+        await assert_consistent(broker, f"after the kills, rebuilt as version {version}")
+        status = await broker.call(f"{AGGREGATE}.status", {})
+        assert (status["tableVersion"], status["state"]) == (version, "running"), status
+        counters = await broker.call(f"{AGGREGATE}.find", {"query": {"kind": "counter"}})
+        assert {c["name"].rsplit(" ", 1)[1] for c in counters} == {f"v{version}"}

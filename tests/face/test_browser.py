@@ -98,6 +98,7 @@ def test_an_operator_works_from_the_page(
     letters = page.locator("#dead-letters tr[data-dead-letter]")
     expect(letters).to_have_count(2)
     expect(page.locator("#dead-letters")).to_contain_text("cannot ship poison")
+    expect(page.locator("#dl-caption")).to_have_text("page 1 of 1, 2 in all")
     shot(page, shots, "dead-letters")
     (page_node.data / "fixed").touch()  # the transformation is fixed
     newest = letters.last.get_attribute("data-dead-letter")
@@ -120,6 +121,18 @@ def test_an_operator_works_from_the_page(
     expect(row).to_contain_text("completed")
     shot(page, shots, "snapshot")
 
+    # A restore asks first: cancelled, nothing happens; confirmed, it is done.
+    row.locator("button.restore").click()
+    expect(page.locator("#confirm-text")).to_contain_text(
+        f"Restore profileSummaryAggregate from {snapshot_id}"
+    )
+    page.click("#confirm-no")
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(page.locator("#message")).to_have_text(said)
+    row.locator("button.restore").click()
+    page.click("#confirm-yes")
+    expect(page.locator("#message")).to_have_text(f"restored from {snapshot_id}")
+
     # A replay, confirmed, followed to its end.
     page.click("#replay-btn")
     expect(page.locator("#confirm")).to_be_visible()
@@ -130,6 +143,8 @@ def test_an_operator_works_from_the_page(
 
     # The log of an event store, one event whole.
     page.goto(page_node.url + "#/store/profileEventStore")
+    cursor = page.locator("#dispatcher tr", has_text="cursor")
+    expect(cursor).to_contain_text("41")  # 40 updates and the snapshot's event, dispatched
     events = page.locator("#events tr[data-event]")
     expect(events.first).to_contain_text("profileSummaryAggregate.snapshot")  # newest first
     page.fill("#ev-name", "profile.updated")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -125,7 +126,15 @@ def test_cqrs_run_serves_metrics(tmp_path: Path) -> None:
                 break
         else:
             raise AssertionError(f"no metrics line: {''.join(seen)}")
-        samples = scrape(found[1])
+        # The dispatcher takes its lease in its own time after `ready` (nothing announces
+        # it): scrape until the holder shows, within a bound.
+        deadline = time.monotonic() + 20
+        while True:
+            samples = scrape(found[1])
+            holders = [n for n, _ in samples if n == "cqrs_dispatcher_lease_holder"]
+            if holders or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         process.terminate()
         process.wait(10)

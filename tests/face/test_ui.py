@@ -7,21 +7,27 @@ The browser test (``test_browser.py``) opens the same kind of node in Chromium.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from moleculerpy import ServiceBroker, Settings
 
+from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.face.model import AggregateStatus, ClusterStatus
 from moleculerpy_cqrs.face.ui.history import History
 from moleculerpy_cqrs.testing.nats_server import NatsServer
@@ -157,6 +163,9 @@ def test_the_page_and_the_status_are_read_without_a_token(page_node: PageNode) -
     assert page.status == 200
     assert "<title>cqrs</title>" in page.body
     assert "default-src 'none'" in page.headers["content-security-policy"]
+
+    rebound = http(f"{page_node.url}api/status", headers={"Host": "evil.test"})
+    assert rebound.status == 400  # a name rebound to 127.0.0.1 reads nothing
 
     status = http(f"{page_node.url}api/status").body
     assert {s["name"] for s in status["eventStores"]} == EVENT_STORES
@@ -339,3 +348,97 @@ def test_the_history_keeps_fifteen_minutes() -> None:
     kept = history.samples("a")
     assert kept[0].at >= kept[-1].at - 15 * 60
     assert len(kept) == 15 * 6 + 1
+
+
+# --------------------------------------------------------------------------- stalls, ports
+
+STALL_NODE = Path(__file__).with_name("stall_node.py")
+
+
+def test_a_projector_that_applies_nothing_while_its_lag_grows_is_marked_stalled(
+    nats_url: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSPORTER", "CQRS_UI_TOKEN")}
+    node = subprocess.Popen(
+        [sys.executable, "-m", "moleculerpy_cqrs.cli", "run", str(STALL_NODE), "-t", nats_url,
+         "--node-id", "stall-n1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "moleculerpy_cqrs.cli", "ui", "-t", nats_url, "--port", "0",
+         "--stall-after", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        Lines(node).wait_for("^ready")
+        url = Lines(ui).wait_for(r"page on (http://127\.0\.0\.1:\d+/)")[1]
+
+        async def add(broker: ServiceBroker) -> None:
+            await broker.call("stall.add", {"n": 1})
+
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the sampler's points, every 2 s
+            with_broker_to(nats_url, add)
+            status = http(f"{url}api/status").body
+            stuck = [a for a in status["aggregates"] if a["name"] == "stuck"]
+            seen.extend(stuck)
+            if stuck and stuck[0]["stalled"]:
+                break
+        assert seen, "the page never showed the aggregate"
+        last = seen[-1]
+        assert last["stalled"] is True, seen
+        assert last["state"] == "waiting"
+        assert last["waiting_for"] == ["nobody.transform"]
+        assert last["lag_events"] >= 2
+        assert not [a for a in seen[:1] if a["stalled"]]  # not stalled when first seen
+    finally:
+        stop(ui)
+        stop(node)
+
+
+def with_broker_to(url: str, work: Any) -> None:
+    """``work`` with a broker of this process on ``url`` (the stall node's services)."""
+
+    async def main() -> None:
+        settings = Settings(transporter=url, log_level="ERROR", request_timeout=20.0)
+        broker = ServiceBroker(f"test-{uuid.uuid4().hex[:8]}", settings=settings)
+        compat.install(broker)
+        await broker.start()
+        try:
+            await broker.wait_for_services(["stall"], timeout=20)
+            await work(broker)
+        finally:
+            await broker.stop()
+
+    asyncio.run(main())
+
+
+def test_a_page_port_in_use_is_one_line(nats_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSPORTER", "CQRS_UI_TOKEN")}
+    env["CQRS_DATA"] = str(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        runs = [
+            subprocess.run(
+                [sys.executable, "-m", "moleculerpy_cqrs.cli", *args],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for args in (
+                ["ui", "-t", nats_url, "--port", str(port), "--timeout", "0.5"],
+                ["run", "profile", "--ui-port", str(port)],
+            )
+        ]
+    for done in runs:
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1] == (
+            f"error: cannot serve the page on 127.0.0.1:{port}: Address already in use"
+        ), done.stderr

@@ -103,10 +103,13 @@ async def test_a_moleculer_js_client_sees_moleculer_db_error_names(
     assert seen["missing"] == {
         "name": "EntityNotFoundError",
         "code": 404,
-        "type": "ENTITY_NOT_FOUND",
-        "data": {"id": 99, "store": "noteAggregate"},
+        "type": None,  # as moleculer-db's own: MoleculerClientError(msg, 404, null, {id})
+        "data": {"id": 99},
     }
+    # moleculer-db's come from Moleculer's validator: same name, code and type; its data is
+    # fastest-validator's list of problems, ours one object (see the README's table)
     assert (seen["invalid"]["name"], seen["invalid"]["code"]) == ("ValidationError", 422)
+    assert seen["invalid"]["type"] == "VALIDATION_ERROR"
     assert seen["invalid"]["data"]["field"] == "name"
     assert (seen["readonly"]["name"], seen["readonly"]["code"]) == ("ReadOnlyAggregateError", 405)
     assert seen["fine"] == {"answer": 0}

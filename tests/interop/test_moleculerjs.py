@@ -171,6 +171,40 @@ async def test_a_moleculerjs_node_on_the_same_cluster(
     assert "999999" in missing["message"]
 
 
+async def test_a_moleculerjs_subscriber_hears_the_upcast_shape(
+    tmp_path: Path, nats_url: str, node_dir: Path
+) -> None:
+    """A v1 event in the log (as the v1 code stored it) reaches a Moleculer.js subscriber of
+    the v2 node as v2: the dispatcher emits what the upcasters read."""
+    events, summary, service = build(stores.sqlite(tmp_path), version=2)
+    async with (
+        running_broker(service(), transporter=nats_url, node_id="py-node") as broker,
+        js_node(node_dir, nats_url, 0) as js,
+    ):
+        assert await js.receive("started") == JS_NODE
+        await until_subscribed(broker, JS_NODE, "profile.updated")
+        runtime = events.runtime(broker)
+        old = await runtime.append("profile.updated", {"name": "Old", "country": "NZ"}, version=1)
+        new = await broker.call("profile.update", {"fullName": "New", "address": {"country": "AU"}})
+        await js.send("go")
+        assert await js.receive("saved") == []
+        await asyncio.wait_for(runtime.dispatcher.wait_settled(new["id"]), 30)
+        await asyncio.wait_for(summary.runtime(broker).wait_caught_up(), 30)
+        await js.send("read")
+        report = await js.receive("report")
+        await js.send("stop")
+        assert await asyncio.wait_for(js.process.wait(), 10) == 0
+        stored = await broker.call("profileEventStore.get", {"id": old["id"], "raw": True})
+
+    def v2(name: str, country: str) -> dict[str, Any]:
+        return {"version": 2, "payload": {"fullName": name, "address": {"country": country}}}
+
+    assert report["shapes"] == {str(old["id"]): v2("Old", "NZ"), str(new["id"]): v2("New", "AU")}
+    assert (stored["version"], stored["payload"]) == (1, {"name": "Old", "country": "NZ"})
+    (nz,) = report["found"]  # the v2 transformation counted the v1 event
+    assert (nz["country"], nz["total"]) == ("NZ", 1)
+
+
 async def test_the_readmes_node_example_runs(tmp_path: Path, nats_url: str, node_dir: Path) -> None:
     (block,) = re.findall(r"```js\n(.*?)```", README.read_text(), flags=re.DOTALL)
     script = tmp_path / "readme.mjs"

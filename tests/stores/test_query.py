@@ -177,7 +177,9 @@ def test_extra_params_are_left_to_the_caller() -> None:
         ({"query": {"$and": []}}, "'$and' takes a non-empty list"),
         ({"query": {"qty": {}}}, "operators for 'qty' are empty"),
         ({"query": {"or": [{}]}}, "must not be empty"),
-        ({"query": "qty = 1"}, "a query must be an object"),
+        ({"query": "qty = 1"}, "query is text that is not JSON"),
+        ({"query": "[1]"}, "query must be an object (or JSON text of one)"),
+        ({"query": "[" * 100_000}, "query is text that is not JSON"),
         ({"query": {"qty": "three"}}, "field 'qty' must be an integer, got str"),
         ({"query": {"qty": [1, 2]}}, "a list or object is not a value here"),
         ({"sort": "data"}, "cannot sort by json field 'data'"),
@@ -265,9 +267,12 @@ def test_escape_like_makes_text_literal() -> None:
     assert not like_regex(escape_like(text)).fullmatch("100x_\\x")
 
 
-def test_search_folds_ascii_case_only() -> None:
+def test_search_lowercases_beyond_ascii_as_javascript_does() -> None:
     assert matches(Search("HELLO", ("name",)), {"name": "say hello"})
-    assert not matches(Search("é", ("name",)), {"name": "É"})
+    assert matches(Search("é", ("name",)), {"name": "É"})
+    assert matches(Search("SÃO", ("name",)), {"name": "São Paulo"})
+    # lowercasing, not case folding: moleculer-db's toLowerCase leaves "ß" as it is
+    assert not matches(Search("strasse", ("name",)), {"name": "Straße"})
 
 
 def test_sort_key_puts_nulls_first_ascending_last_descending_and_breaks_ties_by_id() -> None:

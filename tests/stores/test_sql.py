@@ -163,9 +163,9 @@ def test_an_empty_in_list() -> None:
 
 
 def test_search_binds_a_lowercased_escaped_pattern() -> None:
-    sql, params = Compiler("t", FIELDS, SQLITE).where(Search("50% OFF_\\", ("name",)))
-    assert sql == " WHERE (lower(\"name\") LIKE ? ESCAPE '\\')"
-    assert params == ["%50\\% off\\_\\\\%"]
+    sql, params = Compiler("t", FIELDS, SQLITE).where(Search("50% ÉTÉ_\\", ("name",)))
+    assert sql == " WHERE (cqrs_fold_case(\"name\") LIKE ? ESCAPE '\\')"
+    assert params == ["%50\\% été\\_\\\\%"]
 
 
 @pytest.mark.parametrize(

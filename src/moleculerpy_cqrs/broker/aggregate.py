@@ -20,7 +20,7 @@ from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.eventstore import until_ready
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.log import Listeners
+from moleculerpy_cqrs.core.log import EventLog, Listeners
 from moleculerpy_cqrs.core.maintenance import Maintenance, ReplayProgress
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, Binding, Key, Kind, Transform
 from moleculerpy_cqrs.core.records import AGGREGATE_FIELDS
@@ -100,6 +100,10 @@ class Aggregate:
     ``write_actions``: serve moleculer-db's ``create``/``insert``/``update``/``remove`` as the
     Go library does. Off by default (they answer 405 ``ReadOnlyAggregateError``): rows written
     through them are not events, so a replay (and a restore's catch-up) drops them.
+    ``version``: the version of the transformations (bump it when they change): a node with a
+    higher version than the table was built with rebuilds it from the log into a shadow table,
+    reads answering from the old one, and swaps it in; a node with a lower one does not
+    project (a rolling deploy) and answers reads.
     """
 
     def __init__(
@@ -116,12 +120,16 @@ class Aggregate:
         concurrency: int = CONCURRENCY,
         settings: Mapping[str, Any] | None = None,
         write_actions: bool = False,
+        version: int = 1,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError("concurrency must be an integer >= 1")
         self.concurrency = concurrency
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigurationError(f"version must be an integer from 1, got {version!r}")
+        self.version = version
         if on_error not in ("dead_letter", "halt"):
             raise ConfigurationError("on_error is 'dead_letter' or 'halt'")
         self.name = name
@@ -187,6 +195,7 @@ class Aggregate:
             node_id=broker.nodeID,
             lease_ttl=self.lease_ttl,
             concurrency=self.concurrency,
+            version=self.version,
         )
         # Here, not in started(): MoleculerPy logs an error of a started hook and goes on,
         # while one of a created hook fails broker.register, so the start is refused.
@@ -228,6 +237,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         self.event_store = event_store
         self.remote_listeners = Listeners()
         self.starter: asyncio.Task[None] | None = None
+        self.bindings_checked: asyncio.Task[None] | None = None
         self.replays: set[asyncio.Task[Any]] = set()
 
     @property
@@ -256,6 +266,10 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             except asyncio.CancelledError:
                 pass
             self.starter = None
+        if self.bindings_checked is not None:
+            self.bindings_checked.cancel()
+            await asyncio.gather(self.bindings_checked, return_exceptions=True)
+            self.bindings_checked = None
         await self.runtime.stop()
 
     async def _start_projector(self) -> None:
@@ -263,9 +277,15 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
         self.runtime.start_projector(log_)
-        try:  # a check only, made once the projector runs, so nothing waits for it
+        self.bindings_checked = asyncio.create_task(
+            self._check_bindings(log_), name=f"cqrs-check-{self.name}"
+        )
+
+    async def _check_bindings(self, source: EventLog) -> None:
+        """Warn of bindings to events nobody produces (a check only, beside the projector)."""
+        try:
             bound = [b.event for b in self.runtime.bindings]
-            for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
+            for line in await unproduced(self.name, bound, self.event_store, self.port, source):
                 log.warning("%s", line)
         except Exception as error:
             log.debug("aggregate %s: bindings not checked: %s", self.name, error)
@@ -317,6 +337,7 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
             )
         snapshot_id = _snapshot_id(ctx, required=False)
         maintenance = self._maintenance()
+        maintenance.refuse_if_outdated()
         if snapshot_id is not None:
             restored = await maintenance.restore(snapshot_id)
             if params.get("wait"):

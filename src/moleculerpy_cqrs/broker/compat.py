@@ -44,11 +44,21 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   logged the remote stack trace at ERROR again. A client error (4xx) is now logged at DEBUG;
   a real failure at ERROR once (the same failure repeated within a minute, as retries do, at
   DEBUG), and never by the caller, who gets the exception.
+* **requests to a node that left** — a request sent to a node that then disconnected (its
+  DISCONNECT packet, or its heartbeats stopped) waited for its timeout. It now fails at once
+  with ``RequestRejectedError`` (503, retryable), as Moleculer.js's
+  ``removePendingRequestByNodeID`` does.
 * **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
   and raised the builtin ``TimeoutError``; now ``x`` applies and
   :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
   ``timeout`` is still not enforced: cancelling a local handler midway (a store commit, say)
   is worse than waiting for it.
+
+Not a workaround, but hooked in the same places: the request handler also serves the toolkit's
+own ``$cqrs.callMany`` (many transformation calls in one request, ``broker/remote.py``; no
+service registers it, and the node's INFO metadata says it is served), and an outgoing request
+made by one of those calls for a read of the projector's aggregate is answered on this node
+from the rows the call carries when it can be, and recorded (``remote.around_read``).
 
 Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
 ``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
@@ -72,6 +82,7 @@ from moleculerpy.errors import (
     ERROR_REGISTRY,
     MoleculerError,
     RemoteCallError,
+    RequestRejectedError,
     RequestTimeoutError,
     ServiceNotFoundError,
 )
@@ -80,6 +91,7 @@ from moleculerpy.registry import Registry
 from moleculerpy.validator import validate_params
 
 from moleculerpy_cqrs import errors
+from moleculerpy_cqrs.broker import remote
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY
 
 if TYPE_CHECKING:
@@ -88,7 +100,15 @@ if TYPE_CHECKING:
     from moleculerpy.registry import Action, Event
     from moleculerpy.service import Service
 
-__all__ = ["broadcast", "emit", "install", "is_client_error", "is_installed", "remote_error"]
+__all__ = [
+    "broadcast",
+    "emit",
+    "install",
+    "is_client_error",
+    "is_installed",
+    "remote_error",
+    "request_on_node",
+]
 
 _STATE_ATTR = "_moleculerpy_cqrs_compat"
 
@@ -176,6 +196,24 @@ class _RoutingRegistry(_BatchReadRouting, Registry):
 # Registry.__setattr__ stores a name outside ``self.__slots__`` aside; the subclass must
 # answer the registry's own slot names there (its layout is unchanged: no new slots).
 _RoutingRegistry.__slots__ = Registry.__slots__  # type: ignore[assignment]
+
+
+async def request_on_node(broker: ServiceBroker, node_id: str, action: str, params: Any) -> Any:
+    """Send a request for ``action`` to ``node_id`` whatever the registry says serves it
+    (the toolkit's own :data:`~.remote.CALL_MANY`, which no service registers)."""
+    install(broker)
+    ctx = broker.lifecycle.create_context(action=action, params=params, meta={})
+    return await _state(broker).request(cast(Any, _NodeEndpoint(node_id, action)), ctx)
+
+
+class _NodeEndpoint:
+    """What ``Transit.request`` reads of an endpoint."""
+
+    def __init__(self, node_id: str, name: str) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.timeout: float | None = None
+        self.is_local = False
 
 
 def _state(broker: ServiceBroker) -> _Compat:
@@ -345,6 +383,7 @@ class _Compat:
         self.requests: set[asyncio.Task[None]] = set()
         self.event_lock = asyncio.Lock()
         self.turns: dict[tuple[str, str], int] = {}
+        self.pending: dict[str, dict[str, str]] = {}  # node id -> {request id: action}
 
     def apply(self) -> None:
         broker = cast(Any, self.broker)
@@ -364,8 +403,15 @@ class _Compat:
         transit.request_without_endpoint = self.request_without_endpoint
         self._original_disconnect: _AsyncFn = transit.disconnect
         transit.disconnect = self.disconnect
+        catalog = broker.node_catalog
+        self._original_disconnect_node: Callable[..., None] = catalog.disconnect_node
+        catalog.disconnect_node = self.disconnect_node
         # A new list: the old one may be a Settings.middlewares list shared with other brokers.
         broker.middlewares = [*broker.middlewares, _BrokerHooks(self)]
+        # Tell other nodes (in INFO) that this one serves many transformation calls at once.
+        local_node = broker.node_catalog.local_node
+        if local_node is not None:
+            local_node.metadata = {**(local_node.metadata or {}), remote.CAPABILITY: 1}
         # The registry has fixed slots: route through a subclass, not an instance attribute.
         registry = cast(Any, broker.registry)
         if type(registry) is Registry:
@@ -577,6 +623,9 @@ class _Compat:
         if not task.cancelled() and (error := task.exception()) is not None:
             self.logger.error(f"Serving a request failed: {error!r}")
 
+    def _serves_here(self, name: str) -> bool:
+        return self._local_action(name) is not None
+
     def _local_action(self, name: str) -> Action | None:
         for endpoint in self.broker.registry.get_all_actions(name):
             if endpoint.is_local:
@@ -593,14 +642,7 @@ class _Compat:
         endpoint = self._local_action(str(action_name))
         response: dict[str, Any]
         try:
-            handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
-            if endpoint is None or handler is None:
-                raise ServiceNotFoundError(str(action_name), node_id=self.broker.nodeID)
-            if endpoint._compiled_checker is not None:
-                endpoint._compiled_checker(ctx.params or {})
-            elif endpoint.params_schema:
-                validate_params(ctx.params or {}, endpoint.params_schema)
-            result = await handler(ctx)
+            result = await self._run_request(str(action_name), ctx, endpoint)
             response = {"id": ctx.id, "data": result, "success": True, "meta": ctx.meta}
         except Exception as error:
             self._log_failure(str(action_name), error)
@@ -623,6 +665,18 @@ class _Compat:
                 )
             else:
                 raise
+
+    async def _run_request(self, action_name: str, ctx: Context, endpoint: Action | None) -> Any:
+        if action_name == remote.CALL_MANY:  # the toolkit's own: no service registers it
+            return await remote.serve_many(self.broker, ctx, self._serves_here, _error_payload)
+        handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
+        if endpoint is None or handler is None:
+            raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
+        if endpoint._compiled_checker is not None:
+            endpoint._compiled_checker(ctx.params or {})
+        elif endpoint.params_schema:
+            validate_params(ctx.params or {}, endpoint.params_schema)
+        return await handler(ctx)
 
     async def _answer_unsendable(
         self, action_name: str, packet: Packet, response: dict[str, Any], error: Exception
@@ -689,7 +743,20 @@ class _Compat:
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
+        return await remote.around_read(
+            str(endpoint.name), context, lambda: self._request(endpoint, context, timeout)
+        )
+
+    async def _request(
+        self,
+        endpoint: Action,
+        context: Context,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Any:
         limit = timeout if timeout is not None else (context.timeout or None)
+        node_id = str(endpoint.node_id)
+        waiting = self.pending.setdefault(node_id, {})
+        waiting[context.id] = str(endpoint.name)
         try:
             return await self._original_request(endpoint, context, limit)
         except TimeoutError:
@@ -700,12 +767,38 @@ class _Compat:
             if _too_large(error):
                 raise self._params_too_large(str(endpoint.name)) from None
             raise
+        finally:
+            waiting.pop(context.id, None)
+            if not waiting and self.pending.get(node_id) is waiting:
+                del self.pending[node_id]
+
+    def disconnect_node(self, node_id: str, unexpected: bool = True) -> None:
+        """The catalog's ``disconnect_node``; first fails the requests waiting on that node."""
+        pending = cast(Any, self.transit)._pending_requests
+        for request_id, action_name in self.pending.pop(node_id, {}).items():
+            future = pending.pop(request_id, None)
+            if future is not None and not future.done():
+                reason = f"node {node_id} left before answering"
+                future.set_exception(RequestRejectedError(action_name, reason))
+        self._original_disconnect_node(node_id, unexpected)
 
     async def request_without_endpoint(
         self,
         action_name: str,
         context: Context,
         timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        return await remote.around_read(
+            action_name,
+            context,
+            lambda: self._request_without_endpoint(action_name, context, timeout),
+        )
+
+    async def _request_without_endpoint(
+        self,
+        action_name: str,
+        context: Context,
+        timeout: float | None,  # noqa: ASYNC109
     ) -> Any:
         limit = timeout if timeout is not None else (context.timeout or None)
         try:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from moleculerpy import ServiceBroker
+
+from moleculerpy_cqrs.broker import compat, remote
+from moleculerpy_cqrs.core.port import ManyAnswers, ManyCall
 
 
 class MoleculerPort:
@@ -16,6 +20,27 @@ class MoleculerPort:
         self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Any:
         return await self.broker.call(action, params, meta or {})
+
+    def batch_node(self, action: str) -> str | None:
+        endpoints = self.broker.registry.get_all_actions(action)
+        if not endpoints or any(e.is_local for e in endpoints):
+            return None
+        endpoint = self.broker.registry.get_action_endpoint(action)
+        node = None if endpoint is None else str(endpoint.node_id)
+        return node if node is not None and remote.serves_many(self.broker, node) else None
+
+    async def call_many(
+        self,
+        node: str,
+        calls: Sequence[ManyCall],
+        *,
+        serial: bool,
+        fields: dict[str, Any] | None = None,
+        known: Sequence[tuple[dict[str, Any], Any]] = (),
+    ) -> ManyAnswers:
+        params = remote.request_params(calls, serial=serial, fields=fields, known=known)
+        answer = await compat.request_on_node(self.broker, node, remote.CALL_MANY, params)
+        return remote.answers_of(answer, node, compat.remote_error)
 
     async def emit(
         self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None

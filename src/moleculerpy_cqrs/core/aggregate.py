@@ -50,7 +50,9 @@ class AggregateRuntime:
         node_id: str = "node",
         lease_ttl: float = DEFAULT_TTL,
         concurrency: int = CONCURRENCY,
+        version: int = 1,
     ) -> None:
+        self.version = version
         self.node_id = node_id
         self.concurrency = concurrency
         self.batches = OpenBatches(name, node_id)
@@ -117,7 +119,6 @@ class AggregateRuntime:
             concurrency=self.concurrency,
             batches=self.batches,
         )
-        self.projector.start()
         self.maintenance = Maintenance(
             self.name,
             self.adapter,
@@ -127,7 +128,10 @@ class AggregateRuntime:
             snapshots=self.snapshot_event_store is not None,
             replay_batch_size=self.replay_batch_size,
             node_id=self.node_id,
+            version=self.version,
         )
+        self.projector.version_gate = self.maintenance.ensure_version
+        self.projector.start()
         self.projecting.set()
         return self.projector
 
@@ -175,6 +179,9 @@ class AggregateRuntime:
             "lastError": p.stats.last_error if p else None,
             "rows": await self.adapter.count(Query()),
             "replay": self.maintenance.replay_progress.public() if self.maintenance else None,
+            "version": self.version,
+            "tableVersion": self.maintenance.table_version if self.maintenance else None,
+            "rebuild": self.maintenance.rebuild_text() if self.maintenance else None,
             "lastPauseMs": self.maintenance.last_pause_ms if self.maintenance else None,
             "lease": await p.lease.holder() if p and p.lease else None,
         }

@@ -26,7 +26,14 @@ from moleculerpy_cqrs.errors import Conflict
 TOKEN_KEY: Final = "$cqrsTx"
 AGGREGATE_KEY: Final = "$cqrsAggregate"
 NODE_KEY: Final = "$cqrsNode"
-PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY)
+ITEM_KEY: Final = "$cqrsItem"
+"""On the calls of a serial request to another node (core/remote.py): the call's place in it.
+The serving node records the reads of the aggregate such a call makes itself, and marks the
+ones it forwards here with ``RECORDED_KEY``; a read from a later call (place > 0) that arrives
+without the mark came another way (through a third service), unrecorded: its call's answer is
+not used (:meth:`OpenBatches.take_unrecorded`)."""
+RECORDED_KEY: Final = "$cqrsRecorded"
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY, RECORDED_KEY)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class OpenBatches:
         self.aggregate = aggregate
         self.node = node
         self._views: dict[str, BatchView] = {}
+        self._unrecorded: dict[str, int] = {}  # token -> first call that read unrecorded
 
     @contextmanager
     def open(self, view: BatchView) -> Iterator[BatchToken]:
@@ -61,6 +69,12 @@ class OpenBatches:
         finally:
             _CURRENT.reset(reset)
             del self._views[token.token]
+            self._unrecorded.pop(token.token, None)
+
+    def take_unrecorded(self, token: BatchToken) -> int | None:
+        """The first call of the last serial request that read the aggregate here unrecorded
+        (see :data:`ITEM_KEY`); forgets it."""
+        return self._unrecorded.pop(token.token, None)
 
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
@@ -68,12 +82,16 @@ class OpenBatches:
             held = meta.get(TOKEN_KEY)
             if type(held) is str and meta.get(AGGREGATE_KEY) == self.aggregate:
                 found = self._views.get(held)
-                if found is not None:
+                if found is not None and ITEM_KEY not in meta:
                     return found
         token = _from_meta(meta) or _CURRENT.get()
         if token is None or token.aggregate != self.aggregate:
             return None
         view = self._views.get(token.token)
+        if isinstance(meta, Mapping) and view is not None and not meta.get(RECORDED_KEY):
+            item = meta.get(ITEM_KEY)
+            if isinstance(item, int) and item > 0:
+                self._unrecorded[token.token] = min(item, self._unrecorded.get(token.token, item))
         if view is None:
             where = f"node {token.node!r}" if token.node != self.node else "this node any more"
             raise Conflict(

@@ -57,6 +57,12 @@ class Lease:
             await self.adapter.set_meta(self.key, {"owner": self.owner, "until": self._until})
         return Grant(held=True, fresh=fresh)
 
+    def forget(self) -> None:
+        """Act as if the lease had lapsed: the next :meth:`acquire` writes it again instead of
+        trusting what it remembered (after the aggregate's meta was rewritten by a restore, or
+        swapped for a shadow's, which held no lease)."""
+        self._until = 0.0
+
     async def release(self) -> None:
         """Give the lease up (a clean stop), so another node takes over at once."""
         if self._until <= time.time():

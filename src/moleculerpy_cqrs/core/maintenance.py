@@ -9,11 +9,18 @@
 - ``replay``: rebuilds the aggregate from position 0 into a shadow table, in large batches,
   while the live table keeps serving reads and the live projector keeps running; then holds
   the projector for the last few events and swaps the shadow in atomically.
+- ``ensure_version``: the aggregate's version (of its transformations) against the version
+  the table was built with, when the projector takes the lease: equal, it projects; the
+  table's newer, it does not (a node of a rolling deploy not yet upgraded); the table's older,
+  it rebuilds the table with a replay (reads answer from the old table until the swap) and
+  then projects. The version is written with the swap, in the shadow's meta, so a node killed
+  mid-rebuild leaves the old table and its version whole, and the next holder starts again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 import time
@@ -30,6 +37,8 @@ from moleculerpy_cqrs.errors import Conflict, EntityNotFound, StoreError
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.query import ALL
 
+log = logging.getLogger(__name__)
+VERSION_KEY: Final = "aggregate.version"  # the version of the code that built the table
 REPLAY_BATCH: Final = 1000
 HEARTBEAT_TTL: Final = 5.0
 _SNAPSHOT_ID: Final = re.compile(r"snapshot_[0-9a-f]{16}")
@@ -52,12 +61,23 @@ class ReplayProgress:
     finished: float | None = None
     error: str | None = None
     events_per_second: float = 0.0
+    version: int | None = None  # the version a rebuild builds (None: a replay asked for)
     _t0: float = field(default=0.0, repr=False)
 
     def public(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("_t0")
+        out["etaSeconds"] = self.eta_seconds()
         return out
+
+    def percent(self) -> int:
+        return int(100 * self.done / self.total) if self.total else 0
+
+    def eta_seconds(self) -> float | None:
+        """The time left at the rate so far (None before there is a rate, or when done)."""
+        if self.state not in ("running", "swapping") or self.events_per_second <= 0:
+            return None
+        return round(max(self.total - self.done, 0) / self.events_per_second, 1)
 
 
 class Maintenance:
@@ -73,8 +93,11 @@ class Maintenance:
         replay_batch_size: int = REPLAY_BATCH,
         node_id: str = "node",
         heartbeat_ttl: float = HEARTBEAT_TTL,
+        version: int = 1,
     ) -> None:
         self.name = name
+        self.version = version
+        self.table_version: int | None = None  # as last read or written
         self.replay_batch_size = replay_batch_size
         self.adapter = adapter
         self.dead_letters = dead_letters
@@ -100,6 +123,7 @@ class Maintenance:
                 "aggregate": self.name,
                 "checkpoint": checkpoint,
                 "location": location,
+                "version": await self.read_table_version(),
             }
             payload["taker"] = self.taker
             self.taking.add(snapshot_id)
@@ -205,13 +229,22 @@ class Maintenance:
                 f"snapshot {snapshot_id} never completed; it cannot be restored",
                 snapshotId=snapshot_id,
             )
+        made_by = int(row["payload"].get("version") or 1)
+        if made_by != self.version:
+            raise Conflict(
+                f"snapshot {snapshot_id} was made by version {made_by} of {self.name}; this "
+                f"node runs version {self.version}: replay instead (cqrs replay {self.name})",
+                snapshotId=snapshot_id,
+            )
         # Where this aggregate's strategy keeps the snapshot, not what the event says: the
         # event store's actions can be called by anyone.
         location = self.strategy.location(snapshot_id, self.name)
         if not location:
             raise Conflict(f"snapshot {snapshot_id} has no backup location")
+        lease = self.projector.lease
         async with self.projector.paused():
             paused = time.perf_counter()
+            held = lease is not None and bool((await lease.holder() or {}).get("mine"))
             # One transaction: a crash between the two would re-apply events whose dead
             # letters the old table still holds.
             async with self.adapter.transaction():
@@ -219,6 +252,10 @@ class Maintenance:
                 await self.dead_letters.restore(location)
                 for key in LEASE_KEYS:  # whoever held the lease then does not hold it now
                     await self.adapter.set_meta(key, None)
+            if lease is not None:  # the holder takes it back at once (status names it)
+                lease.forget()
+                if held:
+                    await lease.acquire()
             checkpoint = await self.projector.reload_checkpoint()
             self.last_pause_ms = (time.perf_counter() - paused) * 1000
         return {"snapshotId": snapshot_id, "checkpoint": checkpoint}
@@ -226,11 +263,15 @@ class Maintenance:
     # ------------------------------------------------------------------ replay
 
     async def replay(
-        self, on_progress: Callable[[ReplayProgress], Any] | None = None
+        self, on_progress: Callable[[ReplayProgress], Any] | None = None, *, rebuild: bool = False
     ) -> dict[str, Any]:
         if self.replay_progress.state in ("running", "swapping"):
             raise Conflict(f"a replay of {self.name} is already running")
-        progress = self.replay_progress = ReplayProgress(state="running", started=time.time())
+        if not rebuild:
+            self.refuse_if_outdated()
+        progress = self.replay_progress = ReplayProgress(
+            state="running", started=time.time(), version=self.version if rebuild else None
+        )
         progress._t0 = time.perf_counter()
         shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.specs)
         shadow_dead = self.adapter.sibling(
@@ -245,6 +286,7 @@ class Maintenance:
                 await shadow_dead.remove_many(ALL)
                 await shadow.set_meta(CHECKPOINT_KEY, None)
                 await shadow.set_meta(LAST_ID_KEY, None)
+                await shadow.set_meta(VERSION_KEY, None)
             # Both phases stop at the head seen when they start: under a steady stream of
             # appends a replay still ends; the live projector applies what came after.
             progress.total = await source.head()
@@ -256,9 +298,15 @@ class Maintenance:
                 paused = time.perf_counter()
                 head = await source.head()
                 position = await self._fill(shadow, shadow_dead, position, head, progress, None)
+                # Moves with the shadow's rows in the swap: the version and the rows built by
+                # it are swapped in together, or neither is.
+                await shadow.set_meta(VERSION_KEY, self.version)
                 async with self.adapter.transaction():
                     await self.adapter.replace_with(shadow)
                     await self.dead_letters.replace_with(shadow_dead)
+                self.table_version = self.version
+                if rebuild:
+                    self.projector.rebuilding = False  # swapped in: it projects from here
                 await self.projector.reload_checkpoint()
                 self.last_pause_ms = (time.perf_counter() - paused) * 1000
             progress.state = "done"
@@ -299,6 +347,90 @@ class Maintenance:
                 on_progress(progress)
             await asyncio.sleep(0)  # a backend that never suspends must not starve appends
         return position
+
+    # ------------------------------------------------------------------ versions
+
+    async def read_table_version(self) -> int:
+        """The version of the code that built the table (1: built before versions)."""
+        self.table_version = int(await self.adapter.get_meta(VERSION_KEY) or 1)
+        return self.table_version
+
+    async def ensure_version(self) -> bool:
+        """Run by the projector when it takes the lease: answers whether it may project,
+        after rebuilding the table if it was built by an older version."""
+        table = await self.read_table_version()
+        if table == self.version:
+            return True
+        if table > self.version:
+            log.warning(
+                "aggregate %s: this node runs version %d, the table was built by version %d: "
+                "it does not project (reads are answered); nodes running version %d do",
+                self.name, self.version, table, table,
+            )  # fmt: skip
+            return False
+        never_built = (
+            await self.adapter.get_meta(CHECKPOINT_KEY) is None and await self.adapter.count() == 0
+        )
+        if never_built:
+            await self.adapter.set_meta(VERSION_KEY, self.version)
+            self.table_version = self.version
+            return True
+        log.warning(
+            "aggregate %s: rebuilding version %d from the log (the table holds version %d and "
+            "answers reads until the new one is swapped in)",
+            self.name, self.version, table,
+        )  # fmt: skip
+        self.projector.rebuilding = True
+        try:
+            await self._holding_the_lease(self.replay(rebuild=True))
+        finally:
+            self.projector.rebuilding = False
+        log.warning("aggregate %s: version %d built and swapped in", self.name, self.version)
+        return True
+
+    async def _holding_the_lease(self, work: Any) -> None:
+        """Run ``work`` while renewing the projector's lease (a rebuild takes longer than a
+        lease lasts); cancel it if the lease is lost, so two nodes never rebuild at once."""
+        task = asyncio.ensure_future(work)
+        lease = self.projector.lease
+        try:
+            while lease is not None and not task.done():
+                await asyncio.wait({task}, timeout=lease.ttl / 4)
+                if not task.done() and not (await lease.acquire()).held:
+                    task.cancel()
+                    raise Conflict(f"{self.name}: lost the lease during the rebuild")
+            await task
+        finally:
+            if lease is not None:
+                lease.forget()  # the swap replaced the meta that held it
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def refuse_if_outdated(self) -> None:
+        """A replay or restore on a node older than the table would build it with old code."""
+        if self.projector.outdated:
+            raise Conflict(
+                f"this node runs version {self.version} of {self.name}, the table was built "
+                f"by version {self.table_version}: replay it from a node running that version"
+            )
+
+    def rebuild_text(self) -> str | None:
+        """For status: "rebuilding v2: 43%, about 12 s left", or why this node does not
+        project; None when neither."""
+        if self.projector.outdated:
+            return (
+                f"outdated: this node runs v{self.version}, the table was built by "
+                f"v{self.table_version}; not projecting"
+            )
+        if not self.projector.rebuilding:
+            return None
+        p = self.replay_progress
+        if p.state not in ("running", "swapping"):  # starting, or swapped in this moment
+            return f"rebuilding v{self.version}: {100 if p.state == 'done' else 0}%"
+        text = f"rebuilding v{self.version}: {p.percent()}%"
+        eta = p.eta_seconds()
+        return text + (f", about {eta:.0f} s left" if eta is not None else "")
 
     def _log(self) -> EventLog:
         if not self.snapshots_enabled:

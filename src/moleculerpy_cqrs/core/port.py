@@ -2,7 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+Outcome = tuple[bool, Any]
+"""(answered, the answer) or (False, the exception raised)."""
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """Every row of the aggregate whose ``field`` equals ``value``, as the batch holds them
+    when the call is made: a read that asks for no more than that is answered from them on
+    the serving node, with no call back."""
+
+    field: str
+    value: Any
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ManyCall:
+    """One call of :meth:`BrokerPort.call_many`."""
+
+    action: str
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    rows: KeyRows | None = None
+    kind: str | None = None  # the binding's: how its answer changes the rows it read
+
+
+Read = tuple[str, dict[str, Any], Any]
+"""A read of the aggregate a call made: (action method, params, answer)."""
+
+
+@dataclass
+class ManyAnswers:
+    """The outcome of each call of :meth:`BrokerPort.call_many`, in order, and (``serial``
+    mode) the reads of the aggregate each made, with the answers it got (None: a read whose
+    answer could not be recorded, e.g. it failed)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    reads: list[list[Read] | None] = field(default_factory=list)
 
 
 class BrokerPort(Protocol):
@@ -10,6 +51,28 @@ class BrokerPort(Protocol):
         self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Any:
         """Call an action; raise its error."""
+
+    def batch_node(self, action: str) -> str | None:
+        """The other node that would serve ``action`` and runs many calls in one request
+        (see :meth:`call_many`); None when it is served on this node or by no such node:
+        then call it once per event."""
+
+    async def call_many(
+        self,
+        node: str,
+        calls: Sequence[ManyCall],
+        *,
+        serial: bool,
+        fields: dict[str, Any] | None = None,
+        known: Sequence[tuple[dict[str, Any], Any]] = (),
+    ) -> ManyAnswers:
+        """Make every call on ``node`` (which serves their actions) in one request.
+        ``serial``: one after another, each read of the aggregate named in a call's meta
+        recorded with its answer; a read whose params are in ``known`` (find params and their
+        answer as the batch holds it), or that an earlier call of the request made, may be
+        answered on that node, patched by the answers of the calls since. Else all at once.
+        ``fields`` are the aggregate's. Raises when the request as a whole failed (the node is
+        gone, the request timed out): then no call was answered."""
 
     async def emit(
         self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None

@@ -22,11 +22,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from moleculerpy_cqrs.core import remote
 from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
-from moleculerpy_cqrs.core.port import BrokerPort
+from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome, Read
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.core.slices import prefetch_keys
 from moleculerpy_cqrs.core.states import ProjectorState
@@ -157,6 +158,16 @@ class Projector:
         self._resume = asyncio.Event()
         self._progress = asyncio.Condition()
         self._halted = asyncio.Event()
+        # Answers whether this node may project the table (its version against the table's),
+        # rebuilding the table first when this node's version is newer; run on taking the
+        # lease (see Maintenance.ensure_version).
+        self.version_gate: Callable[[], Awaitable[bool]] | None = None
+        self.outdated = False
+        self.rebuilding = False
+        self._version_checked = False  # the table is of this node's version (after a rebuild)
+        # Serial requests to other nodes: their size, and the reads they answer there.
+        self._chunk = remote.ChunkSizer()
+        self._reads = remote.ReadSet()
 
     # ------------------------------------------------------------------ control
 
@@ -168,6 +179,10 @@ class Projector:
     def state(self) -> ProjectorState:
         if not self.running:
             return ProjectorState.STOPPED
+        if self.outdated:
+            return ProjectorState.OUTDATED
+        if self.rebuilding:
+            return ProjectorState.REBUILDING
         if self.waiting_for:
             return ProjectorState.WAITING
         if self.stats.halted_at is not None:
@@ -256,7 +271,9 @@ class Projector:
     async def wait_until(self, position: int) -> int:
         """Wait until every event up to ``position`` has been applied (or dead-lettered)."""
         async with self._progress:
-            await self._progress.wait_for(lambda: self.checkpoint >= position)
+            await self._progress.wait_for(
+                lambda: self.checkpoint >= position and self._version_checked
+            )
         return self.checkpoint
 
     async def wait_halted(self) -> int:
@@ -280,6 +297,8 @@ class Projector:
     async def _run(self) -> None:
         await self._wait_for_transformations()
         await self.reload_checkpoint()
+        if self.lease is None and not await self._version_allows():
+            return await self._stand_outdated()
         failures = 0
         while True:
             self._wakeup.arm()
@@ -291,6 +310,19 @@ class Projector:
                     continue
                 if grant.fresh:
                     await self.reload_checkpoint()
+                    try:
+                        allowed = await self._version_allows()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as error:  # a failed rebuild: try again later
+                        failures += 1
+                        self.stats.last_error = f"{type(error).__name__}: {error}"
+                        log.exception("projector %s: rebuild failed, retrying", self.name)
+                        await self.lease.release()
+                        await asyncio.sleep(min(0.05 * 2**failures, 5.0))
+                        continue
+                    if not allowed:
+                        return await self._stand_outdated()
             try:
                 async with self._gate:
                     progressed = await self._step()
@@ -329,6 +361,21 @@ class Projector:
             else:
                 await self._wakeup.wait()
                 await asyncio.sleep(LINGER)  # let a few more commits join the next batch
+
+    async def _version_allows(self) -> bool:
+        allowed = self.version_gate is None or await self.version_gate()
+        if allowed and not self._version_checked:
+            self._version_checked = True
+            await self._advanced()
+        return allowed
+
+    async def _stand_outdated(self) -> None:
+        """The table was built by newer transformations: leave it to the nodes running them
+        (reads go on), until this node is stopped."""
+        self.outdated = True
+        if self.lease is not None:
+            await self.lease.release()
+        await asyncio.Event().wait()
 
     async def _step(self) -> bool:
         events = await self.source.read_after(self.checkpoint, self.batch_size)
@@ -418,16 +465,68 @@ class Projector:
         """Run every unit's transformation and apply its answer to ``view``, in log order
         unless bindings declare keys; answers each unit's failure (None: applied)."""
         if not any(b.key is not None for _, b in units):
-            failures: list[TransformFailed | None] = []
-            for event, binding in units:
-                view.begin_event(event["id"])
-                failure = await self._unit(view, event, binding, token, size, None)
-                failures.append(failure)
-                if failure is not None and self.on_error == "halt":
-                    failures += [None] * (len(units) - len(failures))
-                    break
-            return failures
+            return await self._transform_serially(view, units, token, size)
         return await KeyedRun(self, view, units, token, size).run()
+
+    async def _transform_serially(
+        self, view: BatchView, units: list[Unit], token: BatchToken, size: int
+    ) -> list[TransformFailed | None]:
+        """One unit after another; runs of units whose transformation another node serves
+        go there several at a time (see core/remote.py)."""
+        failures: list[TransformFailed | None] = []
+        chunk, reads = self._chunk, self._reads
+        i = 0
+        while i < len(units):
+            # One choice of node per binding and request (the broker balances each choice).
+            nodes = {units[i][1]: self._batch_node(units[i][1])}
+            node = nodes[units[i][1]]
+            firsts: list[tuple[Outcome | None, list[Read] | None]] = [(None, [])]
+            asked = 0
+            if node is not None:
+                end = i + 1
+                while end < len(units) and end - i < chunk.size:
+                    binding = units[end][1]
+                    if binding not in nodes:
+                        nodes[binding] = self._batch_node(binding)
+                    if nodes[binding] != node:
+                        break
+                    end += 1
+                calls = [self._many_call(e, b, token, size) for e, b in units[i:end]]
+                asked = len(calls)
+                answers = await remote.serial_chunk(
+                    self.port, node, calls, view, reads, self.batches, token
+                )
+                firsts = list(answers)
+            taken = 0
+            for first, its_reads in firsts:
+                # The first answer's reads were answered as the batch holds them now.
+                if taken > 0 and not await remote.still_true(view, its_reads):
+                    break
+                reads.note(its_reads)
+                event, binding = units[i]
+                view.begin_event(event["id"])
+                failure = await self._unit(view, event, binding, token, size, first)
+                failures.append(failure)
+                i += 1
+                taken += 1
+                if failure is not None and self.on_error == "halt":
+                    return failures + [None] * (len(units) - len(failures))
+            if asked:
+                chunk.answered(asked, taken)
+        return failures
+
+    def _batch_node(self, binding: Binding) -> str | None:
+        """The other node that serves ``binding``'s action and takes many calls at once."""
+        if not isinstance(binding.transform, str):
+            return None
+        return self.port.batch_node(binding.transform)
+
+    def _many_call(
+        self, event: Record, binding: Binding, token: BatchToken, size: int, rows: Any = None
+    ) -> ManyCall:
+        assert isinstance(binding.transform, str)
+        meta = {**(event.get("meta") or {}), **token.meta()}
+        return ManyCall(binding.transform, delivered(event, size), meta, rows, binding.kind)
 
     async def _unit(
         self,
@@ -573,7 +672,6 @@ class Projector:
 
 
 Unit = tuple[Record, Binding]
-Outcome = tuple[bool, Any]  # (answered, the answer or the exception)
 
 
 class KeyedRun:
@@ -598,6 +696,7 @@ class KeyedRun:
         self.failures: list[TransformFailed | None] = [None] * len(units)
         self.halted = False
         self.slots = asyncio.Semaphore(max(projector.concurrency, 1))
+        self.remote = remote.KeyedCalls(projector.port, view.fields)
 
     def _dependencies(self) -> list[int]:
         deps: list[int] = []
@@ -624,7 +723,31 @@ class KeyedRun:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            self.remote.close()
         return self.failures
+
+    async def _first_try(self, event: Record, binding: Binding) -> Outcome:
+        """The unit's first call: in a request with others when another node serves it
+        (with its key's rows when the key is a field), else on its own."""
+        node = self.p._batch_node(binding)
+        if node is not None:
+            rows = None
+            # The rows of its key, for a binding that changes them (a create adds rows: its
+            # key's rows only grow, and its transformation seldom reads them).
+            if isinstance(binding.key, str) and binding.kind in ("update", "remove"):
+                payload = event.get("payload")
+                value = payload.get(binding.key) if isinstance(payload, dict) else None
+                rows = await remote.key_rows(self.view, binding.key, value)
+            call = self.p._many_call(event, binding, self.token, self.size, rows)
+            return await self.remote.call(node, call)
+        async with self.slots:
+            meta = event.get("meta") or {}
+            try:
+                shaped = delivered(event, self.size)
+                return (True, await self.p._transform(binding, shaped, meta, self.token))
+            except Exception as error:
+                return (False, error)
 
     async def _one(self, i: int, dep: int) -> None:
         event, binding = self.units[i]
@@ -632,13 +755,7 @@ class KeyedRun:
             await self.applied[dep].wait()
         first: Outcome | None = None
         if not self.halted:
-            async with self.slots:
-                meta = event.get("meta") or {}
-                try:
-                    shaped = delivered(event, self.size)
-                    first = (True, await self.p._transform(binding, shaped, meta, self.token))
-                except Exception as error:
-                    first = (False, error)
+            first = await self._first_try(event, binding)
         if i > 0:
             await self.applied[i - 1].wait()
         if not self.halted:

@@ -25,6 +25,12 @@ class ProjectorState(StrEnum):
     """``on_error="halt"``: stopped at a failing event until it is retried."""
     STOPPED = "stopped"
     """Not running on this node."""
+    REBUILDING = "rebuilding"
+    """This node's ``Aggregate(version=...)`` is newer than the table: rebuilding it from the
+    log into a shadow table (reads answer from the old one); ``status()["rebuild"]`` says how
+    far."""
+    OUTDATED = "outdated"
+    """This node's version is older than the table's: it does not project (reads answered)."""
 
 
 class DispatcherState(StrEnum):

@@ -172,25 +172,62 @@ class Upcasters:
         if not self.active:
             return rows if isinstance(rows, list) else list(rows)
         out: list[Record] = []
+        append = out.append
         for row in rows:
             try:
-                out += self.read(row)
+                read = self._read_one(row)
             except UpcastFailed as failed:
-                out.append({**row, UPCAST_ERROR: str(failed)})
+                append({**row, UPCAST_ERROR: str(failed)})
+                continue
+            if type(read) is list:
+                out += read
+            else:
+                append(read)  # type: ignore[arg-type]
         return out
 
     def read(self, row: Record) -> list[Record]:
         """One event (stored, or read already: reading is idempotent) in its current shape;
         raises :class:`UpcastFailed`."""
-        if not self.active or row.get("eventType", 0) != EventType.COMMAND:
+        if not self.active:
             return [row]
-        name, version = str(row["event"]), int(row.get("version") or EVENT_VERSION)
-        pieces = self._walk(name, version, row.get("payload"))
+        read = self._read_one(row)
+        return read if type(read) is list else [read]  # type: ignore[list-item]
+
+    def _read_one(self, row: Record) -> Record | list[Record]:
+        """The event read from ``row``: one record, or the pieces of a split. The usual case,
+        steps that answer a payload under the same name, runs without building any list (it
+        is paid per event by every reader of the log)."""
+        if row.get("eventType", 0) != EventType.COMMAND:
+            return row
+        name = row["event"]
+        version = row.get("version") or EVENT_VERSION
+        renames, steps = self._rename, self._steps
+        payload = row.get("payload")
+        start = (name, version)
+        for _ in range(MAX_STEPS):
+            if name in renames:
+                name = self._final(name)
+            fns = steps.get((name, version))
+            if fns is None:
+                break
+            try:
+                answer = fns[0](payload)
+            except Exception as error:
+                raise UpcastFailed(name, version, error) from error
+            if type(answer) is not dict:  # a rename or a split: the general walk
+                return self._pieces(row, self._walk(name, version, payload, answer))
+            payload, version = answer, version + 1
+        else:
+            raise UpcastFailed(name, version, "more than 1000 steps: a cycle")
+        if (name, version) == start:
+            return row
+        return {**row, "event": name, "version": version, "payload": payload}
+
+    @staticmethod
+    def _pieces(row: Record, pieces: list[tuple[str, int, Any]]) -> Record | list[Record]:
         if len(pieces) == 1:
-            new_name, new_version, payload = pieces[0]
-            if new_name == name and new_version == version:
-                return [row]
-            return [{**row, "event": new_name, "version": new_version, "payload": payload}]
+            name, version, payload = pieces[0]
+            return {**row, "event": name, "version": version, "payload": payload}
         return [
             {**row, "event": n, "version": v, "payload": p, "part": i, "parts": len(pieces)}
             for i, (n, v, p) in enumerate(pieces)
@@ -203,50 +240,54 @@ class Upcasters:
             name = self._rename[name]
         return name
 
-    def _walk(self, name: str, version: int, payload: Any) -> list[tuple[str, int, Any]]:
+    def _walk(
+        self, name: str, version: int, payload: Any, first: Any
+    ) -> list[tuple[str, int, Any]]:
+        """Every piece ``(name, version, payload)`` that a step from ``name`` at ``version``
+        which answered ``first`` (a rename or a split) leads to, in order."""
         done: list[tuple[str, int, Any]] = []
-        todo = [(name, version, payload)]
+        todo: list[tuple[str, int, Any, Any]] = [(name, version, payload, first)]
         steps = 0
         while todo:
-            name, version, payload = todo.pop()
-            while name in self._rename:
-                name = self._rename[name]
+            name, version, payload, answer = todo.pop()
+            name = self._final(name)
+            if answer is _NOT_YET:
+                fns = self._steps.get((name, version))
+                if fns is None:
+                    done.append((name, version, payload))
+                    continue
                 steps += 1
                 if steps > MAX_STEPS:
-                    raise UpcastFailed(name, version, "renames go round in a cycle")
-            fns = self._steps.get((name, version))
-            if fns is None:
-                done.append((name, version, payload))
-                continue
-            steps += 1
-            if steps > MAX_STEPS:
-                raise UpcastFailed(name, version, "more than 1000 steps: a cycle")
-            try:
-                answer = fns[0](payload)
-            except Exception as error:
-                raise UpcastFailed(name, version, error) from error
+                    raise UpcastFailed(name, version, "more than 1000 steps: a cycle")
+                try:
+                    answer = fns[0](payload)
+                except Exception as error:
+                    raise UpcastFailed(name, version, error) from error
             pieces = answer if isinstance(answer, list) else [answer]
             if not pieces:  # a stored event read as nothing would hold no position
                 raise UpcastFailed(name, version, "it answered no event (an empty list)")
-            nxt: list[tuple[str, int, Any]] = []
+            nxt: list[tuple[str, int, Any, Any]] = []
             for piece in pieces:
                 if isinstance(piece, Upcasted):
                     if not isinstance(piece.event, str) or not piece.event:
                         raise UpcastFailed(name, version, "Upcasted needs an event name")
-                    nxt.append((piece.event, version + 1, piece.payload))
+                    piece_name, piece_payload = piece.event, piece.payload
                 else:
-                    nxt.append((name, version + 1, piece))
-            for piece_name, piece_version, _ in nxt:
+                    piece_name, piece_payload = name, piece
                 top = self._current.get(self._final(piece_name), EVENT_VERSION)
-                if piece_version > top:
+                if version + 1 > top:
                     raise UpcastFailed(
                         name,
                         version,
-                        f"it answered {piece_name!r} at version {piece_version}, past that "
+                        f"it answered {piece_name!r} at version {version + 1}, past that "
                         f"event's current version {top}",
                     )
+                nxt.append((piece_name, version + 1, piece_payload, _NOT_YET))
             todo += reversed(nxt)  # pieces come out in the order the upcaster gave them
         return done
+
+
+_NOT_YET: Final = object()  # a piece whose next step has not run yet
 
 
 def _check_version(version: Any, what: str) -> None:

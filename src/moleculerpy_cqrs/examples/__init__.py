@@ -2,7 +2,8 @@
 work wherever the package is installed.
 
 - ``profile``: ``profile.update`` → ``profile.updated`` → ``profileSummaryAggregate`` (totals per
-  country).
+  country). ``profile_v2``: the same after the payload became ``{fullName, address: {country}}``
+  (an upcaster, a new transformation, ``Aggregate(version=2)``).
 - ``property``: ``property.create`` → ``property.created`` → ``propertyAggregate`` (one row per
   property) and ``propertySummaryAggregate`` (totals per country).
 - ``web``: an HTTP gateway (moleculerpy-web, the ``web`` extra) in front of ``profile``.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-NAMES = ("profile", "property", "web")
+NAMES = ("profile", "profile_v2", "property", "web")
 """What ``cqrs run NAME`` finds here before looking for a module of that name."""
 
 

@@ -27,6 +27,16 @@ PROFILE_PARAMS: dict[str, Any] = {
 without a country, or with a country that is not text, is a 422 and nothing is stored (the
 summary's transformation could only dead-letter it)."""
 
+PROFILE_V2_PARAMS: dict[str, Any] = {
+    "fullName": {"type": "string", "minLength": 1},
+    "address": {"type": "object", "required": True},
+    "age": {"type": "number", "min": 0},
+    "married": "boolean",
+    "student": "boolean",
+}
+"""What ``profile.update`` takes in ``profile_v2`` (the validator does not look inside
+``address``: the summary's transformation dead-letters one without a country)."""
+
 SUMMARY_FIELDS = {
     "country": "string",
     "total": "integer",
@@ -45,12 +55,16 @@ def build(
     lease_ttl: float = 5.0,
     key: str | None = None,
     params: dict[str, Any] | None = None,
+    version: int = 1,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
     """The event store, the summary aggregate and the profile service, on ``store`` (default:
     SQLite files in the data folder); snapshots go to ``backups`` (default:
     ``<data folder>/backups``). ``key="country"``: summaries of different countries are
     transformed concurrently. ``params``: the params schema of ``profile.update`` (the
-    shipped service has :data:`PROFILE_PARAMS`; by default, as in the Go seed, none)."""
+    shipped service has :data:`PROFILE_PARAMS`; by default, as in the Go seed, none).
+    ``version=2``: the profile's second shape, ``{fullName, address: {country}}``
+    (``profile_v2``, :data:`PROFILE_V2_PARAMS`), with the upcaster that reads v1 events as v2
+    and the summary's transformation for it."""
     store = store or stores.sqlite(data_folder())
     events = EventStore(
         "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
@@ -61,16 +75,21 @@ def build(
         snapshot=StoreBackup(backups or data_folder() / "backups"),
         batch_size=batch_size,
         lease_ttl=lease_ttl,
+        version=version,
     ).snapshot("profileEventStore")
+    if version == 2:
+        events.upcast("profile.updated", 1, profile_v1_to_v2)
 
     class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]
         name = "profile"
 
-        update = events.map_action("update", "profile.updated", params=params)
+        update = events.map_action("update", "profile.updated", params=params, version=version)
 
         @action(name="transformProfileSummary")
         async def transform_profile_summary(self, ctx: Context) -> dict[str, Any]:
             profile = ctx.params["payload"]
+            if version == 2:
+                profile = {**profile, "country": profile["address"]["country"]}
             found = await ctx.call("profileSummaryAggregate.find", {"country": profile["country"]})
             result: dict[str, Any] = {}
             if found:
@@ -92,6 +111,12 @@ def build(
         )
 
     return events, summary, ProfileService
+
+
+def profile_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """``{name, country, ...}`` (v1) read as ``{fullName, address: {country}, ...}`` (v2)."""
+    rest = {k: v for k, v in payload.items() if k not in ("name", "country")}
+    return {**rest, "fullName": payload.get("name"), "address": {"country": payload["country"]}}
 
 
 events, summary, ProfileService = build(params=PROFILE_PARAMS)

@@ -28,6 +28,7 @@ from moleculerpy.errors import MoleculerError, RequestTimeoutError
 
 from moleculerpy_cqrs.broker import compat
 from moleculerpy_cqrs.core.records import Status
+from moleculerpy_cqrs.face import reach
 from moleculerpy_cqrs.face.model import (
     AggregateStatus,
     ClusterStatus,
@@ -297,6 +298,8 @@ async def check_reachable(transporter: str, within: float) -> None:
 async def session(options: Options) -> AsyncIterator[Session]:
     """A broker joined to the cluster for one command; stopped on the way out."""
     transporter = check_transporter(options.transporter)
+    # A missing package, refused credentials, a refused connection: one line, at once.
+    await reach.check(transporter, options.timeout)
     await check_reachable(transporter, options.timeout)
     _quiet_stdlib_logging()
     node_id = f"cqrs-cli-{socket.gethostname()}-{os.getpid()}"
@@ -369,8 +372,6 @@ def stops_on_sigterm() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the typed client
-
-ACTIVE_REPLAY: Final = ("running", "swapping")
 
 
 class OperatorClient:

@@ -119,6 +119,10 @@ class EventStoreStatus:
     appended: int
     commits: int
     dispatcher: DispatcherStatus
+    versions: dict[str, int] = field(default_factory=dict)
+    """The current version of each event (issue 15's event versions), when the node says."""
+    renames: dict[str, str] = field(default_factory=dict)
+    """Old event names read as new ones."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "event store"
 
@@ -131,6 +135,8 @@ class EventStoreStatus:
             appended=_int(answer.get("appended")),
             commits=_int(answer.get("commits")),
             dispatcher=DispatcherStatus.from_answer(answer.get("dispatcher")),
+            versions={str(k): _int(v) for k, v in _dict(answer.get("versions")).items()},
+            renames={str(k): str(v) for k, v in _dict(answer.get("renames")).items()},
             raw=dict(answer),
         )
 
@@ -200,8 +206,13 @@ class AggregateStatus:
     rows: int
     replay: ReplayProgress | None
     lease: Lease | None
+    discarded_dead_letters: int = 0
     version: Any = None
-    """The projector's version, once aggregates have one (``status()["version"]``)."""
+    """This node's ``Aggregate(version=...)`` (``status()["version"]``)."""
+    table_version: int | None = None
+    """The version the table was built by (``status()["tableVersion"]``)."""
+    rebuild: str | None = None
+    """``"rebuilding v2: 43%, about 12 s left"`` or why the node does not project."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "aggregate"
 
@@ -230,7 +241,10 @@ class AggregateStatus:
             rows=_int(answer.get("rows")),
             replay=ReplayProgress.from_answer(answer.get("replay")),
             lease=Lease.from_answer(answer.get("lease")),
+            discarded_dead_letters=_int(answer.get("discardedDeadLetters")),
             version=answer.get("version"),
+            table_version=_opt_int(answer.get("tableVersion")),
+            rebuild=_opt_str(answer.get("rebuild")),
             raw=dict(answer),
         )
 

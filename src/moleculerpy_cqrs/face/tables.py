@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,8 @@ PROJECTOR_STYLES: Final[dict[ProjectorState, str]] = {
     ProjectorState.PAUSED: "yellow",
     ProjectorState.HALTED: "bold red",
     ProjectorState.STOPPED: "red",
+    ProjectorState.REBUILDING: "yellow",
+    ProjectorState.OUTDATED: "magenta",
 }
 """How each projector state shows (every state must have one: a test checks)."""
 
@@ -59,8 +62,6 @@ SNAPSHOT_STYLES: Final[dict[SnapshotState, str]] = {
 
 def stdout_console() -> Console:
     # A table piped into grep keeps whole names rather than 80 columns of ellipses.
-    import os
-
     wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
     return Console(width=wide, highlight=False)
 
@@ -183,7 +184,11 @@ def _state_text(status: ServiceStatus) -> Text:
         text = Text(str(status.state), style=PROJECTOR_STYLES[status.state])
         if status.halted_at is not None:
             text.append(f" at {status.halted_at}")
-        if status.replay is not None and status.replay.active:
+        if status.state is ProjectorState.REBUILDING and status.rebuild:
+            text.append(status.rebuild.removeprefix("rebuilding"))  # " v2: 43%, about 12 s left"
+        elif status.state is ProjectorState.OUTDATED and status.table_version is not None:
+            text.append(f" (this node v{status.version}, the table v{status.table_version})")
+        elif status.replay is not None and status.replay.active:
             text.append(f", replaying {status.replay.done}/{status.replay.total}")
         return text
     return Text("unreachable", style="red")
@@ -203,8 +208,15 @@ def status_notes(cluster: ClusterStatus) -> list[str]:
     """The last errors, said under the table."""
     notes: list[str] = []
     for s in cluster.ordered():
-        if isinstance(s, EventStoreStatus) and s.dispatcher.last_error:
-            notes.append(f"{s.name}: dispatcher's last error: {s.dispatcher.last_error}")
+        if isinstance(s, EventStoreStatus):
+            newer = [f"{e} v{v}" for e, v in s.versions.items() if v > 1]
+            renamed = [f"{old} -> {new}" for old, new in s.renames.items()]
+            if newer or renamed:
+                said = [f"events at their version {', '.join(newer)}"] if newer else []
+                said += [f"read renamed {', '.join(renamed)}"] if renamed else []
+                notes.append(f"{s.name}: {'; '.join(said)}")
+            if s.dispatcher.last_error:
+                notes.append(f"{s.name}: dispatcher's last error: {s.dispatcher.last_error}")
         elif isinstance(s, AggregateStatus):
             if s.waiting_for:
                 notes.append(f"{s.name}: waiting for {', '.join(s.waiting_for)}")

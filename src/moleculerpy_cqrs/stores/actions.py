@@ -53,24 +53,26 @@ class StoreActions:
         return self.adapter
 
     async def find(self, params: Mapping[str, Any]) -> list[Record]:
-        return await self.adapter.find(parse_find(self.adapter.fields, _params(params)))
+        params = _params(params)
+        excluded = self._read_options(params)
+        query = parse_find(self.adapter.fields, params, extra=_ROW_OPTIONS)
+        return _exclude(await self.adapter.find(query), excluded)
 
     async def count(self, params: Mapping[str, Any]) -> int:
         params = _params(params)
-        extra = [k for k in params if k in ("sort", "limit", "offset", "fields")]
-        if extra:
-            raise InvalidInput(f"count does not take {extra[0]!r}", field=extra[0])
+        # moleculer-db's count drops paging (and never sorts or shapes rows): so does this.
+        params = {k: v for k, v in params.items() if k not in _COUNT_DROPS}
         return await self.adapter.count(parse_find(self.adapter.fields, params))
 
     async def list_page(self, params: Mapping[str, Any]) -> dict[str, Any]:
         params = _params(params)
-        if "limit" in params or "offset" in params:
-            raise InvalidInput("list pages with page and pageSize, not limit/offset")
-        raw_size = params.get("pageSize", DEFAULT_PAGE_SIZE)
-        size = check_count("pageSize", raw_size, minimum=1, maximum=self.max_page_size)
+        excluded = self._read_options(params)
+        # moleculer-db computes limit and offset from page and pageSize, over any given.
+        params = {k: v for k, v in params.items() if k not in ("limit", "offset")}
+        size = _page_size(params.get("pageSize"), self.max_page_size)
         # The page's offset must fit in the 64-bit integer every backend takes.
         page = check_count("page", params.get("page", 1), minimum=1, maximum=MAX_INT // size)
-        base = parse_find(self.adapter.fields, params, extra=frozenset({"page", "pageSize"}))
+        base = parse_find(self.adapter.fields, params, extra=_ROW_OPTIONS | {"page", "pageSize"})
         query = Query(
             where=base.where,
             sort=base.sort,
@@ -81,27 +83,53 @@ class StoreActions:
         total = await self.adapter.count(base)
         rows = await self.adapter.find(query)
         return {
-            "rows": rows,
+            "rows": _exclude(rows, excluded),
             "total": total,
             "page": page,
             "pageSize": size,
             "totalPages": math.ceil(total / size) if total else 0,
         }
 
-    async def get(self, params: Mapping[str, Any]) -> Record | list[Record]:
+    async def get(self, params: Mapping[str, Any]) -> Record | list[Record] | dict[str, Record]:
         params = _params(params)
-        _only(params, {"id", "fields"}, "get")
+        _only(params, {"id", "fields", "excludeFields", "mapping", "populate"}, "get")
         if "id" not in params:
             raise InvalidInput("id field required!", field="id")
+        excluded = self._read_options(params)
+        mapping = params.get("mapping", False)
+        if not isinstance(mapping, bool):
+            raise InvalidInput("mapping must be true or false", field="mapping", got=mapping)
         projection = parse_projection(self.adapter.fields, params.get("fields"))
         raw = params["id"]
         if isinstance(raw, list):
             rows = await self.adapter.get_many(raw)
-            return [_project(r, projection) for r in rows]
+            shaped = _exclude([_project(r, projection) for r in rows], excluded)
+            if not mapping:
+                return shaped
+            # moleculer-db's mapping: an object keyed by id (JSON keys are text), which is how
+            # its populate fetches related rows from another service.
+            return {str(row[ID]): out for row, out in zip(rows, shaped, strict=True)}
         row = await self.adapter.get(raw)
         if row is None:
             raise EntityNotFound(raw, store=self.adapter.name)
-        return _project(row, projection)
+        out = _exclude([_project(row, projection)], excluded)[0]
+        return {str(row[ID]): out} if mapping else out
+
+    def _read_options(self, params: Mapping[str, Any]) -> frozenset[str]:
+        """Check moleculer-db's row options: refuse ``populate``, answer the excluded fields."""
+        populate = params.get("populate")
+        if populate not in (None, "", []):
+            raise InvalidInput(
+                "populate is not supported: an aggregate declares no populates (moleculer-db's "
+                "settings.populates), so it has no rule saying which service holds the related "
+                "rows; fetch them with that service's get {id: [...], mapping: true}",
+                field="populate",
+                got=populate,
+            )
+        raw = params.get("excludeFields")
+        if raw is None:
+            return frozenset()
+        return frozenset(parse_projection(self.adapter.fields, raw) or ())
 
     async def create(self, params: Mapping[str, Any]) -> Record:
         params = _params(params)
@@ -158,6 +186,35 @@ class StoreActions:
         _only(params, {"query"}, "remove_where")
         cond = parse_condition(self.adapter.fields, params.get("query"))
         return {"deletedCount": await self.writable.remove_many(Query(where=cond))}
+
+
+_ROW_OPTIONS: Final = frozenset({"excludeFields", "populate"})
+_COUNT_DROPS: Final = frozenset(
+    {"limit", "offset", "sort", "fields", "excludeFields", "populate", "page", "pageSize"}
+)
+
+
+def _page_size(raw: Any, maximum: int) -> int:
+    """``pageSize`` as moleculer-db reads it: a whole number (or text of ASCII digits) from 0;
+    0 or none is the default size, and a size above the maximum is the maximum."""
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 1000:
+        raw = int(raw)
+    if raw is None or raw == "":
+        raw = 0
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise InvalidInput(
+            f"pageSize must be a non-negative integer (ASCII digits; 0 is the default "
+            f"{DEFAULT_PAGE_SIZE}, above {maximum} is {maximum}), got {raw!r}",
+            field="pageSize",
+            got=raw,
+        )
+    return min(raw or DEFAULT_PAGE_SIZE, maximum)
+
+
+def _exclude(rows: list[Record], excluded: frozenset[str]) -> list[Record]:
+    if not excluded:
+        return rows
+    return [{k: v for k, v in row.items() if k not in excluded} for row in rows]
 
 
 def _params(params: Any) -> Mapping[str, Any]:

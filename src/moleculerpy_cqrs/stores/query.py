@@ -18,14 +18,16 @@ Conditions (``query`` and top-level declared fields, ANDed)::
     {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely
 
 NULL behaves as in SQL: a comparison with a NULL column is never true (only IS NULL matches).
-``search`` matches a case-insensitive (ASCII) substring in ``searchFields`` (default: every
-string field). ``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
+``search`` matches a substring in ``searchFields`` (default: every string field), ignoring
+case as moleculer-db does: both sides through Unicode lowercasing (:func:`fold_case`).
+``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
 descending last, and ``id`` breaks ties so paging is stable.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -127,7 +129,7 @@ _OR: Final = frozenset({"or", "$or"})
 _AND: Final = frozenset({"and", "$and"})
 _ORDERED: Final = frozenset({"string", "integer", "float", "datetime"})
 FIND_PARAMS: Final = frozenset(
-    {"query", "sort", "limit", "offset", "fields", "search", "searchFields"}
+    {"query", "sort", "limit", "offset", "fields", "search", "iSearch", "searchFields"}
 )
 MAX_DEPTH: Final = 32
 MAX_CONDITIONS: Final = 500
@@ -144,7 +146,9 @@ def parse_find(
     """Parse the params of ``find`` (and ``count``/``list``: pass their own keys as ``extra``).
 
     Top-level keys that are declared fields (or ``id``) are equality filters; keys in ``extra``
-    are left to the caller; any other key is an error.
+    are left to the caller; any other key is an error. As moleculer-db reads them: ``limit`` 0
+    is no limit, ``query`` may be JSON text (an API gateway's query string), and ``iSearch``
+    is ``search`` (which ignores case already) when ``search`` is not given.
     """
     if not isinstance(params, Mapping):
         raise InvalidInput(f"params must be an object, got {type(params).__name__}")
@@ -169,16 +173,19 @@ def parse_find(
             continue
         raise InvalidInput(
             f"unknown parameter {key!r}: use query, sort, limit, offset, fields, search, "
-            f"searchFields, or a declared field {sorted(fields)}",
+            f"iSearch, searchFields, or a declared field {sorted(fields)}",
             field=str(key),
         )
     if top_level:
         conditions.append(parse_condition(fields, top_level))
-    raw_query = params.get("query")
+    raw_query = _query_object(params.get("query"))
     # moleculer-db clients send ``query: {}`` for "every row".
     if raw_query is not None and not (isinstance(raw_query, Mapping) and not raw_query):
         conditions.append(parse_condition(fields, raw_query))
     search = params.get("search")
+    if search is None or search == "":
+        # moleculer-db's SQL adapter reads iSearch only when search is absent.
+        search = params.get("iSearch")
     if search is not None and search != "":
         conditions.append(_parse_search(fields, search, params.get("searchFields")))
     elif params.get("searchFields") is not None:
@@ -188,10 +195,33 @@ def parse_find(
     return Query(
         where=where,
         sort=parse_sort(fields, params.get("sort")),
-        limit=_non_negative("limit", params.get("limit")),
+        # moleculer-db and every adapter of it read limit 0 as "no limit".
+        limit=_non_negative("limit", params.get("limit")) or None,
         offset=_non_negative("offset", params.get("offset")) or 0,
         fields=parse_projection(fields, params.get("fields")),
     )
+
+
+def _query_object(raw: Any) -> Any:
+    """``query`` as moleculer-db's ``sanitizeParams`` takes it: JSON text is parsed (that is how
+    a query reaches a service from an API gateway's query string)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise InvalidInput(
+            f"query is text that is not JSON ({error}); send an object, or JSON text of one",
+            field="query",
+            got=raw,
+        ) from None
+    if not isinstance(parsed, Mapping):
+        raise InvalidInput(
+            f"query must be an object (or JSON text of one), got JSON {type(parsed).__name__}",
+            field="query",
+            got=raw,
+        )
+    return parsed
 
 
 def _equalities(fields: Fields, params: Mapping[str, Any], extra: frozenset[str]) -> Query | None:
@@ -447,9 +477,9 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
             got = record.get(name)
             return got is not None and (low <= got <= high) != negate
         case Search(text, names):
-            needle = ascii_lower(text)
+            needle = fold_case(text)
             return any(
-                isinstance(record.get(n), str) and needle in ascii_lower(record[n]) for n in names
+                isinstance(record.get(n), str) and needle in fold_case(record[n]) for n in names
             )
     raise AssertionError(f"unknown condition {cond!r}")
 
@@ -553,6 +583,14 @@ def ascii_lower(text: str) -> str:
     return text.translate(_ASCII_LOWER)
 
 
+def fold_case(text: str) -> str:
+    """How ``search`` ignores case: Unicode's full lowercase mapping, as JavaScript's
+    ``toLowerCase`` in moleculer-db ("É" is "é", "İ" is "i̇", a final "Σ" is "ς"; "ß" stays
+    "ß", so "strasse" does not find "Straße"). SQLite calls this very function; PostgreSQL
+    lowercases under ICU's root locale, which maps the same."""
+    return text.lower()
+
+
 def escape_like(text: str) -> str:
     """Escape ``\\``, ``%`` and ``_`` so ``text`` matches literally in a LIKE pattern."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -569,6 +607,6 @@ _COMPARATORS: Final = {
 
 __all__ = [
     "ALL", "And", "Between", "Compare", "Condition", "In", "IsNull", "Like", "Or", "Query",
-    "Search", "ascii_lower", "escape_like", "like_match", "like_regex", "matches",
+    "Search", "ascii_lower", "escape_like", "fold_case", "like_match", "like_regex", "matches",
     "parse_condition", "parse_find", "parse_projection", "parse_sort", "sort_key",
 ]  # fmt: skip

@@ -25,8 +25,8 @@ from moleculerpy_cqrs.stores.query import (
     Or,
     Query,
     Search,
-    ascii_lower,
     escape_like,
+    fold_case,
 )
 
 Params = list[Any]
@@ -52,7 +52,8 @@ class Dialect(ABC):
         return pattern + "\\" if trailing % 2 else pattern
 
     def contains_ci(self, column: str) -> str:
-        """SQL for an ASCII-case-insensitive LIKE of ``column`` (the pattern is lowercased)."""
+        """SQL for a LIKE of ``column`` lowercased as :func:`fold_case` does (the pattern is
+        lowercased so already)."""
         return f"lower({column}) LIKE {self.placeholder} ESCAPE '\\'"
 
     def in_list(self, column: str, kind: FieldType | None, negate: bool, count: int) -> str:
@@ -231,7 +232,7 @@ class Compiler:
                 params.extend([enc(self.kind(name), low), enc(self.kind(name), high)])
                 return f"({quote(name)} {'NOT ' if negate else ''}BETWEEN {p} AND {p})"
             case Search(text, names):
-                pattern = "%" + escape_like(ascii_lower(text)) + "%"
+                pattern = "%" + escape_like(fold_case(text)) + "%"
                 parts = []
                 for name in names:
                     params.append(pattern)

@@ -336,6 +336,11 @@ class QueryCases(AdapterCase):
         {"name": "ÉCOLE", "event": "é"},
         {"name": None, "event": "HELLO again"},
         {"name": "back\\slash", "event": None},
+        # search ignores case as moleculer-db (JavaScript's toLowerCase) does, beyond ASCII
+        {"name": "Émile Zola", "event": None},
+        {"name": "São Paulo", "event": None},
+        {"name": "İstanbul", "event": None},
+        {"name": "ΟΔΟΣ", "event": None},
     ]
 
     @pytest.mark.parametrize(
@@ -350,10 +355,17 @@ class QueryCases(AdapterCase):
             ({"search": "\\"}, [6]),
             ({"search": "strasse"}, []),
             ({"search": "STRAßE"}, [3]),
-            ({"search": "école"}, []),
+            ({"search": "école"}, [4]),
             ({"search": "ÉCOle"}, [4]),
-            ({"search": "é"}, [4]),
-            ({"search": ""}, [0, 1, 2, 3, 4, 5, 6]),
+            ({"search": "é"}, [4, 7]),
+            ({"search": "émile"}, [7]),
+            ({"search": "SÃO"}, [8]),
+            ({"search": "İSTANBUL"}, [9]),  # "İ" lowercases to "i" and a combining dot
+            ({"search": "istanbul"}, []),
+            ({"search": "οδος"}, [10]),  # a final "Σ" lowercases to "ς"
+            ({"search": "ΟΔΟΣ"}, [10]),
+            ({"search": "οδοσ"}, []),
+            ({"search": ""}, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
             ({"search": "o", "query": {"event": {"like": "g%"}}}, [0]),
         ],
     )
@@ -389,7 +401,7 @@ class QueryCases(AdapterCase):
             ({"limit": 2, "offset": 2}, [3, 0]),
             ({"offset": 4}, [5, 1]),
             ({"offset": "1", "limit": "1"}, [4]),
-            ({"limit": 0}, []),
+            ({"limit": 0}, [2, 4, 3, 0, 5, 1]),  # no limit, as moleculer-db reads 0
             ({"offset": 100}, []),
             ({"limit": 100}, [2, 4, 3, 0, 5, 1]),
         ],

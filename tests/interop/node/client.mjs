@@ -27,8 +27,9 @@ async function expect(command) {
 	}
 }
 
-// Stored event id -> how many times profile.updated arrived with it.
+// Stored event id -> how many times profile.updated arrived with it, and its last shape.
 const heard = new Map();
+const shapes = new Map();
 
 // No namespace: MoleculerPy ignores it, so a namespaced Moleculer.js node would not see it.
 const broker = new moleculer.ServiceBroker({
@@ -43,6 +44,7 @@ broker.createService({
 	events: {
 		"profile.updated"(ctx) {
 			heard.set(ctx.params.id, (heard.get(ctx.params.id) ?? 0) + 1);
+			shapes.set(ctx.params.id, { version: ctx.params.version, payload: ctx.params.payload });
 		},
 	},
 });
@@ -77,6 +79,7 @@ async function main() {
 	const eventStore = await broker.call("profileEventStore.status", {});
 	const report = {
 		heard: Object.fromEntries(heard),
+		shapes: Object.fromEntries(shapes),
 		eventStore,
 		found: await broker.call("profileSummaryAggregate.find", { country: "NZ" }),
 		pages: [

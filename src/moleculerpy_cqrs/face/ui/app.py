@@ -21,6 +21,8 @@ from importlib.resources import files
 from typing import Any, Final
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -29,6 +31,7 @@ from moleculerpy_cqrs.face.client import OperatorClient, OperatorError
 from moleculerpy_cqrs.face.ui.history import History
 
 MAX_PAGE_SIZE: Final = 200
+LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "::1", "[::1]")
 SAME_SITE: Final = ("same-origin", "none")
 """``Sec-Fetch-Site`` values of a request the page itself (or a person typing) made."""
 
@@ -66,11 +69,15 @@ class OperatorPage:
         token: str | None,
         history: History,
         call_timeout: float = 600.0,
+        loopback_only: bool = False,
     ) -> None:
         self.client = client
         self.token = token or None
         self.history = history
         self.call_timeout = call_timeout
+        self.loopback_only = loopback_only
+        """Served on a loopback address: answer only requests naming a loopback host, so that
+        a site whose name is rebound to 127.0.0.1 cannot read the page from a browser."""
 
     # ------------------------------------------------------------------ guards
 
@@ -231,7 +238,13 @@ class OperatorPage:
 
         aggregate = "/api/aggregates/{name}"
         store = "/api/event-stores/{name}"
+        middleware = (
+            [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))]
+            if self.loopback_only
+            else []
+        )
         return Starlette(
+            middleware=middleware,
             routes=[
                 Route("/", page, methods=["GET"]),
                 Route("/api/status", read(self.status), methods=["GET"]),
@@ -244,7 +257,7 @@ class OperatorPage:
                 Route(f"{store}/events", read(self.events), methods=["GET"]),
                 Route(f"{store}/events/{{id}}", read(self.event), methods=["GET"]),
                 Route("/api/token", act(self.check_token), methods=["POST"]),
-            ]
+            ],
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -63,6 +64,15 @@ class UiServer:
             self._task.cancel()
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def ui_token(given: str | None) -> str | None:
     """The token actions need: ``--ui-token``, else ``$CQRS_UI_TOKEN``, else none."""
     return given or os.environ.get(TOKEN_ENV) or None
@@ -79,7 +89,7 @@ async def serve_ui(
     """Serve the page on ``host:port`` (0: any free port; see ``.url``). An ``OSError``
     says the address cannot be bound."""
     history = History(stall_after=stall_after)
-    page = OperatorPage(client, token=token, history=history)
+    page = OperatorPage(client, token=token, history=history, loopback_only=_loopback(host))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -113,7 +113,6 @@ _TO_JSON: Final[dict[FieldType, Callable[[Any], str]]] = {
     "json": str,  # already the JSON text
     "datetime": lambda value: encode_json(value.isoformat()),
 }
-_UPPER: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
 _UNIQUE_DETAIL: Final = re.compile(r"Key \((\w+)\)=\((.*)\) already exists\.?$", re.DOTALL)
@@ -149,8 +148,9 @@ class _PgDialect(Dialect):
         return [values]
 
     def contains_ci(self, column: str) -> str:
-        # ASCII-only folding, exactly as query.ascii_lower (lower() would fold more).
-        return f"translate({column}, '{_UPPER}', '{_UPPER.lower()}') LIKE %s ESCAPE '\\'"
+        # lower() follows the column's collation: under "C" it folds ASCII only, under libc
+        # locales one character at a time. ICU's root locale maps as query.fold_case does.
+        return f"lower({column} COLLATE \"und-x-icu\") LIKE %s ESCAPE '\\'"
 
 
 _DIALECT: Final = _PgDialect()

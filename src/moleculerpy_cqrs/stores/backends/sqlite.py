@@ -58,7 +58,7 @@ from moleculerpy_cqrs.stores.fields import (
     check_meta,
     declare_fields,
 )
-from moleculerpy_cqrs.stores.query import Compare, In, Query
+from moleculerpy_cqrs.stores.query import Compare, In, Query, fold_case
 from moleculerpy_cqrs.stores.sql import (
     Compiler,
     Dialect,
@@ -173,6 +173,10 @@ class _Dialect(Dialect):
     def like_pattern(self, pattern: str) -> str:
         return glob_pattern(pattern)
 
+    def contains_ci(self, column: str) -> str:
+        # SQLite's lower() folds ASCII only: every connection gets query.fold_case instead.
+        return f"{_FOLD_CASE}({column}) LIKE ? ESCAPE '\\'"
+
 
 _DIALECT: Final = _Dialect()
 
@@ -208,6 +212,13 @@ class _Options:
         return cls(synchronous, busy)
 
 
+_FOLD_CASE: Final = "cqrs_fold_case"
+
+
+def _fold_case_or_null(value: object) -> str | None:
+    return fold_case(value) if isinstance(value, str) else None
+
+
 def _connect(target: str, uri: bool, options: _Options, reader: bool) -> sqlite3.Connection:
     if not uri and target != ":memory:":
         Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +228,7 @@ def _connect(target: str, uri: bool, options: _Options, reader: bool) -> sqlite3
     try:
         # Pragmas take no parameters; the value is one of a fixed set of names.
         conn.execute(f"PRAGMA synchronous = {options.synchronous}")
+        conn.create_function(_FOLD_CASE, 1, _fold_case_or_null, deterministic=True)
         if reader:
             conn.execute("PRAGMA query_only = ON")
     except BaseException:

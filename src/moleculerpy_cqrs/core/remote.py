@@ -1,0 +1,246 @@
+"""Transformations served by another node: many events in one request.
+
+A transformation action served on the projector's own node is called once per event (a local
+call costs tens of microseconds). One served only on another node would cost a network round
+trip per event, and CPU on both sides for each; so the projector sends that node many events
+in one request (:meth:`~.port.BrokerPort.call_many`), which calls the action locally for each
+and answers every answer or error. Answers are still applied to the batch in log order, one
+event at a time, with the usual retries, dead letters and halting; a request that fails as a
+whole (the node died, a timeout) leaves its events unanswered, and each is then retried on its
+own like any failed call. Nothing is written before the batch commits, so nothing is applied
+twice.
+
+What a request may hold keeps "a transformation sees the effect of every earlier event":
+
+* **Keyed bindings** (:class:`KeyedCalls`): a call is made only once the earlier events of its
+  key are applied (as :class:`~.projector.KeyedRun` does for local calls), so calls that wait
+  together are independent and go in one request. With a key that is a field, each call
+  carries the rows of its key as the batch holds them then (:class:`~.port.KeyRows`): a read
+  of the aggregate that asks for no more than that key's rows is answered on the serving node
+  with no call back; any other read goes back to the projector's node as before.
+* **Bindings without a key** (:func:`serial_chunk`): each event may depend on every earlier
+  one. The serving node runs the calls one after another and records every read of the
+  aggregate each makes, with its answer. A read the request's ``known`` answers cover (the
+  find params read lately, :class:`ReadSet`, with their answers as the batch holds them when
+  the request leaves), or that an earlier call of the request made, is answered there,
+  patched by the answers of the calls since; any other goes back to the projector's node.
+  Such answers may be out of date, so the projector applies the answers in order and, before
+  each, asks its reads again of the batch (:func:`still_true`): if one answers differently,
+  that answer and all after it are dropped and sent again in the next request. A
+  transformation is a function of its event and its reads, so an answer whose reads still
+  hold is the answer it would give now: every transformation sees every earlier event's
+  effect, as when it runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from moleculerpy_cqrs.core.joins import ITEM_KEY, BatchToken, OpenBatches
+from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyCall, Outcome, Read
+from moleculerpy_cqrs.stores.actions import StoreActions
+from moleculerpy_cqrs.stores.query import Compare, Query
+
+if TYPE_CHECKING:
+    from moleculerpy_cqrs.core.batch import BatchView
+
+MAX_CALLS: Final = 256  # calls in one request
+IN_FLIGHT: Final = 4  # requests to one node at once, for one keyed batch
+FIRST_CHUNK: Final = 16  # calls in a projector's first serial request
+KNOWN_READS: Final = 64  # find params whose answers a serial request carries
+KNOWN_ROWS: Final = 100  # rows in one such answer at most (a larger one is left out)
+
+
+class KeyedCalls:
+    """The calls of one keyed batch that go to other nodes, gathered into requests.
+
+    A call waits in its node's queue; a request leaves as soon as fewer than ``IN_FLIGHT``
+    are out (on the next turn of the event loop, so that the calls that became ready
+    together leave together), carrying up to ``MAX_CALLS`` calls. While requests are out,
+    the calls made ready by their answers gather for the next one.
+    """
+
+    def __init__(self, port: BrokerPort, fields: dict[str, Any]) -> None:
+        self.port = port
+        self.fields = fields
+        self._queues: dict[str, list[tuple[ManyCall, asyncio.Future[Outcome]]]] = {}
+        self._out: dict[str, int] = {}
+        self._scheduled: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def call(self, node: str, call: ManyCall) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(node, []).append((call, future))
+        self._schedule(node)
+        return await future
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+
+    def _schedule(self, node: str) -> None:
+        if self._closed or node in self._scheduled or self._out.get(node, 0) >= IN_FLIGHT:
+            return
+        self._scheduled.add(node)
+        asyncio.get_running_loop().call_soon(self._flush, node)
+
+    def _flush(self, node: str) -> None:
+        self._scheduled.discard(node)
+        queue = self._queues.get(node)
+        if not queue:
+            return
+        taken, self._queues[node] = queue[:MAX_CALLS], queue[MAX_CALLS:]
+        self._out[node] = self._out.get(node, 0) + 1
+        task = asyncio.create_task(self._send(node, taken))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self._queues[node]:
+            self._schedule(node)
+
+    async def _send(self, node: str, taken: list[tuple[ManyCall, asyncio.Future[Outcome]]]) -> None:
+        try:
+            try:
+                answers = await self.port.call_many(
+                    node, [c for c, _ in taken], serial=False, fields=self.fields
+                )
+                outcomes = answers.outcomes
+            except Exception as error:  # the request as a whole failed
+                outcomes = [(False, error)] * len(taken)
+            for (_, future), outcome in zip(taken, outcomes, strict=False):
+                if not future.done():
+                    future.set_result(outcome)
+            for _, future in taken[len(outcomes) :]:
+                if not future.done():
+                    future.set_result((False, RuntimeError("the request answered too few")))
+        finally:
+            self._out[node] -= 1
+            if self._queues.get(node):
+                self._schedule(node)
+
+
+async def key_rows(view: BatchView, field: str, value: Any) -> KeyRows | None:
+    """Every row whose ``field`` is ``value``, as ``view`` holds them now; None when that
+    cannot be read (e.g. a value of the wrong type) or is more than ``KNOWN_ROWS`` rows (too
+    much to send with each call): the reads then go back as before."""
+    if field not in view.fields or value is None:
+        return None
+    try:
+        rows = await view.find(Query(where=Compare(field, "=", value), limit=KNOWN_ROWS + 1))
+    except Exception:
+        return None
+    return KeyRows(field, value, rows) if len(rows) <= KNOWN_ROWS else None
+
+
+async def serial_chunk(
+    port: BrokerPort,
+    node: str,
+    calls: Sequence[ManyCall],
+    view: BatchView,
+    reads: ReadSet,
+    batches: OpenBatches,
+    token: BatchToken,
+) -> list[tuple[Outcome, list[Read] | None]]:
+    """Make ``calls`` (events of bindings without a key) on ``node`` in one serial request,
+    with the answers of the reads in ``reads`` as ``view`` holds them; answers each call's
+    outcome and reads (at least one: a failed request answers its failure for the first).
+    A call that read the aggregate unrecorded has its reads None."""
+    numbered = [
+        ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: i}, c.rows, c.kind)
+        for i, c in enumerate(calls)
+    ]
+    batches.take_unrecorded(token)
+    try:
+        known = await reads.known(view)
+        answers = await port.call_many(node, numbered, serial=True, fields=view.fields, known=known)
+    except Exception as error:
+        return [((False, error), None)]
+    got = list(zip(answers.outcomes, answers.reads, strict=False))
+    unrecorded = batches.take_unrecorded(token)
+    if unrecorded is not None:
+        got = [(o, None if i >= unrecorded else r) for i, (o, r) in enumerate(got)]
+    return got or [((False, RuntimeError(f"{node} answered none of the calls")), None)]
+
+
+async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
+    """Whether every read a call made answers the same from ``view`` now: then its answer is
+    the one it would give now (a transformation is a function of its event and its reads)."""
+    if reads is None:
+        return False
+    actions = StoreActions(view)
+    for method, params, answer in reads:
+        if method not in ("find", "count", "get"):
+            return False
+        try:
+            now = await getattr(actions, method)(params)
+        except Exception:
+            return False
+        if _plain(now) != _plain(answer):
+            return False
+    return True
+
+
+class ReadSet:
+    """The find params the calls of one batch's keyless bindings read lately (at most
+    ``KNOWN_READS``): each serial request carries their answers as the batch holds them, so
+    that the serving node answers such reads itself."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, dict[str, Any]] = {}
+
+    def note(self, reads: list[Read] | None) -> None:
+        for method, params, _ in reads or ():
+            if method != "find":
+                continue
+            key = canonical(method, params)
+            self._recent.pop(key, None)
+            self._recent[key] = params
+            if len(self._recent) > KNOWN_READS:
+                del self._recent[next(iter(self._recent))]
+
+    async def known(self, view: BatchView) -> list[tuple[dict[str, Any], Any]]:
+        actions = StoreActions(view)
+        out = []
+        for key, params in list(self._recent.items()):
+            try:
+                rows = await actions.find(params)
+            except Exception:
+                rows = None
+            if rows is None or len(rows) > KNOWN_ROWS:
+                del self._recent[key]  # cannot be answered, or too much to send each time
+            else:
+                out.append((params, rows))
+        return out
+
+
+def canonical(method: str, params: Any) -> str:
+    return json.dumps([method, params], sort_keys=True, default=str)
+
+
+def _plain(value: Any) -> Any:
+    """As it travels (JSON), so that a local answer compares with one that travelled."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class ChunkSizer:
+    """How many calls the next serial request carries: twice as many while every answer
+    holds; after a request cut short (a call's reads no longer answer the same), as many as
+    held, for ``HOLD`` requests, before trying more again."""
+
+    HOLD: Final = 4
+
+    def __init__(self) -> None:
+        self.size = FIRST_CHUNK
+        self.held = 0
+
+    def answered(self, asked: int, answered: int) -> None:
+        if answered < asked:
+            self.size, self.held = max(answered, 1), self.HOLD
+        elif self.held > 0:
+            self.held -= 1
+        else:
+            self.size = min(self.size * 2, MAX_CALLS)
