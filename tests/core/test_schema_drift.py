@@ -16,10 +16,13 @@ from tests.core.conftest import MakeStore
 
 
 def notes_service(
-    factory: StoreFactory, fields: dict[str, str], extras: dict[str, str] | None = None
+    factory: StoreFactory,
+    fields: dict[str, str],
+    extras: dict[str, str] | None = None,
+    version: int = 1,
 ) -> tuple[Service, Aggregate]:
     events = EventStore("noteEventStore", factory, fields=extras)
-    notes = Aggregate("noteAggregate", stores.with_fields(factory, fields))
+    notes = Aggregate("noteAggregate", stores.with_fields(factory, fields), version=version)
 
     async def note(event: dict[str, Any]) -> dict[str, Any]:
         return {"k": event["payload"]["k"]}
@@ -101,3 +104,29 @@ async def test_an_event_store_extra_field_may_be_added_but_not_change_type(
         await notes.runtime(broker).wait_caught_up()
         stored = await broker.call("noteEventStore.find", {"fields": ["tenant", "region"]})
     assert stored == [{"tenant": "1", "region": None}, {"tenant": "1", "region": "1"}]
+
+
+async def test_a_version_bump_starts_on_a_table_whose_fields_differ_and_rebuilds_it(
+    make_store: MakeStore,
+) -> None:
+    """Fields changed together with the aggregate's version: the start is not refused, and
+    the rebuild makes the table with the declared fields (a changed type, a new field)."""
+    factory = make_store()
+    await first_run(factory)
+    service, notes = notes_service(
+        factory, {"k": "string", "n": "string", "tag": "string"}, None, 2
+    )
+    async with running_broker(service) as broker:
+        await notes.runtime(broker).wait_caught_up()
+        status = await broker.call("noteAggregate.status", {})
+        assert (status["version"], status["tableVersion"]) == (2, 2)
+        assert await broker.call("noteAggregate.find", {"fields": ["k", "n", "tag"]}) == [
+            {"k": "a", "n": None, "tag": None}
+        ]
+        assert await broker.call("noteAggregate.count", {"query": {"n": "x"}}) == 0
+    assert await factory("noteAggregate").stored_fields() == {
+        "eventId": "integer",
+        "k": "string",
+        "n": "string",
+        "tag": "string",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Final, Literal
@@ -10,7 +11,7 @@ from typing import Any, Final, Literal
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import EventLog
-from moleculerpy_cqrs.core.maintenance import Maintenance
+from moleculerpy_cqrs.core.maintenance import VERSION_KEY, Maintenance
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
@@ -22,6 +23,8 @@ from moleculerpy_cqrs.errors import ConfigurationError
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import ID
 from moleculerpy_cqrs.stores.query import ALL, In, Query
+
+log = logging.getLogger(__name__)
 
 DISCARDED_FIELDS: Final[dict[str, str]] = {
     **DEAD_LETTER_FIELDS,
@@ -97,12 +100,30 @@ class AggregateRuntime:
         :meth:`Adapter.connect` would add columns); the adapter is closed with the refusal."""
         try:
             stored = await self.adapter.stored_fields()
-            refuse_aggregate_drift(self.name, self.adapter.fields, stored)
+            try:
+                refuse_aggregate_drift(self.name, self.adapter.fields, stored)
+            except ConfigurationError as drift:
+                if not await self._rebuilt_by_version_bump():
+                    raise
+                log.warning(
+                    "%s; this node's version %s is above the table's, so the table is rebuilt "
+                    "with the declared fields (reads answer from the old one until then)",
+                    drift, self.version,
+                )  # fmt: skip
             self.schema_checked = True
         except ConfigurationError:
             await self.adapter.close()
             self.closed = True
             raise
+
+    async def _rebuilt_by_version_bump(self) -> bool:
+        """Whether this node's version is above the one the table was built with: its
+        projector then rebuilds the table from the log with the declared fields, so fields
+        that differ are no reason to refuse the start."""
+        if self.version <= 1:  # tables built before versions existed count as version 1
+            return False
+        await self.adapter.connect()
+        return int(await self.adapter.get_meta(VERSION_KEY) or 1) < self.version
 
     def start_projector(self, log: EventLog) -> Projector:
         self.projector = Projector(

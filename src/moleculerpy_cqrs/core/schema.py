@@ -14,7 +14,7 @@ from moleculerpy_cqrs.errors import ConfigurationError
 
 AGGREGATE_REMEDY: Final = (
     "replay into a new aggregate table, or bump the aggregate's version "
-    "(Aggregate(..., version=N)) once versions exist"
+    "(Aggregate(..., version=N)): its projector then rebuilds the table with these fields"
 )
 EVENT_LOG_REMEDY: Final = (
     "stored events keep their type: declare the field as it was, or add a field under a new name"
