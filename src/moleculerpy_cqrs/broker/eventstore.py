@@ -16,12 +16,20 @@ from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
 from moleculerpy_cqrs.broker.timings import append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.records import EVENT_FIELDS, answer
-from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
+from moleculerpy_cqrs.core.records import EVENT_FIELDS, IDEMPOTENCY_KEY, ORIGIN_KEY, answer
+from moleculerpy_cqrs.errors import (
+    ConfigurationError,
+    ConflictError,
+    CqrsError,
+    InvalidInput,
+    StoreError,
+)
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import Record, check_id, declare_fields
 
 ActionHandler = Callable[[Any, Context], Any]
+KeyOf = Callable[[Context], Any]
+"""Derives an idempotency key from a call's context (None: no key)."""
 
 
 class EventStore:
@@ -84,11 +92,17 @@ class EventStore:
         *,
         params: Mapping[str, Any] | None = None,
         strict: bool = True,
+        idempotency_key: KeyOf | None = None,
     ) -> ActionHandler:
         """An action that saves its params as ``event_name`` and answers the stored event.
 
         ``params`` is an optional MoleculerPy validation schema; with ``strict`` (the
         default when a schema is given) keys outside it are refused too.
+
+        A call with an idempotency key is stored at most once per key: ``ctx.meta``'s
+        ``idempotencyKey``, or what ``idempotency_key(ctx)`` answers (say, a command id in
+        the params; None: no key). A repeat with the same params is answered the event
+        stored first; with other params, a 409 ``ConflictError``.
         """
         extras = dict(extras or {})
         unknown = [k for k in extras if k not in self.extra_fields]
@@ -111,10 +125,16 @@ class EventStore:
                         field=extra[0],
                     )
             runtime = store.runtime(service.broker)
+            if idempotency_key is not None:
+                key = idempotency_key(ctx)
+            else:
+                key = (ctx.meta or {}).get(IDEMPOTENCY_KEY)
             try:
-                row = await runtime.append(event_name, payload, extras=extras, meta=ctx.meta)
+                row = await runtime.append(
+                    event_name, payload, extras=extras, meta=ctx.meta, idempotency_key=key
+                )
             except CqrsError as error:
-                if not isinstance(error, InvalidInput):
+                if not isinstance(error, InvalidInput | ConflictError):
                     await runtime.port.emit(
                         f"{event_name}.failed", {"error": str(error), "event": event_name}
                     )
@@ -137,14 +157,33 @@ class EventStore:
         handler.__name__ = f"cqrs_map_action_{action_name}"
         return handler
 
-    def map_event(self, origin_event: str, stored_event: str) -> Callable[[Any, Context], Any]:
-        """An event handler that saves every ``origin_event`` it hears as ``stored_event``."""
+    def map_event(
+        self,
+        origin_event: str,
+        stored_event: str,
+        *,
+        idempotency_key: KeyOf | None = None,
+    ) -> Callable[[Any, Context], Any]:
+        """An event handler that saves every ``origin_event`` it hears as ``stored_event``.
+
+        An event heard from one of the toolkit's event stores (its dispatcher delivers at
+        least once) is keyed by its origin, ``<store>:<position>``: a redelivery stores
+        nothing. For events from elsewhere, ``idempotency_key(ctx)`` may name a key (say, a
+        message id the emitter puts in the payload or meta); None: stored as heard. A
+        repeat is never refused: its first copy stands.
+        """
         store = self
 
         @event(name=origin_event)
         async def handler(service: Any, ctx: Context) -> None:
             payload = ctx.params if isinstance(ctx.params, dict) else {"value": ctx.params}
-            await store.runtime(service.broker).append(stored_event, payload, meta=ctx.meta)
+            meta = ctx.meta or {}
+            key = idempotency_key(ctx) if idempotency_key is not None else None
+            if key is None and isinstance(meta.get(ORIGIN_KEY), str):
+                key = f"{ORIGIN_KEY}:{meta[ORIGIN_KEY]}"
+            await store.runtime(service.broker).append(
+                stored_event, payload, meta=meta, idempotency_key=key, compare=False
+            )
 
         handler.__name__ = f"cqrs_map_event_{origin_event}"
         return handler

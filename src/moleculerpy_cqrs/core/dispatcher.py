@@ -20,7 +20,7 @@ from typing import Final
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.records import EventType, Status, delivered, now_ms
+from moleculerpy_cqrs.core.records import ORIGIN_KEY, EventType, Status, delivered, now_ms
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Record
 
@@ -217,11 +217,14 @@ class Dispatcher:
 
     async def _deliver(self, row: Record, batch_size: int) -> Status:
         payload = delivered({**row, "status": int(Status.PROCESSING)}, batch_size)
+        # Where the event comes from, so a subscriber storing it (map_event) can key it and
+        # store a redelivery once.
+        meta = {**(row.get("meta") or {}), ORIGIN_KEY: f"{self._adapter.name}:{row['id']}"}
         attempts = int(row.get("attempts") or 0)
         while True:
             attempts += 1
             try:
-                await self._port.emit(row["event"], payload, meta=row.get("meta") or {})
+                await self._port.emit(row["event"], payload, meta=meta)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from moleculerpy_cqrs.core.batch import BatchView
+from moleculerpy_cqrs.core.records import ORIGIN_KEY
 from moleculerpy_cqrs.errors import Conflict
 
 TOKEN_KEY: Final = "$cqrsTx"
 AGGREGATE_KEY: Final = "$cqrsAggregate"
 NODE_KEY: Final = "$cqrsNode"
-PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY)
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ORIGIN_KEY)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from moleculerpy_cqrs.errors import ConfigurationError, StoreError
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 
@@ -31,9 +31,10 @@ _VERSION: Final = 1
 
 
 class _Data:
-    """A committed table: rows in id order, the last id handed out, and meta as JSON text."""
+    """A committed table: rows in id order, the last id handed out, meta as JSON text, and
+    an index per unique field (value -> id)."""
 
-    __slots__ = ("ids", "meta", "rows", "seq")
+    __slots__ = ("ids", "meta", "rows", "seq", "unique")
 
     def __init__(
         self,
@@ -45,12 +46,20 @@ class _Data:
         self.ids = list(self.rows)
         self.seq = max(seq, self.ids[-1] if self.ids else 0)
         self.meta = meta if meta is not None else {}
+        self.unique: dict[str, dict[Any, int]] = {}
+
+    def index(self, field: str) -> None:
+        """Index the unique field ``field`` (once; kept up to date by every commit)."""
+        if field not in self.unique:
+            self.unique[field] = {
+                v: i for i, row in self.rows.items() if (v := row.get(field)) is not None
+            }
 
 
 class _Work:
     """A table as one unit of work sees it: the committed data plus its own changes."""
 
-    __slots__ = ("base", "changes", "dropped", "meta", "name", "replaced", "seq")
+    __slots__ = ("base", "changes", "dropped", "keys", "meta", "name", "replaced", "seq")
 
     def __init__(self, name: str, base: _Data | None) -> None:
         self.name = name
@@ -60,6 +69,33 @@ class _Work:
         self.meta: dict[str, str | None] = {}
         self.seq = self.base.seq
         self.replaced = False
+        self.keys: dict[str, dict[Any, int | None]] = {}  # unique values changed: -> id/freed
+
+    def holder(self, field: str, value: Any) -> int | None:
+        """The id of the row holding ``value`` in the unique field ``field``, by index."""
+        changed = self.keys.get(field)
+        if changed is not None and value in changed:
+            return changed[value]
+        return self.base.unique[field].get(value)
+
+    def _track(self, old: Record | None, new: Record | None) -> None:
+        """Keep the unique indexes of this unit of work; refuse a value held by another row."""
+        for field in self.base.unique:
+            changed = self.keys.setdefault(field, {})
+            if old is not None and (value := old.get(field)) is not None:
+                changed[value] = None
+            if new is not None and (value := new.get(field)) is not None:
+                holder = self.holder(field, value)
+                if holder is not None and holder != new[ID]:
+                    if old is not None and (gone := old.get(field)) is not None:
+                        changed[gone] = old[ID]
+                    raise ConflictError(
+                        f"store {self.name!r}: {field} {value!r} is already held by row "
+                        f"{holder} (the field is unique)",
+                        field=field,
+                        id=holder,
+                    )
+                changed[value] = new[ID]
 
     def _live(self) -> _Data:
         if self.dropped:
@@ -102,16 +138,22 @@ class _Work:
 
     def insert(self, record: Record) -> Record:
         self._live()
+        row = {ID: self.seq + 1, **record}
+        if self.base.unique:
+            self._track(None, row)
         self.seq += 1
-        row = {ID: self.seq, **record}
         self.changes[self.seq] = row
         return row
 
     def put(self, row: Record) -> None:
+        if self.base.unique:
+            self._track(self.get(row[ID]), row)
         self.changes[row[ID]] = row
         self.seq = max(self.seq, row[ID])
 
     def delete(self, entity_id: int) -> None:
+        if self.base.unique:
+            self._track(self.get(entity_id), None)
         self.changes[entity_id] = None
 
     def get_meta(self, key: str) -> str | None:
@@ -128,12 +170,14 @@ class _Work:
         self.meta[key] = text
 
     def replace(self, data: _Data) -> None:
-        self.base, self.changes, self.meta = data, {}, {}
+        for field in self.base.unique:
+            data.index(field)
+        self.base, self.changes, self.meta, self.keys = data, {}, {}, {}
         self.seq = max(self.seq, data.seq)
         self.replaced, self.dropped = True, False
 
     def drop(self) -> None:
-        self.base, self.changes, self.meta = _Data(), {}, {}
+        self.base, self.changes, self.meta, self.keys = _Data(), {}, {}, {}
         self.replaced, self.dropped = False, True
 
     def commit(self, tables: dict[str, _Data]) -> None:
@@ -157,6 +201,13 @@ class _Work:
         if deleted:
             data.ids = [i for i in data.ids if i not in deleted]
         data.seq = self.seq
+        for field, changed in self.keys.items():
+            index = data.unique[field]
+            for value, holder in changed.items():
+                if holder is None:
+                    index.pop(value, None)
+                else:
+                    index[value] = holder
         for key, text in self.meta.items():
             if text is None:
                 data.meta.pop(key, None)
@@ -267,7 +318,9 @@ class MemoryAdapter(Adapter):
 
     async def connect(self) -> None:
         self._open()
-        self._database.tables.setdefault(self.name, _Data())
+        data = self._database.tables.setdefault(self.name, _Data())
+        for field in self.unique_fields:
+            data.index(field)
 
     async def close(self) -> None:
         self._closed = True
@@ -323,6 +376,21 @@ class MemoryAdapter(Adapter):
 
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         return await self._insert_many([r.record for r in rows])
+
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            out: list[Keyed] = []
+            for row in rows:
+                value = row.record[key]
+                holder = None if value is None else work.holder(key, value)
+                if holder is None:
+                    out.append(Keyed(self._out(work.insert(self._own(row.record))), True))
+                else:
+                    stored = work.get(holder)
+                    assert stored is not None
+                    out.append(Keyed(self._out(stored), False))
+            return out
 
     def _check_sibling(self, other: Adapter) -> None:
         if not isinstance(other, MemoryAdapter) or other._database is not self._database:

@@ -26,9 +26,9 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, encode_json
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, encode_json
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -296,6 +296,7 @@ class PostgresAdapter(Adapter):
         self._insert_sql = (self._bulk_insert_sql(lock=False), self._bulk_insert_sql(lock=True))
         self._ids_sql = (self._ids_sql_for(lock=False), self._ids_sql_for(lock=True))
         names = "".join(f", {quote(n)}" for n in self.fields)
+        self._keyed_sql: dict[tuple[str, bool], bytes] = {}
         self._copy_sql = _q(f"COPY {self._table} ({quote(ID)}{names}) FROM STDIN")
         self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
         self._db: _Database | None = None
@@ -331,7 +332,7 @@ class PostgresAdapter(Adapter):
     async def _create_table(self) -> None:
         db = self._require()
         async with db.pool.connection() as conn:
-            if await self._missing_columns(conn) == []:
+            if await self._missing_columns(conn) == [] and not await self._missing_indexes(conn):
                 return  # the usual case: nothing to create, no lock needed
             async with conn.transaction():
                 await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
@@ -347,6 +348,30 @@ class PostgresAdapter(Adapter):
                                 f"{_COLUMN_TYPES[self.fields[column]]}"
                             )
                         )
+                await self._unique_indexes(conn)
+
+    def _unique_index(self, field: str) -> str:
+        return _internal(self.name, f"unique_{field}")
+
+    async def _missing_indexes(self, conn: Conn) -> bool:
+        for unique in self.unique_fields:
+            name = f"{quote(self.schema)}.{self._unique_index(unique)}"
+            cur = await conn.execute("SELECT to_regclass(%s)", [name])
+            row = await cur.fetchone()
+            if row is None or row[0] is None:
+                return True
+        return False
+
+    async def _unique_indexes(self, conn: Conn) -> None:
+        """A unique index per unique field (NULLs are never equal: any number of rows hold
+        one); made on an existing table too, once."""
+        for unique in self.unique_fields:
+            await conn.execute(
+                _q(
+                    f"CREATE UNIQUE INDEX IF NOT EXISTS {self._unique_index(unique)} "
+                    f"ON {self._table} ({quote(unique)})"
+                )
+            )
 
     async def _missing_columns(self, conn: Conn) -> list[str] | None:
         """Declared columns the table lacks; None when the table does not exist."""
@@ -481,8 +506,14 @@ class PostgresAdapter(Adapter):
         except psycopg.Error as e:
             raise self._error(e) from e
 
-    def _error(self, e: psycopg.Error) -> StoreError:
+    def _error(self, e: psycopg.Error) -> StoreError | ConflictError:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, psycopg.errors.UniqueViolation):
+            return ConflictError(
+                f"PostgreSQL store {self.name!r}: a unique field's value is already held "
+                f"({detail})",
+                store=self.name,
+            )
         return StoreError(f"PostgreSQL store {self.name!r}: {detail}", store=self.name)
 
     def transaction(self) -> AbstractAsyncContextManager[None]:
@@ -673,6 +704,80 @@ class PostgresAdapter(Adapter):
 
     # ------------------------------------------------------------------ event log
 
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        # INSERT ... ON CONFLICT DO NOTHING: a key committed by another connection meanwhile,
+        # or being committed (the insert waits for that transaction), stores nothing and is
+        # no error. The holders of the keys not stored are read back after it (a statement
+        # of its own: it sees what the other writer committed).
+        db = self._require()
+        joined = db.transaction() is not None
+        column = list(self.fields).index(key)
+        async with self._session(write=joined) as conn:
+            params: list[Any] = [self._batch_document(rows)]
+            if not joined:
+                params.append(self._write_key)
+            cur = await conn.execute(self._keyed_insert_sql(key, lock=not joined), params)
+            inserted = sorted(await cur.fetchall())
+        ids_of: dict[str, int] = {}
+        plain_ids: list[int] = []
+        for new_id, value in inserted:
+            if value is None:
+                plain_ids.append(new_id)
+            else:
+                ids_of[value] = new_id
+        out: list[Keyed | None] = []
+        missing: set[str] = set()
+        taken: set[str] = set()
+        plain = iter(plain_ids)
+        for row in rows:
+            value = row.values[column]
+            if value is None:
+                out.append(Keyed({ID: next(plain), **row.record}, True))
+            elif value in ids_of:  # the first row with this key: the one stored
+                out.append(Keyed({ID: ids_of.pop(value), **row.record}, True))
+                taken.add(value)
+            else:
+                out.append(None)
+                if value not in taken:
+                    missing.add(value)
+        held: dict[str, Record] = {}
+        if missing:
+            found = await self._select(
+                f"SELECT {self._columns} FROM {self._table} WHERE {quote(key)} = ANY(%s)",
+                [sorted(missing)],
+                self._compiler.columns,
+            )
+            held = {r[key]: r for r in found}
+        first_of: dict[str, Record] = {}
+        answers: list[Keyed] = []
+        for row, answer in zip(rows, out, strict=True):
+            value = row.values[column]
+            if answer is not None:
+                if value is not None and value not in first_of:
+                    first_of[value] = answer.row
+                answers.append(answer)
+            elif value in held:
+                answers.append(Keyed(held[value], False))
+            elif value in first_of:  # an earlier row of this batch stored it
+                answers.append(Keyed(first_of[value], False))
+            else:
+                raise StoreError(
+                    f"PostgreSQL store {self.name!r}: the holder of key {value!r} vanished",
+                    store=self.name,
+                )
+        return answers
+
+    def _keyed_insert_sql(self, key: str, *, lock: bool) -> bytes:
+        cached = self._keyed_sql.get((key, lock))
+        if cached is None:
+            plain = self._bulk_insert_sql(lock=lock).decode()
+            head, _, _ = plain.rpartition(" RETURNING ")
+            cached = _q(
+                f"{head} ON CONFLICT ({quote(key)}) DO NOTHING RETURNING {quote(ID)}, {quote(key)}"
+            )
+            self._keyed_sql[key, lock] = cached
+        return cached
+
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         db = self._require()
         if db.transaction() is not None:
@@ -862,6 +967,7 @@ class PostgresAdapter(Adapter):
         await conn.execute(_q(f"DROP TABLE {self._table}"))
         await conn.execute(_q(f"ALTER TABLE {source} RENAME TO {quote(self.name)}"))
         await conn.execute(_q(f"ALTER INDEX {schema}.{source_pkey} RENAME TO {self._pkey}"))
+        await self._unique_indexes(conn)
 
     async def _advance_sequence(self, conn: Conn, at_least: int) -> None:
         """Ids never go back: the next id is past every id this table or its source used."""

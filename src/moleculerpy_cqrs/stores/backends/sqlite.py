@@ -41,8 +41,8 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 from urllib.request import pathname2url
 
-from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, StoreError
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, MetaMoved
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, StoreError
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta, declare_fields
 from moleculerpy_cqrs.stores.query import Compare, In, Query
 from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
@@ -69,6 +69,7 @@ _DECODERS: Final[dict[FieldType, Callable[[Any], Any] | None]] = {
     "datetime": datetime.fromisoformat,
 }
 _ID_CHUNK: Final = 500
+_KEYS_PER_SELECT: Final = 500
 _RESTORE_BATCH: Final = 5000
 _BACKUP_FORMAT: Final = "moleculerpy-cqrs sqlite backup"
 _BACKUP_VERSION: Final = "1"
@@ -125,6 +126,12 @@ def _call[T](store: str, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` (on a worker thread), translating driver and I/O errors: the one place."""
     try:
         return fn(*args)
+    except sqlite3.IntegrityError as e:
+        if str(e).startswith("UNIQUE constraint failed"):
+            raise ConflictError(
+                f"store {store!r}: a unique field's value is already held ({e})", store=store
+            ) from e
+        raise StoreError(f"SQLite failed for store {store!r}: {e}", store=store) from e
     except sqlite3.Error as e:
         raise StoreError(f"SQLite failed for store {store!r}: {e}", store=store) from e
     except OSError as e:
@@ -385,7 +392,7 @@ class SqliteAdapter(Adapter):
                     self._database = database
                 else:  # a concurrent connect() won
                     await _release(database)
-        await self._write(partial(_create_table, self.name, self.fields))
+        await self._write(partial(_create_table, self.name, self.fields, self.unique_fields))
 
     def where(self) -> str:
         _, target, uri = _resolve(self._location, self.name, self._memory_key)
@@ -499,6 +506,47 @@ class SqliteAdapter(Adapter):
         values = [r.values for r in rows]
         first = await self._write(partial(_insert_rows, self._insert_sql, values))
         return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
+
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        # In the writer's transaction: keys looked up through the unique index, then the new
+        # rows inserted; no other writer of the file runs in between.
+        column = list(self.fields).index(key)
+        columns = ", ".join(quote(c) for c in self._columns)
+
+        def job(conn: sqlite3.Connection) -> list[Keyed]:
+            keys = list({v for r in rows if (v := r.values[column]) is not None})
+            held: dict[str, Record] = {}
+            for start in range(0, len(keys), _KEYS_PER_SELECT):
+                chunk = keys[start : start + _KEYS_PER_SELECT]
+                sql = (
+                    f"SELECT {columns} FROM {self._sql.table} "
+                    f"WHERE {quote(key)} IN ({', '.join('?' * len(chunk))})"
+                )
+                held.update((r[key], r) for r in self._fetch(sql, chunk, None, conn))
+            fresh: list[int] = []
+            first_of: dict[str, int] = {}
+            for i, row in enumerate(rows):
+                value = row.values[column]
+                if value is None or (value not in held and value not in first_of):
+                    fresh.append(i)
+                    if value is not None:
+                        first_of[value] = i
+            first = (
+                _insert_rows(self._insert_sql, [rows[i].values for i in fresh], conn)
+                if fresh
+                else 0
+            )
+            new = {i: {ID: first + n, **rows[i].record} for n, i in enumerate(fresh)}
+            out: list[Keyed] = []
+            for i, row in enumerate(rows):
+                if i in new:
+                    out.append(Keyed(new[i], True))
+                else:
+                    value = row.values[column]
+                    out.append(Keyed(held[value] if value in held else new[first_of[value]], False))
+            return out
+
+        return await self._write(job)
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
@@ -640,7 +688,7 @@ class SqliteAdapter(Adapter):
             ):
                 await self._write(partial(_executemany, insert, batch))
                 after = batch[-1][0]
-            await self._write(partial(_swap_in, self.name, shadow, saved))
+            await self._write(partial(_swap_in, self.name, shadow, saved, self.unique_fields))
         except BaseException:
             with suppress(CqrsError):
                 await self._write(partial(_drop_table, shadow))
@@ -665,7 +713,8 @@ class SqliteAdapter(Adapter):
             conn.execute(f"ALTER TABLE {quote(shadow.name)} RENAME TO {quote(self.name)}")
             conn.execute(f"DELETE FROM {_META} WHERE tbl = ?", (self.name,))
             conn.execute(f"UPDATE {_META} SET tbl = ? WHERE tbl = ?", (self.name, shadow.name))
-            _create_table(shadow.name, shadow.fields, conn)
+            _create_table(shadow.name, shadow.fields, shadow.unique_fields, conn)
+            _unique_indexes(self.name, self.unique_fields, conn)
             _set_seq(conn, self.name, seq)
 
         await self._write(job)
@@ -786,7 +835,12 @@ def _table_sql(table: str, fields: Mapping[str, FieldType]) -> str:
     return f"CREATE TABLE IF NOT EXISTS {quote(table)} ({', '.join(columns)})"
 
 
-def _create_table(table: str, fields: Mapping[str, FieldType], conn: sqlite3.Connection) -> None:
+def _create_table(
+    table: str,
+    fields: Mapping[str, FieldType],
+    unique: tuple[str, ...],
+    conn: sqlite3.Connection,
+) -> None:
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS {_META} (tbl TEXT NOT NULL, key TEXT NOT NULL, "
         "value TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID"
@@ -796,6 +850,14 @@ def _create_table(table: str, fields: Mapping[str, FieldType], conn: sqlite3.Con
     for name, kind in fields.items():
         if name not in have:  # a field declared since the table was made
             conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} {_SQL_TYPES[kind]}")
+    _unique_indexes(table, unique, conn)
+
+
+def _unique_indexes(table: str, unique: tuple[str, ...], conn: sqlite3.Connection) -> None:
+    """A unique index per unique field (NULLs are never equal: any number of rows hold one)."""
+    for name in unique:
+        index = quote(f"{table}__{name}__unique")
+        conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({quote(name)})")
 
 
 def _drop_table(table: str, conn: sqlite3.Connection) -> None:
@@ -804,7 +866,7 @@ def _drop_table(table: str, conn: sqlite3.Connection) -> None:
 
 def _recreate_table(table: str, fields: Mapping[str, FieldType], conn: sqlite3.Connection) -> None:
     _drop_table(table, conn)
-    _create_table(table, fields, conn)
+    _create_table(table, fields, (), conn)
 
 
 def _seq(conn: sqlite3.Connection, table: str) -> int:
@@ -938,7 +1000,9 @@ def _read_rows(source: Path, names: list[str], after: int) -> list[tuple[Any, ..
         conn.close()
 
 
-def _swap_in(table: str, shadow: str, saved: _Saved, conn: sqlite3.Connection) -> None:
+def _swap_in(
+    table: str, shadow: str, saved: _Saved, unique: tuple[str, ...], conn: sqlite3.Connection
+) -> None:
     (count,) = conn.execute(f"SELECT count(*) FROM {quote(shadow)}").fetchone()
     if count != saved.rows:
         raise StoreError(f"the backup of {table!r} changed while it was restored", store=table)
@@ -950,6 +1014,7 @@ def _swap_in(table: str, shadow: str, saved: _Saved, conn: sqlite3.Connection) -
         f"INSERT INTO {_META} (tbl, key, value) VALUES (?, ?, ?)",
         [(table, key, text) for key, text in saved.meta],
     )
+    _unique_indexes(table, unique, conn)
     _set_seq(conn, table, seq)
 
 
