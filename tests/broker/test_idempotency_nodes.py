@@ -83,5 +83,8 @@ async def test_other_params_under_the_same_key_on_two_nodes_get_a_409(
     assert len(refused) == KEYS
     assert all(isinstance(r, ConflictError) for r in refused)
     by_key = {e["idempotencyKey"]: e["id"] for e in read["events"]}
+    assert all(
+        isinstance(r, ConflictError) and by_key[r.data["key"]] == r.data["id"] for r in refused
+    )
     answered = [r for r in results if isinstance(r, dict)]
     assert sorted(r["id"] for r in answered) == sorted(by_key.values())
