@@ -13,7 +13,7 @@ from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, 
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
-from moleculerpy_cqrs.broker.timings import append_timings
+from moleculerpy_cqrs.broker.timings import Outcome, append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
 from moleculerpy_cqrs.core.records import EVENT_FIELDS, IDEMPOTENCY_KEY, ORIGIN_KEY, answer
@@ -113,7 +113,7 @@ class EventStore:
         store = self
         allowed = set(params) if params and strict else None
 
-        async def save(service: Any, ctx: Context) -> dict[str, Any]:
+        async def save(service: Any, ctx: Context, outcome: Outcome) -> dict[str, Any]:
             payload = ctx.params if ctx.params is not None else {}
             if not isinstance(payload, dict):
                 raise InvalidInput("params must be an object")
@@ -130,7 +130,7 @@ class EventStore:
             else:
                 key = (ctx.meta or {}).get(IDEMPOTENCY_KEY)
             try:
-                row = await runtime.append(
+                keyed = await runtime.append_once(
                     event_name, payload, extras=extras, meta=ctx.meta, idempotency_key=key
                 )
             except CqrsError as error:
@@ -146,13 +146,14 @@ class EventStore:
                 raise StoreError(
                     f"could not save {event_name}: {error}", store=store.name
                 ) from error
-            return answer(row, tuple(store.extra_fields))
+            outcome.duplicate = not keyed.stored
+            return answer(keyed.row, tuple(store.extra_fields))
 
         @action(name=action_name, params=dict(params) if params else None)
         async def handler(service: Any, ctx: Context) -> dict[str, Any]:
             timings = append_timings(service.broker)
-            with timings.measure(store.name, f"{service.name}.{action_name}"):
-                return await save(service, ctx)
+            with timings.measure(store.name, f"{service.name}.{action_name}") as outcome:
+                return await save(service, ctx, outcome)
 
         handler.__name__ = f"cqrs_map_action_{action_name}"
         return handler

@@ -24,7 +24,7 @@ from moleculerpy_cqrs.core.records import (
     now_ms,
 )
 from moleculerpy_cqrs.errors import ConflictError, InvalidInput, StoreError
-from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record, check_json
 from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_condition
 
@@ -106,6 +106,30 @@ class EventStoreRuntime:
         answered the event stored first, and stores nothing. With ``compare``, a repeat whose
         event, payload or extras differ (compared canonically) is a :class:`ConflictError`.
         """
+        keyed = await self.append_once(
+            event,
+            payload,
+            extras=extras,
+            meta=meta,
+            event_type=event_type,
+            idempotency_key=idempotency_key,
+            compare=compare,
+        )
+        return keyed.row
+
+    async def append_once(
+        self,
+        event: str,
+        payload: Any,
+        *,
+        extras: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        event_type: EventType = EventType.COMMAND,
+        idempotency_key: Any = None,
+        compare: bool = True,
+    ) -> Keyed:
+        """:meth:`append`, answering also whether this call stored the event (false: a
+        repeat of its idempotency key, answered the event stored before)."""
         key = check_idempotency_key(idempotency_key)
         now = now_ms()
         record = {
@@ -126,10 +150,10 @@ class EventStoreRuntime:
         if row.adapter is not self.adapter:  # restarted meanwhile, with a fresh adapter
             row = self._check(record)
         if key is None:
-            return await self.committer.append(row)
+            return Keyed(await self.committer.append(row), True)
         keyed = await self.committer.append_keyed(row)
         if keyed.stored:
-            return keyed.row
+            return keyed
         if compare and not _same_command(row.record, keyed.row, extras or {}):
             raise ConflictError(
                 f"idempotency key {key!r} is already held by event {keyed.row['id']} "
@@ -140,7 +164,7 @@ class EventStoreRuntime:
                 event=keyed.row["event"],
             )
         self.duplicates += 1
-        return keyed.row
+        return keyed
 
     async def record_snapshot(self, event: str, payload: dict[str, Any]) -> Record:
         """Store a snapshot-created event (eventType 1)."""

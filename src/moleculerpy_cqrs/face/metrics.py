@@ -108,6 +108,11 @@ def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
     commits = _counter(
         "cqrs_event_store_commits", "Group commits this node made since it started.", labels
     )
+    duplicates = _counter(
+        "cqrs_event_store_duplicates",
+        "Repeats of a stored idempotency key this node answered with the stored event.",
+        labels,
+    )
     cursor = _gauge("cqrs_dispatcher_cursor", "Position the dispatcher has settled.", labels)
     lag = _gauge("cqrs_dispatcher_lag_events", "Stored events not dispatched yet.", labels)
     delivered = _counter(
@@ -133,6 +138,7 @@ def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
         head.add_metric(name, _number(status.get("head")))
         appended.add_metric(name, _number(status.get("appended")))
         commits.add_metric(name, _number(status.get("commits")))
+        duplicates.add_metric(name, _number(status.get("duplicates")))
         cursor.add_metric(name, _number(d.get("cursor")))
         lag.add_metric(name, _number(d.get("lag")))
         delivered.add_metric(name, _number(d.get("delivered")))
@@ -144,7 +150,19 @@ def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
         held.add_metric(name, 1 if lease.get("mine") else 0)
         if lease.get("node"):
             holder.add_metric([*name, str(lease["node"])], 1)
-    yield from (head, appended, commits, cursor, lag, delivered, failed, state, held, holder)
+    yield from (
+        head,
+        appended,
+        commits,
+        duplicates,
+        cursor,
+        lag,
+        delivered,
+        failed,
+        state,
+        held,
+        holder,
+    )
 
 
 def aggregate_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
