@@ -446,3 +446,28 @@ def test_a_server_left_by_a_killed_run_is_cleaned_up(base_dir: Path) -> None:
     remove_stale(base_dir)
     assert _exits(pid)
     assert not folder.exists()
+
+
+async def test_keys_are_looked_up_through_the_unique_index(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # The log may hold millions of keys: append_keyed must search the index, never scan.
+    adapter = PostgresAdapter(
+        "log", {"event": "string", "key": "string"}, dsn=postgres_dsn, options={"schema": pg_schema}
+    )
+    adapter.declare_unique("key")
+    await adapter.connect()
+    try:
+        await adapter.append([{"event": "e", "key": f"k{i}"} for i in range(20_000)])
+        await adapter.append([{"event": "e"} for _ in range(100)])
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            await conn.execute("ANALYZE log")
+            cur = await conn.execute(
+                ("EXPLAIN " + adapter._holders_sql("key")).encode(), [["k5", "k77", "nope"]]
+            )
+            plan = " ".join(str(row[0]) for row in await cur.fetchall())
+    finally:
+        await adapter.close()
+    assert "log$unique_key" in plan, plan
+    assert "Seq Scan" not in plan, plan

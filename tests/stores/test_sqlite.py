@@ -273,3 +273,22 @@ async def test_in_memory_factories_do_not_share_a_database() -> None:
     async with first("t", {"n": "integer"}) as a, second("t", {"n": "integer"}) as b:
         await a.insert({"n": 1})
         assert await b.count() == 0
+
+
+async def test_keys_are_looked_up_through_the_unique_index(tmp_path: Path) -> None:
+    # The log may hold millions of keys: append_keyed must search the index, never scan.
+    adapter = stores.sqlite(tmp_path)("log", {"event": "string", "key": "string"})
+    assert isinstance(adapter, SqliteAdapter)
+    adapter.declare_unique("key")
+    await adapter.connect()
+    try:
+        conn = sqlite3.connect(tmp_path / "log.sqlite3")
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN " + adapter._holders_sql("key", 3), ["a", "b", "c"]
+        ).fetchall()
+        conn.close()
+    finally:
+        await adapter.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX log__key__unique" in details, details
+    assert "SCAN" not in details, details

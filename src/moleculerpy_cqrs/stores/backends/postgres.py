@@ -363,13 +363,13 @@ class PostgresAdapter(Adapter):
         return False
 
     async def _unique_indexes(self, conn: Conn) -> None:
-        """A unique index per unique field (NULLs are never equal: any number of rows hold
-        one); made on an existing table too, once."""
+        """A unique index per unique field, of the rows that hold a value (any number of rows
+        hold NULL, and cost the index nothing); made on an existing table too, once."""
         for unique in self.unique_fields:
             await conn.execute(
                 _q(
                     f"CREATE UNIQUE INDEX IF NOT EXISTS {self._unique_index(unique)} "
-                    f"ON {self._table} ({quote(unique)})"
+                    f"ON {self._table} ({quote(unique)}) WHERE {quote(unique)} IS NOT NULL"
                 )
             )
 
@@ -743,9 +743,7 @@ class PostgresAdapter(Adapter):
         held: dict[str, Record] = {}
         if missing:
             found = await self._select(
-                f"SELECT {self._columns} FROM {self._table} WHERE {quote(key)} = ANY(%s)",
-                [sorted(missing)],
-                self._compiler.columns,
+                self._holders_sql(key), [sorted(missing)], self._compiler.columns
             )
             held = {r[key]: r for r in found}
         first_of: dict[str, Record] = {}
@@ -767,13 +765,18 @@ class PostgresAdapter(Adapter):
                 )
         return answers
 
+    def _holders_sql(self, key: str) -> str:
+        """The rows holding any value of an array of the unique field ``key`` (by index)."""
+        return f"SELECT {self._columns} FROM {self._table} WHERE {quote(key)} = ANY(%s)"
+
     def _keyed_insert_sql(self, key: str, *, lock: bool) -> bytes:
         cached = self._keyed_sql.get((key, lock))
         if cached is None:
             plain = self._bulk_insert_sql(lock=lock).decode()
             head, _, _ = plain.rpartition(" RETURNING ")
             cached = _q(
-                f"{head} ON CONFLICT ({quote(key)}) DO NOTHING RETURNING {quote(ID)}, {quote(key)}"
+                f"{head} ON CONFLICT ({quote(key)}) WHERE {quote(key)} IS NOT NULL DO NOTHING "
+                f"RETURNING {quote(ID)}, {quote(key)}"
             )
             self._keyed_sql[key, lock] = cached
         return cached

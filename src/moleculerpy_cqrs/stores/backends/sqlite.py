@@ -511,17 +511,13 @@ class SqliteAdapter(Adapter):
         # In the writer's transaction: keys looked up through the unique index, then the new
         # rows inserted; no other writer of the file runs in between.
         column = list(self.fields).index(key)
-        columns = ", ".join(quote(c) for c in self._columns)
 
         def job(conn: sqlite3.Connection) -> list[Keyed]:
             keys = list({v for r in rows if (v := r.values[column]) is not None})
             held: dict[str, Record] = {}
             for start in range(0, len(keys), _KEYS_PER_SELECT):
                 chunk = keys[start : start + _KEYS_PER_SELECT]
-                sql = (
-                    f"SELECT {columns} FROM {self._sql.table} "
-                    f"WHERE {quote(key)} IN ({', '.join('?' * len(chunk))})"
-                )
+                sql = self._holders_sql(key, len(chunk))
                 held.update((r[key], r) for r in self._fetch(sql, chunk, None, conn))
             fresh: list[int] = []
             first_of: dict[str, int] = {}
@@ -547,6 +543,12 @@ class SqliteAdapter(Adapter):
             return out
 
         return await self._write(job)
+
+    def _holders_sql(self, key: str, count: int) -> str:
+        """The rows holding any of ``count`` values of the unique field ``key`` (by index)."""
+        columns = ", ".join(quote(c) for c in self._columns)
+        marks = ", ".join("?" * count)
+        return f"SELECT {columns} FROM {self._sql.table} WHERE {quote(key)} IN ({marks})"
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
@@ -854,10 +856,15 @@ def _create_table(
 
 
 def _unique_indexes(table: str, unique: tuple[str, ...], conn: sqlite3.Connection) -> None:
-    """A unique index per unique field (NULLs are never equal: any number of rows hold one)."""
+    """A unique index per unique field, of the rows that hold a value (any number of rows hold
+    NULL, and cost the index nothing; ``field IN (...)`` implies the index's condition, so
+    lookups use it)."""
     for name in unique:
         index = quote(f"{table}__{name}__unique")
-        conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({quote(name)})")
+        conn.execute(
+            f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({quote(name)}) "
+            f"WHERE {quote(name)} IS NOT NULL"
+        )
 
 
 def _drop_table(table: str, conn: sqlite3.Connection) -> None:
