@@ -53,10 +53,15 @@ class Node:
         raise AssertionError(f"no line like {pattern.pattern!r}:\n{''.join(self.log)[-3000:]}")
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as answer:
@@ -156,3 +161,26 @@ def test_errors_keep_their_status_and_change_nothing(node: Node) -> None:
 
     status, nowhere = http("GET", f"{node.base}/nowhere")
     assert status == 404, nowhere
+
+
+def test_the_idempotency_key_header_makes_a_post_safe_to_retry(node: Node) -> None:
+    update = f"{node.base}/profile/update"
+    ann = {"name": "Ann", "country": "NZ"}
+    status, first = http("POST", update, ann, {"Idempotency-Key": '"order-7"'})
+    assert status == 200, first
+    status, again = http("POST", update, ann, {"Idempotency-Key": "order-7"})  # unquoted too
+    assert status == 200, again
+    assert again["id"] == first["id"]
+    assert again["payload"] == ann
+
+    status, conflict = http("POST", update, {**ann, "name": "Bo"}, {"Idempotency-Key": "order-7"})
+    assert (status, conflict["code"]) == (409, 409), conflict
+    assert "order-7" in conflict["message"]
+    assert conflict["data"]["id"] == first["id"]
+
+    status, bad = http("POST", update, ann, {"Idempotency-Key": "x" * 201})
+    assert (status, bad["code"]) == (422, 422), bad
+    assert "idempotency key" in bad["message"]
+
+    status, events = http("GET", f"{node.base}/profile-events")
+    assert (status, events["total"]) == (200, 1)  # stored once
