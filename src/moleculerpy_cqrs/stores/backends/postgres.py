@@ -508,7 +508,10 @@ class PostgresAdapter(Adapter):
 
     def _error(self, e: psycopg.Error) -> StoreError | ConflictError:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, psycopg.errors.UniqueViolation):
+        # A declared unique field's value held twice is the caller's conflict (409); any
+        # other constraint (an id chosen twice) stays a store error.
+        constraint = e.diag.constraint_name or ""
+        if isinstance(e, psycopg.errors.UniqueViolation) and "$unique_" in constraint:
             return ConflictError(
                 f"PostgreSQL store {self.name!r}: a unique field's value is already held "
                 f"({detail})",

@@ -127,7 +127,9 @@ def _call[T](store: str, fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except sqlite3.IntegrityError as e:
-        if str(e).startswith("UNIQUE constraint failed"):
+        # A declared unique field's value held twice is the caller's conflict (409); any
+        # other constraint (an id chosen twice) stays a store error.
+        if str(e).startswith("UNIQUE constraint failed") and not str(e).endswith(".id"):
             raise ConflictError(
                 f"store {store!r}: a unique field's value is already held ({e})", store=store
             ) from e
