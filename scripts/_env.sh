@@ -52,3 +52,33 @@ ensure_venv() {
     fi
     echo "$want" >"$stamp"
 }
+
+# ensure_chromium: Debian's chromium for the browser test (tests/face/test_browser.py), installed
+# with apt-get when it is missing (as root, or through sudo). Playwright drives it through its
+# executable path: its own browser download is not used.
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "The browser test needs chromium: install it (apt-get install chromium) as root." >&2
+            return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "The browser test needs chromium, and this machine has no apt-get: install chromium." >&2
+        return 1
+    fi
+    echo "Installing chromium for the browser test (apt-get; log: $ROOT/.venv/install-chromium.log)" >&2
+    mkdir -p "$ROOT/.venv"
+    if ! { $sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y chromium; } \
+        >"$ROOT/.venv/install-chromium.log" 2>&1; then
+        tail -n 20 "$ROOT/.venv/install-chromium.log" >&2
+        echo "Installing chromium failed; the whole log is in $ROOT/.venv/install-chromium.log" >&2
+        return 1
+    fi
+}

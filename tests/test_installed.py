@@ -50,6 +50,7 @@ def test_the_installed_package_is_the_one_that_runs(installed: Path, tmp_path: P
         cwd=tmp_path, env=_env(installed), capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert found.stdout.strip() == str(installed / "moleculerpy_cqrs/examples/profile.py")
+    assert (installed / "moleculerpy_cqrs/face/ui/page.html").is_file()  # the web page ships
 
 
 def test_cqrs_demo_works_from_an_empty_folder(installed: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from moleculerpy_cqrs.broker.aggregate import Aggregate
 from moleculerpy_cqrs.broker.eventstore import EventStore
 from moleculerpy_cqrs.core.records import EventType, Status
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, StoreBackup
+from moleculerpy_cqrs.core.upcast import Upcasted
 from moleculerpy_cqrs.errors import (
     ConfigurationError,
     Conflict,
@@ -41,6 +42,7 @@ __all__ = [
     "Status",
     "StoreBackup",
     "StoreError",
+    "Upcasted",
     "stores",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moleculerpy_cqrs.errors import CqrsError
+from moleculerpy_cqrs.examples import NAMES as EXAMPLES
 
 if TYPE_CHECKING:
     from moleculerpy_cqrs.face.operator import Options
@@ -23,6 +24,30 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import moleculerpy
+
+        import moleculerpy_cqrs
+
+        ours, theirs = moleculerpy_cqrs.__version__, moleculerpy.__version__
+        print(f"moleculerpy-cqrs {ours} (MoleculerPy {theirs})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """moleculerpy-cqrs: run CQRS services and operate them."""
+
 
 Transporter = Annotated[
     str | None,
@@ -35,12 +60,36 @@ LogLevel = Annotated[
 ]
 
 
+UiPort = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=65535, help="serve the operator's web page on this port (0: any free port)"
+    ),
+]
+UiHost = Annotated[
+    str, typer.Option(help="address the page listens on (another machine's browser: 0.0.0.0)")
+]
+UiToken = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CQRS_UI_TOKEN",
+        show_envvar=True,
+        help="token the page's actions (retry, snapshot, restore, replay) need, sent as "
+        "Authorization: Bearer; without one the page is read-only",
+    ),
+]
+
+
+def _ui_token(token: str | None) -> str | None:
+    return token.strip() if token and token.strip() else None
+
+
 @app.command()
 def run(
     modules: Annotated[
         list[str],
         typer.Argument(
-            help="what to run: an example's name (profile, property), a dotted module name "
+            help=f"what to run: an example's name ({', '.join(EXAMPLES)}), a dotted module name "
             "importable from here, or a path to a .py file or package folder",
             show_default=False,
         ),
@@ -57,6 +106,9 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(help="address the metrics endpoint listens on")
     ] = "127.0.0.1",
+    ui_port: UiPort = None,
+    ui_host: UiHost = "127.0.0.1",
+    ui_token: UiToken = None,
 ) -> None:
     """Start a node with the services of the given modules (like moleculer-runner); it says
     what it started, and stops cleanly on Ctrl-C or SIGTERM."""
@@ -78,6 +130,9 @@ def run(
             log_level=level,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            ui_port=ui_port,
+            ui_host=ui_host,
+            ui_token=_ui_token(ui_token),
         )
     )
 
@@ -116,8 +171,15 @@ def _checked[T](check: Callable[[], T]) -> T:
 
 
 def _guard(work: Callable[[], object]) -> None:
+    from moleculerpy_cqrs.face.runner import UserCodeError
+
     try:
         work()
+    except UserCodeError as error:  # the user's frames and error, as Python shows them
+        err.print(f"[red]error:[/] {escape(error.lines[0])}", soft_wrap=True, highlight=False)
+        for line in error.lines[1:]:
+            err.print(escape(line), soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except CqrsError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -158,6 +220,8 @@ def status(
     state, dead letters, the node holding each lease and the nodes standing by."""
     from moleculerpy_cqrs.face import operator
 
+    if watch and as_json:
+        _fail("--watch draws a live table; leave out --json")
     options = _options(transporter, timeout, as_json)
     _operate(lambda: operator.status(options, watch=watch, interval=interval))
 
@@ -232,7 +296,20 @@ def replay(
 @app.command("dead-letters")
 def dead_letters(
     aggregate: AggregateName,
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(help="with --discard: the dead letters' ids (default: all)"),
+    ] = None,
     retry: Annotated[bool, typer.Option("--retry", help="apply the dead letters again")] = False,
+    discard: Annotated[
+        bool,
+        typer.Option(
+            "--discard", help="give up on the dead letters IDS (or all), recording who and when"
+        ),
+    ] = False,
+    discarded: Annotated[
+        bool, typer.Option("--discarded", help="list the discarded dead letters instead")
+    ] = False,
     page: Annotated[int, typer.Option(min=1, help="page to show")] = 1,
     page_size: Annotated[int, typer.Option(min=1, max=1000, help="rows per page")] = 20,
     transporter: Transporter = None,
@@ -240,10 +317,27 @@ def dead_letters(
     call_timeout: CallTimeout = 600.0,
     as_json: Json = False,
 ) -> None:
-    """List an aggregate's dead letters (events its transformations failed on), or retry them."""
-    from moleculerpy_cqrs.face import operator
+    """List an aggregate's dead letters (events its transformations failed on), retry them,
+    or discard them."""
+    from moleculerpy_cqrs.face import calls, operator
 
+    if sum((retry, discard, discarded)) > 1:
+        _fail("give one of --retry, --discard and --discarded")
+    if ids and not discard:
+        _fail("dead-letter ids go with --discard (e.g. `cqrs dead-letters AGG --discard 3 4`)")
     options = _options(transporter, timeout, as_json)
+    if discard:
+        _operate(
+            lambda: calls.discard_dead_letters(
+                options, aggregate, ids or None, call_timeout=call_timeout
+            )
+        )
+        return
+    if discarded:
+        _operate(
+            lambda: calls.discarded_dead_letters(options, aggregate, page=page, page_size=page_size)
+        )
+        return
     _operate(
         lambda: operator.dead_letters(
             options,
@@ -256,6 +350,90 @@ def dead_letters(
     )
 
 
+@app.command()
+def call(
+    action: Annotated[str, typer.Argument(help="the action, e.g. profile.update")],
+    params: Annotated[
+        str | None, typer.Argument(help='its params as JSON, e.g. \'{"name": "Ann"}\'')
+    ] = None,
+    meta: Annotated[str | None, typer.Option("--meta", help="meta as a JSON object")] = None,
+    transporter: Transporter = None,
+    timeout: Timeout = 10.0,
+    call_timeout: CallTimeout = 60.0,
+) -> None:
+    """Call any action in the cluster and print its answer as JSON; an error answer prints
+    its name, code, type and data on stderr, with exit code 1."""
+    import json
+
+    from moleculerpy_cqrs.face import calls
+
+    def parsed(text: str | None, what: str) -> Any:
+        if text is None:
+            return {}
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            _fail(f'{what} is not JSON ({error}): give e.g. \'{{"name": "Ann"}}\'')
+
+    values, meta_values = parsed(params, "PARAMS_JSON"), parsed(meta, "--meta")
+    if not isinstance(meta_values, dict):
+        _fail('--meta must be a JSON object, e.g. \'{"user": "ann"}\'')
+    options = _options(transporter, timeout, True)
+    try:
+        _operate(
+            lambda: calls.call(options, action, values, meta_values, call_timeout=call_timeout)
+        )
+    except calls.CallFailed as failed:
+        detail = failed.detail
+        kind = f", {detail['type']}" if detail["type"] else ""
+        err.print(
+            f"[red]error:[/] {escape(str(detail['name']))} ({detail['code']}{escape(kind)}): "
+            f"{escape(' '.join(str(detail['message']).split()))}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        if detail["data"] is not None:
+            err.print(
+                f"data: {escape(json.dumps(detail['data'], default=str))}",
+                soft_wrap=True,
+                highlight=False,
+            )
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def ui(
+    transporter: Transporter = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free port)")] = 8000,
+    host: UiHost = "127.0.0.1",
+    token: UiToken = None,
+    stall_after: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="seconds without an applied event, the lag not shrinking, before an "
+            "aggregate is shown as stalled",
+        ),
+    ] = 30.0,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Serve the operator's web page from a node of its own that joins the cluster, watches
+    and calls (it runs no services); read-only unless started with a token."""
+    from moleculerpy_cqrs.face.runner import signalled
+    from moleculerpy_cqrs.face.ui.node import run_ui
+
+    options = _options(transporter, timeout, False)
+
+    async def serve() -> None:
+        with signalled() as stop:
+            await run_ui(
+                options, host=host, port=port, token=_ui_token(token), stall_after=stall_after,
+                say=lambda line: print(line, flush=True), stop=stop,
+            )  # fmt: skip
+
+    _operate(serve)
+
+
 def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
     from moleculerpy_cqrs.face import options
     from moleculerpy_cqrs.face.operator import Options
@@ -266,7 +444,15 @@ def _options(transporter: str | None, timeout: float, as_json: bool) -> Options:
         url = options.transporter(transporter) if transporter else None
         return Options(transporter=url, timeout=timeout, as_json=as_json)
 
-    return _checked(check)
+    checked = _checked(check)
+    if checked.transporter:
+        from moleculerpy_cqrs.face import reach
+
+        try:  # refused credentials, a missing package: said at once (also any refusal)
+            asyncio.run(reach.check(checked.transporter, timeout))
+        except CqrsError as error:
+            _fail(str(error))
+    return checked
 
 
 def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -282,12 +468,20 @@ def _operate(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except (OperatorError, CqrsError) as error:
         _fail(str(error))
     except Exception as error:
+        from moleculerpy_cqrs.face.calls import CallFailed
+
+        if isinstance(error, CallFailed):
+            raise  # `cqrs call` says it
         _fail(f"{type(error).__name__}: {error}")
 
 
 def _fail(message: str) -> NoReturn:
+    from moleculerpy_cqrs.face.reach import redact  # no line shows a password
+
     err.print(
-        f"[red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False
+        f"[red]error:[/] {escape(' '.join(redact(message).split()))}",
+        soft_wrap=True,
+        highlight=False,
     )
     raise typer.Exit(2)
 

@@ -233,6 +233,7 @@ class Terminal:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.text = ""
+        self.raw = ""  # with the escape sequences
         self.changed = asyncio.Event()
         asyncio.get_running_loop().add_reader(fd, self._read)
 
@@ -243,6 +244,7 @@ class Terminal:
             chunk = b""
         if not chunk:
             asyncio.get_running_loop().remove_reader(self.fd)
+        self.raw += chunk.decode(errors="replace")
         self.text += ANSI.sub("", chunk.decode(errors="replace"))
         self.changed.set()
 
@@ -287,6 +289,37 @@ async def test_status_watch_redraws_the_table(tmp_path: Path, nats_url: str) -> 
             terminal.close()
     assert "Traceback" not in terminal.text
     assert "watch-n1" in terminal.text  # the lease column
+
+
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+
+async def test_status_watch_gives_the_cursor_back_on_sigterm(tmp_path: Path, nats_url: str) -> None:
+    async with node(tmp_path, nats_url, "term-n1"):
+        primary, secondary = pty.openpty()
+        env = {**os.environ, "COLUMNS": "80", "LINES": "50", "TERM": "xterm"}
+        watch = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moleculerpy_cqrs.cli", "status", "--watch",
+            "--interval", "0.2", "-t", nats_url,
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
+        )  # fmt: skip
+        os.close(secondary)
+        terminal = Terminal(primary)
+        try:
+            await terminal.wait_for(AGGREGATE)
+            assert HIDE_CURSOR in terminal.raw
+            watch.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(watch.wait(), 20) == 143
+            async with asyncio.timeout(10):  # until the last of its output is read
+                while terminal.raw.rfind(SHOW_CURSOR) < terminal.raw.rfind(HIDE_CURSOR):
+                    terminal.changed.clear()
+                    await terminal.changed.wait()
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+                await watch.wait()
+            terminal.close()
+    assert "Traceback" not in terminal.text
 
 
 def test_watch_and_json_do_not_mix() -> None:

@@ -190,9 +190,9 @@ class Run:
         return lines[0]
 
 
-def cqrs(*commands: list[str], transporter: str | None = None) -> list[Run]:
+def cqrs(*commands: list[str], transporter: str | None = None, columns: int = 200) -> list[Run]:
     """Run ``cqrs`` commands side by side (each with ``-t transporter`` when given)."""
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": str(columns)}
     env.pop("TRANSPORTER", None)
     started: list[tuple[tuple[str, ...], subprocess.Popen[str]]] = []
     for command in commands:
@@ -405,6 +405,14 @@ def test_replay_shows_progress_and_ends_done(node: Node) -> None:
     assert with_broker(node.url, totals) == PROFILES  # rebuilt, each event once
 
 
+def test_a_page_past_the_last_says_so(node: Node) -> None:
+    """(Before the dead letter is retried away below: the module shares one node.)"""
+    (run,) = cqrs(["dead-letters", "shipments", "--page", "5"], transporter=node.url)
+    assert run.code == 0, run
+    assert "page 5 of 1" not in run.out
+    assert run.out.strip() == "shipments: page 5 is past the last page (1); 1 in all"
+
+
 def test_dead_letters_are_listed_and_retried(node: Node) -> None:
     table, listed = cqrs(
         ["dead-letters", "shipments"], ["dead-letters", "shipments", "--json"],
@@ -438,3 +446,114 @@ def test_dead_letters_are_listed_and_retried(node: Node) -> None:
     left, skus = with_broker(node.url, shipped)
     assert left == 0
     assert skus[POISON] == "poison"
+
+
+# --------------------------------------------------------------------------- 80 columns
+
+
+def test_status_at_80_columns_shows_every_value(node: Node) -> None:
+    async def statuses(broker: ServiceBroker) -> dict[str, dict[str, Any]]:
+        await caught_up(broker)
+        names = sorted(EVENT_STORES | AGGREGATES)
+        return {name: await broker.call(f"{name}.status", {}) for name in names}
+
+    expected = with_broker(node.url, statuses)
+    (run,) = cqrs(["status"], transporter=node.url, columns=80)
+    assert run.code == 0, run
+    assert max(len(line) for line in run.out.splitlines()) <= 80, run.out
+    blocks = re.split(r"\n(?=(?:event store|aggregate) )", run.out)
+    for name in EVENT_STORES:
+        (block,) = [b for b in blocks if b.startswith(f"event store {name}\n")]
+        d = expected[name]["dispatcher"]
+        assert f"head {expected[name]['head']}" in block, block
+        assert f"cursor {d['cursor']} · lag {d['lag']}" in block, block
+        assert f"lease {NODE_ID}" in block, block
+    for name in AGGREGATES:
+        (block,) = [b for b in blocks if b.startswith(f"aggregate {name} ")]
+        status = expected[name]
+        assert f"head {status['head']} · checkpoint {status['checkpoint']}" in block, block
+        assert "lag 0 events, 0.0 s" in block, block
+        assert f"dead letters {status['deadLetters']}" in block, block
+        assert "state running" in block, block
+
+
+def test_snapshots_at_80_columns_keep_ids_locations_and_errors_whole(node: Node) -> None:
+    made, _ = cqrs(
+        ["snapshot", "orderTotals"], ["snapshot", "shipments"], transporter=node.url
+    )  # shipments has no backup strategy: its snapshot fails, with an error
+    snapshot_id = made.out.strip()
+    listed, table, failures = cqrs(
+        ["snapshots", "orderTotals", "--json"],
+        ["snapshots", "orderTotals"],
+        ["snapshots", "shipments"],
+        transporter=node.url,
+        columns=80,
+    )
+    (ours,) = [s for s in listed.json() if s["snapshotId"] == snapshot_id]
+    assert table.code == 0, table
+    lines = table.out.splitlines()
+    assert max(len(line) for line in lines) <= 80, table.out
+    heading = lines.index(f"{snapshot_id} completed")  # the id, never cut
+    block = lines[heading + 1 : heading + 6]
+    at = next(i for i, line in enumerate(block) if line.lstrip().startswith("location "))
+    location = block[at].strip().removeprefix("location ")
+    for more in block[at + 1 :]:
+        if not more.startswith("    "):
+            break
+        assert location.endswith("/"), "a location breaks only after a /"
+        location += more.strip()
+    assert location == ours["location"]
+    assert "\n  error aggregate.snapshot action failed." in failures.out, failures.out
+    assert "no backup strategy" in failures.out, failures.out
+    assert max(len(line) for line in failures.out.splitlines()) <= 80
+
+
+# --------------------------------------------------------------------------- status --watch
+
+
+def test_watch_piped_prints_each_redraw_and_sigterm_leaves_the_cluster(node: Node) -> None:
+    """Piped, every redraw is written as it is made; SIGTERM ends the watch as Ctrl-C does:
+    the watcher says goodbye to the cluster (its DISCONNECT arrives at once) rather than
+    leaving the nodes to log a missed heartbeat.
+
+    MoleculerPy marks every disconnect ``unexpected``, so the test tells a DISCONNECT from a
+    heartbeat timeout by time: the watcher sent a heartbeat at most 5 s before SIGTERM and
+    the nodes give up on it 15 s after that, so a departure heard within 8 s was said."""
+
+    async def watch(broker: ServiceBroker) -> tuple[str, bool]:
+        gone: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def on_disconnect(payload: Any) -> None:
+            if str(payload["node"].id).startswith("cqrs-cli-") and not gone.done():
+                gone.set_result(True)
+
+        broker.local_bus.on("$node.disconnected", on_disconnect)
+        env = {**os.environ, "COLUMNS": "80"}
+        env.pop("TRANSPORTER", None)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moleculerpy_cqrs.cli", "status", "--watch",
+            "--interval", "0.2", "-t", node.url,
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        out = b""
+        try:
+            async with asyncio.timeout(30):
+                while out.count(b"every 0.2s, last") < 2:
+                    chunk = await process.stdout.read(4096)
+                    assert chunk, (out, await process.stderr.read())  # type: ignore[union-attr]
+                    out += chunk
+            process.terminate()
+            rest, _ = await asyncio.wait_for(process.communicate(), 20)
+            assert process.returncode == 143
+            said_goodbye = await asyncio.wait_for(gone, 8)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        return (out + rest).decode(), said_goodbye
+
+    text, said_goodbye = with_broker(node.url, watch)
+    assert said_goodbye
+    assert "aggregate orderTotals (fed by opsEventStore)" in text
+    assert "Traceback" not in text

@@ -54,14 +54,12 @@ class Node:
 
 
 def http(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
+    method: str, url: str, body: Any = None, *, raw: bytes | None = None,
+    content_type: str = "application/json", headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:  # fmt: skip
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url,
-        data=data,
-        method=method,
-        headers={"content-type": "application/json", **(headers or {})},
+        url, data=data, method=method, headers={"content-type": content_type, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as answer:
@@ -145,7 +143,9 @@ def test_commands_and_reads_over_http(node: Node) -> None:
 
 
 def test_errors_keep_their_status_and_change_nothing(node: Node) -> None:
-    status, refused = http("POST", f"{node.base}/profile/update", {"name": "a\u0000b"})
+    status, refused = http(
+        "POST", f"{node.base}/profile/update", {"name": "a\u0000b", "country": "NZ"}
+    )
     assert (status, refused["code"]) == (422, 422), refused
     assert "NUL" in refused["message"]
     status, events = http("GET", f"{node.base}/profile-events")
@@ -163,22 +163,50 @@ def test_errors_keep_their_status_and_change_nothing(node: Node) -> None:
     assert status == 404, nowhere
 
 
+def test_bad_commands_are_refused_by_the_examples_schema_and_nothing_is_stored(
+    node: Node,
+) -> None:
+    update = f"{node.base}/profile/update"
+    status, missing = http("POST", update, {"name": "NoCountry"})
+    assert (status, missing["code"]) == (422, 422), missing
+    assert "country" in missing["message"]
+    status, wrong = http("POST", update, {"name": "Ann", "country": 42})
+    assert (status, wrong["code"]) == (422, 422), wrong
+    assert "country" in wrong["message"]
+    status, married = http("POST", update, {"name": "Ann", "country": "NZ", "married": "yes"})
+    assert status == 422, married
+
+    for content_type, raw in (("text/plain", b"hello"), ("application/x-www-form-urlencoded",
+                              b"name=Ann&country=NZ"), ("", b'{"name": "Ann"}')):  # fmt: skip
+        status, unsupported = http("POST", update, raw=raw, content_type=content_type)
+        assert status == 415, (content_type, unsupported)
+        assert "application/json" in unsupported["message"]
+    status, malformed = http("POST", update, raw=b"{name: Ann")
+    assert status == 400, malformed
+
+    status, events = http("GET", f"{node.base}/profile-events")
+    assert (status, events["total"]) == (200, 0)  # nothing was stored
+    status, dead = http("GET", f"{node.base}/profile-summary?pageSize=1")
+    assert (status, dead["total"]) == (200, 0)
+
+
 def test_the_idempotency_key_header_makes_a_post_safe_to_retry(node: Node) -> None:
     update = f"{node.base}/profile/update"
     ann = {"name": "Ann", "country": "NZ"}
-    status, first = http("POST", update, ann, {"Idempotency-Key": '"order-7"'})
+    status, first = http("POST", update, ann, headers={"Idempotency-Key": '"order-7"'})
     assert status == 200, first
-    status, again = http("POST", update, ann, {"Idempotency-Key": "order-7"})  # unquoted too
+    unquoted = {"Idempotency-Key": "order-7"}
+    status, again = http("POST", update, ann, headers=unquoted)
     assert status == 200, again
     assert again["id"] == first["id"]
     assert again["payload"] == ann
 
-    status, conflict = http("POST", update, {**ann, "name": "Bo"}, {"Idempotency-Key": "order-7"})
+    status, conflict = http("POST", update, {**ann, "name": "Bo"}, headers=unquoted)
     assert (status, conflict["code"]) == (409, 409), conflict
     assert "order-7" in conflict["message"]
     assert conflict["data"]["id"] == first["id"]
 
-    status, bad = http("POST", update, ann, {"Idempotency-Key": "x" * 201})
+    status, bad = http("POST", update, ann, headers={"Idempotency-Key": "x" * 201})
     assert (status, bad["code"]) == (422, 422), bad
     assert "idempotency key" in bad["message"]
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
-from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker import compat, names
+from moleculerpy_cqrs.broker.bindings import unproduced
 from moleculerpy_cqrs.broker.log import event_log, local_event_stores
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
@@ -156,6 +157,10 @@ class Aggregate:
         if broker in self._runtimes:
             return
         compat.install(broker)
+        names.install_guard(broker)
+        names.refuse_local_clash(
+            broker, self.name, f"the aggregate {self.name!r} (of service {service.name!r})"
+        )
         runtime = AggregateRuntime(
             self.name,
             lambda: self.store_factory(self.name, dict(AGGREGATE_FIELDS), self.settings),
@@ -194,12 +199,14 @@ class Aggregate:
 
 class AggregateServiceBase(ReadActions, WriteActions, Service):
     """The ``<aggregate>`` service: store actions, ``status``, ``snapshot``, ``snapshots``,
-    ``restore``, ``replay``, ``deadLetters``, ``retryDeadLetters``."""
+    ``restore``, ``replay``, ``deadLetters``, ``retryDeadLetters``, ``discardDeadLetters``,
+    ``discardedDeadLetters``."""
 
     def __init__(
         self, name: str, runtime: AggregateRuntime, event_store: str, *, write_actions: bool
     ) -> None:
         super().__init__(name=name)
+        names.mark(self, names.AGGREGATE)
         self.write_actions = write_actions
         self.runtime = runtime
         self.port = runtime.port
@@ -240,6 +247,12 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         broker = self.broker
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
+        try:
+            bound = [b.event for b in self.runtime.bindings]
+            for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
+                log.warning("%s", line)
+        except Exception as error:  # a check only: the projector starts regardless
+            log.debug("aggregate %s: bindings not checked: %s", self.name, error)
         self.runtime.start_projector(log_)
 
     def on_appended(self) -> None:
@@ -325,22 +338,43 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
 
     @action(name="retryDeadLetters")
     async def retry_dead_letters_action(self, ctx: Context) -> dict[str, Any]:
-        params = params_of(ctx)
-        unknown = [k for k in params if k != "ids"]
-        if unknown:
-            raise InvalidInput(f"retryDeadLetters takes ids, not {unknown[0]!r}", field=unknown[0])
-        ids = params.get("ids")
-        if ids is not None and (
-            not isinstance(ids, list)
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-        ):
-            raise InvalidInput("ids must be a list of dead-letter ids", field="ids")
-        if ids is not None:
-            ids = [check_id(i) for i in ids]  # 64-bit, as every store holds them
+        ids = _dead_letter_ids(ctx, "retryDeadLetters")
         projector = self.runtime.projector
         if projector is None:
             raise InvalidInput(f"the projector of {self.name!r} is not running yet")
         return await projector.retry_dead_letters(ids)
+
+    @action(name="discardDeadLetters")
+    async def discard_dead_letters_action(self, ctx: Context) -> dict[str, Any]:
+        """Give up on dead letters (``ids``, or all): they move to the discarded list
+        (``discardedDeadLetters``) with who discarded them (``meta.user``, else the calling
+        node) and when; their events stay unapplied."""
+        ids = _dead_letter_ids(ctx, "discardDeadLetters")
+        await self.wait_ready()
+        user = ctx.meta.get("user") if isinstance(ctx.meta, dict) else None
+        by = str(user)[:200] if user else f"node {ctx.node_id or '?'}"
+        return await self.runtime.discard_dead_letters(ids, by)
+
+    @action(name="discardedDeadLetters")
+    async def discarded_dead_letters_action(self, ctx: Context) -> Any:
+        """The discarded dead letters, as ``deadLetters`` lists the live ones."""
+        await self.wait_ready()
+        return await StoreActions(self.runtime.discarded).list_page(params_of(ctx))
+
+
+def _dead_letter_ids(ctx: Context, action_name: str) -> list[int] | None:
+    params = params_of(ctx)
+    unknown = [k for k in params if k != "ids"]
+    if unknown:
+        raise InvalidInput(f"{action_name} takes ids, not {unknown[0]!r}", field=unknown[0])
+    ids = params.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise InvalidInput("ids must be a list of dead-letter ids", field="ids")
+    return [check_id(i) for i in ids]  # 64-bit, as every store holds them
 
 
 def _no_params(ctx: Context, action_name: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from moleculerpy import Context, Service, ServiceBroker, action, event
 
-from moleculerpy_cqrs.broker import compat
+from moleculerpy_cqrs.broker import compat, names
 from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, SNAPSHOTS
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
@@ -16,7 +16,14 @@ from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
 from moleculerpy_cqrs.broker.timings import Outcome, append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.records import EVENT_FIELDS, IDEMPOTENCY_KEY, ORIGIN_KEY, answer
+from moleculerpy_cqrs.core.records import (
+    EVENT_FIELDS,
+    EVENT_VERSION,
+    IDEMPOTENCY_KEY,
+    ORIGIN_KEY,
+    answer,
+)
+from moleculerpy_cqrs.core.upcast import Upcaster, Upcasters
 from moleculerpy_cqrs.errors import (
     ConfigurationError,
     ConflictError,
@@ -74,8 +81,25 @@ class EventStore:
             weakref.WeakKeyDictionary()
         )
         self._mixin: type | None = None
+        self.upcasters = Upcasters(name)
+        self.produces: set[str] = set()
+        """The event names its ``map_action``s and ``map_event``s store (``status`` lists
+        them; an aggregate bound to another name is warned about at start)."""
 
     # ------------------------------------------------------------------ user API
+
+    def upcast(self, event_name: str, from_version: int, fn: Upcaster) -> None:
+        """Read ``event_name`` stored at ``from_version`` as ``fn(payload)`` at
+        ``from_version + 1``. ``fn`` answers the new payload, ``Upcasted(name, payload)`` to
+        rename the event too, or a list of those to split it. Every reader of the log (the
+        dispatcher, projectors, replays, the read actions) sees the result; stored rows never
+        change. The chains are checked when the node starts."""
+        self.upcasters.add(event_name, from_version, fn)
+
+    def rename(self, old_name: str, new_name: str) -> None:
+        """Read, dispatch and project events stored as ``old_name`` as ``new_name`` (at the
+        version they were stored at; ``new_name``'s upcasters take them on from there)."""
+        self.upcasters.rename(old_name, new_name)
 
     def mixin(self) -> type:
         """A base class for the service that takes the commands: it adds ``$startDispatch``
@@ -92,18 +116,21 @@ class EventStore:
         *,
         params: Mapping[str, Any] | None = None,
         strict: bool = True,
+        version: int = EVENT_VERSION,
         idempotency_key: KeyOf | None = None,
     ) -> ActionHandler:
         """An action that saves its params as ``event_name`` and answers the stored event.
 
         ``params`` is an optional MoleculerPy validation schema; with ``strict`` (the
-        default when a schema is given) keys outside it are refused too.
+        default when a schema is given) keys outside it are refused too. ``version`` is
+        stamped on every event it stores: the current version of ``event_name``.
 
         A call with an idempotency key is stored at most once per key: ``ctx.meta``'s
         ``idempotencyKey``, or what ``idempotency_key(ctx)`` answers (say, a command id in
         the params; None: no key). A repeat with the same params is answered the event
         stored first; with other params, a 409 ``ConflictError``.
         """
+        self.upcasters.declare(event_name, version)
         extras = dict(extras or {})
         unknown = [k for k in extras if k not in self.extra_fields]
         if unknown:
@@ -111,6 +138,7 @@ class EventStore:
                 f"map_action extras {unknown} are not declared fields of {self.name!r}"
             )
         store = self
+        self.produces.add(event_name)
         allowed = set(params) if params and strict else None
 
         async def save(service: Any, ctx: Context, outcome: Outcome) -> dict[str, Any]:
@@ -131,7 +159,12 @@ class EventStore:
                 key = (ctx.meta or {}).get(IDEMPOTENCY_KEY)
             try:
                 keyed = await runtime.append_once(
-                    event_name, payload, extras=extras, meta=ctx.meta, idempotency_key=key
+                    event_name,
+                    payload,
+                    extras=extras,
+                    meta=ctx.meta,
+                    version=version,
+                    idempotency_key=key,
                 )
             except CqrsError as error:
                 if not isinstance(error, InvalidInput | ConflictError):
@@ -163,9 +196,11 @@ class EventStore:
         origin_event: str,
         stored_event: str,
         *,
+        version: int = EVENT_VERSION,
         idempotency_key: KeyOf | None = None,
     ) -> Callable[[Any, Context], Any]:
-        """An event handler that saves every ``origin_event`` it hears as ``stored_event``.
+        """An event handler that saves every ``origin_event`` it hears as ``stored_event``
+        (stamped ``version``, its current version).
 
         An event heard from one of the toolkit's event stores (its dispatcher delivers at
         least once) is keyed by its origin, ``<store>:<position>``: a redelivery stores
@@ -173,7 +208,9 @@ class EventStore:
         message id the emitter puts in the payload or meta); None: stored as heard. A
         repeat is never refused: its first copy stands.
         """
+        self.upcasters.declare(stored_event, version)
         store = self
+        self.produces.add(stored_event)
 
         @event(name=origin_event)
         async def handler(service: Any, ctx: Context) -> None:
@@ -183,7 +220,12 @@ class EventStore:
             if key is None and isinstance(meta.get(ORIGIN_KEY), str):
                 key = f"{ORIGIN_KEY}:{meta[ORIGIN_KEY]}"
             await store.runtime(service.broker).append(
-                stored_event, payload, meta=meta, idempotency_key=key, compare=False
+                stored_event,
+                payload,
+                meta=meta,
+                version=version,
+                idempotency_key=key,
+                compare=False,
             )
 
         handler.__name__ = f"cqrs_map_event_{origin_event}"
@@ -207,7 +249,12 @@ class EventStore:
         broker: ServiceBroker = service.broker
         if broker in self._runtimes:
             return
+        self.upcasters.check()  # a broken chain stops the start, naming event and versions
         compat.install(broker)
+        names.install_guard(broker)
+        names.refuse_local_clash(
+            broker, self.name, f"the event store {self.name!r} (of service {service.name!r})"
+        )
         fields = {**EVENT_FIELDS, **self.extra_fields}
         runtime = EventStoreRuntime(
             self.name,
@@ -218,9 +265,10 @@ class EventStore:
             max_payload_bytes=self.max_payload_bytes,
             node_id=broker.nodeID,
             lease_ttl=self.lease_ttl,
+            upcasters=self.upcasters,
         )
         self._runtimes[broker] = runtime
-        await broker.register(_event_store_service(self.name, runtime))
+        await broker.register(_event_store_service(self.name, runtime, self.produces))
 
     async def on_started(self, service: Any) -> None:
         pass  # the <name> service starts the runtime
@@ -236,8 +284,12 @@ class EventStoreService(ReadActions, Service):
     enter through ``map_action``/``map_event`` only.
     """
 
-    def __init__(self, name: str, runtime: EventStoreRuntime) -> None:
+    def __init__(
+        self, name: str, runtime: EventStoreRuntime, produces: set[str] | None = None
+    ) -> None:
         super().__init__(name=name)
+        self.produces = produces if produces is not None else set()
+        names.mark(self, names.EVENT_STORE)
         self.runtime = runtime
         self.port = runtime.port
 
@@ -258,23 +310,45 @@ class EventStoreService(ReadActions, Service):
     @action(name=READ)
     async def read_action(self, ctx: Context) -> dict[str, Any]:
         params = params_of(ctx)
-        unknown = [k for k in params if k not in ("after", "limit")]
+        unknown = [k for k in params if k not in ("after", "limit", "raw")]
         if unknown:
-            raise InvalidInput(f"read takes after and limit, not {unknown[0]!r}", field=unknown[0])
+            raise InvalidInput(
+                f"read takes after, limit and raw, not {unknown[0]!r}", field=unknown[0]
+            )
         after = params.get("after", 0)
         limit = params.get("limit", 100)
         for key, value, top in (("after", after, 2**63 - 1), ("limit", limit, 10_000)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise InvalidInput(f"{key} must be an integer from 0 to {top}", field=key)
         await self.wait_ready()
-        return await self.runtime.read(after, limit)
+        return await self.runtime.read(after, limit, raw=_raw(params))
+
+    async def _run(self, ctx: Context, action_name: str) -> Any:
+        """The store actions over the log answer events as read now (see ``read``);
+        ``raw: true`` answers them as stored."""
+        params = params_of(ctx)
+        raw = _raw(params)
+        if "raw" in params:
+            ctx.params = {k: v for k, v in params.items() if k != "raw"}
+        found = await super()._run(ctx, action_name)
+        if raw or not self.runtime.upcasters.active or action_name == "count":
+            return found
+        read = self.runtime.upcasters.read_all
+        if isinstance(found, list):
+            return read(found)
+        if isinstance(found, dict) and isinstance(found.get("rows"), list):  # list's page
+            return {**found, "rows": read(found["rows"])}
+        if isinstance(found, dict):  # get with one id: a split event answers its pieces
+            pieces = read([found])
+            return pieces[0] if len(pieces) == 1 else pieces
+        return found
 
     @action(name="status")
     async def status_action(self, ctx: Context) -> dict[str, Any]:
         if params_of(ctx):
             raise InvalidInput("status takes no parameters", field=next(iter(params_of(ctx))))
         await self.wait_ready()
-        return await self.runtime.status()
+        return {**await self.runtime.status(), "produces": sorted(self.produces)}
 
     @action(name=SNAPSHOTS)
     async def snapshots_action(self, ctx: Context) -> list[Record]:
@@ -312,14 +386,23 @@ class EventStoreService(ReadActions, Service):
         )
 
 
-def _event_store_service(name: str, runtime: EventStoreRuntime) -> EventStoreService:
+def _raw(params: Mapping[str, Any]) -> bool:
+    raw = params.get("raw", False)
+    if not isinstance(raw, bool):
+        raise InvalidInput("raw must be true or false", field="raw")
+    return raw
+
+
+def _event_store_service(
+    name: str, runtime: EventStoreRuntime, produces: set[str]
+) -> EventStoreService:
     @event(name=f"cqrs.{name}.appended")
     async def appended(service: EventStoreService, ctx: Context) -> None:
         # Another node appended to a shared log: a standby dispatcher must hear of it.
         service.runtime.dispatcher.wake()
 
     klass = type(f"{name}Service", (EventStoreService,), {"cqrs_appended": appended})
-    service: EventStoreService = klass(name, runtime)
+    service: EventStoreService = klass(name, runtime, produces)
     return service
 
 

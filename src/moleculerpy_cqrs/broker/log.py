@@ -37,7 +37,10 @@ class LocalEventLog:
         self._runtime = runtime
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
-        return await self._runtime.adapter.read_after(position, limit)
+        # Read as the event store's ``read`` action answers a node elsewhere: upcast.
+        return self._runtime.upcasters.read_all(
+            await self._runtime.adapter.read_after(position, limit)
+        )
 
     async def head(self) -> int:
         return await self._runtime.adapter.head()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Literal
+from contextlib import AsyncExitStack
+from typing import Any, Final, Literal
 
 from moleculerpy_cqrs.core.joins import OpenBatches
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
@@ -14,8 +15,19 @@ from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
-from moleculerpy_cqrs.stores.base import Adapter
-from moleculerpy_cqrs.stores.query import Query
+from moleculerpy_cqrs.core.states import ProjectorState
+from moleculerpy_cqrs.stores.base import Adapter, Changes
+from moleculerpy_cqrs.stores.fields import ID
+from moleculerpy_cqrs.stores.query import ALL, In, Query
+
+DISCARDED_FIELDS: Final[dict[str, str]] = {
+    **DEAD_LETTER_FIELDS,
+    "deadLetterId": "integer",
+    "discardedBy": "string",
+    "discarded": "integer",
+}
+"""Columns of an aggregate's discarded dead letters (``<name>_discarded``): the dead letter as
+it was, its id there, who discarded it and when (Unix milliseconds)."""
 
 
 class AggregateRuntime:
@@ -57,9 +69,10 @@ class AggregateRuntime:
         self.projecting = asyncio.Event()
 
     def _build(self) -> None:
-        """A fresh adapter (one is not reopened once closed) and its dead-letter sibling."""
+        """A fresh adapter (one is not reopened once closed) and its dead-letter siblings."""
         self.adapter = self._make_adapter()
         self.dead_letters = self.adapter.sibling(f"{self.name}_deadletters", DEAD_LETTER_FIELDS)
+        self.discarded = self.adapter.sibling(f"{self.name}_discarded", DISCARDED_FIELDS)
         self.closed = False
 
     async def connect(self) -> None:
@@ -67,6 +80,7 @@ class AggregateRuntime:
             self._build()
         await self.adapter.connect()
         await self.dead_letters.connect()
+        await self.discarded.connect()
         self.connected.set()
 
     def start_projector(self, log: EventLog) -> Projector:
@@ -110,6 +124,7 @@ class AggregateRuntime:
         self.projecting.clear()
         if self.projector is not None:
             await self.projector.stop()
+        await self.discarded.close()
         await self.dead_letters.close()
         await self.adapter.close()
         self.closed = True
@@ -126,14 +141,16 @@ class AggregateRuntime:
             if nxt:
                 lag_seconds = max(now_ms() - int(nxt[0]["created"]), 0) / 1000
         return {
+            "kind": "aggregate",
             "name": self.name,
             "eventStore": p.source.name if p else None,
-            "state": p.state if p else "stopped",
+            "state": str(p.state if p else ProjectorState.STOPPED),
             "waitingFor": list(p.waiting_for) if p else [],
             "checkpoint": checkpoint,
             "head": head,
             "lag": {"events": lag_events, "seconds": lag_seconds},
             "deadLetters": await self.dead_letters.count(),
+            "discardedDeadLetters": await self.discarded.count(),
             "applied": p.stats.applied if p else 0,
             "haltedAt": p.stats.halted_at if p else None,
             "lastError": p.stats.last_error if p else None,
@@ -142,3 +159,36 @@ class AggregateRuntime:
             "lastPauseMs": self.maintenance.last_pause_ms if self.maintenance else None,
             "lease": await p.lease.holder() if p and p.lease else None,
         }
+
+    async def discard_dead_letters(self, ids: list[int] | None, by: str) -> dict[str, Any]:
+        """Give up on dead letters (``ids``, or all): each moves, in one transaction, to the
+        ``<name>_discarded`` table with who discarded it and when; its event stays unapplied."""
+        async with AsyncExitStack() as stack:
+            if self.projector is not None:
+                await stack.enter_async_context(self.projector.paused())  # no retry meanwhile
+            query = ALL if ids is None else Query(where=In(ID, tuple(ids)))
+            rows = await self.dead_letters.find(query)
+            when = now_ms()
+            kept = [
+                {
+                    **{key: row.get(key) for key in DEAD_LETTER_FIELDS},
+                    "deadLetterId": row[ID],
+                    "discardedBy": by,
+                    "discarded": when,
+                }
+                for row in rows
+            ]
+            if rows:
+                await self.adapter.apply(
+                    Changes(),
+                    also=[
+                        (self.dead_letters, Changes(deletes=[row[ID] for row in rows])),
+                        (self.discarded, Changes(inserts=kept)),
+                    ],
+                )
+            remaining = await self.dead_letters.count()
+            if self.projector is not None:
+                self.projector.stats.dead_letters = remaining
+        found = {row[ID] for row in rows}
+        missing = [i for i in ids or [] if i not in found]
+        return {"discarded": len(rows), "missing": missing, "remaining": remaining, "by": by}

@@ -21,6 +21,7 @@ from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import ORIGIN_KEY, EventType, Status, delivered, now_ms
+from moleculerpy_cqrs.core.upcast import Upcasters, UpcastFailed
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Record
 
@@ -44,7 +45,9 @@ class Dispatcher:
         lease: Lease | None = None,
         settle_interval: float = SETTLE_INTERVAL,
         linger: float = LINGER,
+        upcasters: Upcasters | None = None,
     ) -> None:
+        self._upcasters = upcasters or Upcasters("")
         self.settle_interval = settle_interval
         self.linger = linger
         self._settled: dict[int, int] = {}  # delivered, not yet written: id -> status
@@ -187,7 +190,7 @@ class Dispatcher:
             and r["status"] not in (Status.COMPLETE, Status.FAILED)
         ]
         for row in commands:
-            self._settled[row["id"]] = int(await self._deliver(row, len(commands)))
+            self._settled[row["id"]] = int(await self._deliver_read(row, len(commands)))
         if self._oldest is None:
             self._oldest = time.monotonic()
         self.cursor = rows[-1]["id"]
@@ -215,11 +218,33 @@ class Dispatcher:
             self.settled = cursor
             self._progress.notify_all()
 
-    async def _deliver(self, row: Record, batch_size: int) -> Status:
+    async def _deliver_read(self, row: Record, batch_size: int) -> Status:
+        """Deliver a stored event as it is read now (the upcasters' choke point): as one
+        event, as each of its pieces, or not at all when it cannot be upcast (it is marked
+        failed with the upcaster's error; the dispatcher goes on)."""
+        try:
+            pieces = self._upcasters.read(row)
+        except UpcastFailed as failed:
+            self.last_error = str(failed)
+            self.failed += 1
+            await self._adapter.update(
+                row["id"],
+                {"status": int(Status.FAILED), "error": str(failed)[:2000], "updated": now_ms()},
+            )
+            return Status.FAILED
+        status = Status.COMPLETE
+        # Where each event comes from, so a subscriber storing it (map_event) can key it and
+        # store a redelivery once: the store and position, and which piece of a split event.
+        origin = f"{self._adapter.name}:{row['id']}"
+        for n, piece in enumerate(pieces):
+            where = origin if len(pieces) == 1 else f"{origin}#{n}"
+            if await self._deliver(piece, batch_size, where) == Status.FAILED:
+                status = Status.FAILED
+        return status
+
+    async def _deliver(self, row: Record, batch_size: int, origin: str) -> Status:
         payload = delivered({**row, "status": int(Status.PROCESSING)}, batch_size)
-        # Where the event comes from, so a subscriber storing it (map_event) can key it and
-        # store a redelivery once.
-        meta = {**(row.get("meta") or {}), ORIGIN_KEY: f"{self._adapter.name}:{row['id']}"}
+        meta = {**(row.get("meta") or {}), ORIGIN_KEY: origin}
         attempts = int(row.get("attempts") or 0)
         while True:
             attempts += 1

@@ -23,6 +23,8 @@ from moleculerpy_cqrs.core.records import (
     Status,
     now_ms,
 )
+from moleculerpy_cqrs.core.states import DispatcherState
+from moleculerpy_cqrs.core.upcast import Upcasters
 from moleculerpy_cqrs.errors import ConflictError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record, check_json
@@ -46,8 +48,10 @@ class EventStoreRuntime:
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         node_id: str = "node",
         lease_ttl: float = DEFAULT_TTL,
+        upcasters: Upcasters | None = None,
     ) -> None:
         self.name = name
+        self.upcasters = upcasters or Upcasters(name)
         self.port = port
         self.node_id = node_id
         self.lease_ttl = lease_ttl
@@ -67,7 +71,9 @@ class EventStoreRuntime:
         self.adapter.declare_unique(IDEMPOTENCY_KEY)
         self.committer = GroupCommitter(self.adapter, self._committed, key_field=IDEMPOTENCY_KEY)
         self.lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
-        self.dispatcher = Dispatcher(self.adapter, self.port, lease=self.lease, **self._dispatch)
+        self.dispatcher = Dispatcher(
+            self.adapter, self.port, lease=self.lease, upcasters=self.upcasters, **self._dispatch
+        )
         self.closed = False
 
     async def start(self, *, dispatch: bool = True) -> None:
@@ -97,6 +103,7 @@ class EventStoreRuntime:
         extras: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         event_type: EventType = EventType.COMMAND,
+        version: int = EVENT_VERSION,
         idempotency_key: Any = None,
         compare: bool = True,
     ) -> Record:
@@ -112,6 +119,7 @@ class EventStoreRuntime:
             extras=extras,
             meta=meta,
             event_type=event_type,
+            version=version,
             idempotency_key=idempotency_key,
             compare=compare,
         )
@@ -125,6 +133,7 @@ class EventStoreRuntime:
         extras: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         event_type: EventType = EventType.COMMAND,
+        version: int = EVENT_VERSION,
         idempotency_key: Any = None,
         compare: bool = True,
     ) -> Keyed:
@@ -135,7 +144,7 @@ class EventStoreRuntime:
         record = {
             **(extras or {}),
             "event": event,
-            "version": EVENT_VERSION,
+            "version": version,
             "created": now,
             "updated": now,
             "status": int(Status.CREATED),
@@ -207,8 +216,12 @@ class EventStoreRuntime:
         where = And((Compare("event", "=", event), In("eventType", tuple(int(k) for k in kinds))))
         return await self.adapter.find(Query(where=where))
 
-    async def read(self, after: int, limit: int) -> dict[str, Any]:
+    async def read(self, after: int, limit: int, *, raw: bool = False) -> dict[str, Any]:
+        """The events after ``after`` (at most ``limit`` stored ones) as read now — current
+        name and version, split ones as their pieces — or as stored (``raw``)."""
         events = await self.adapter.read_after(after, limit) if limit else []
+        if not raw:
+            events = self.upcasters.read_all(events)
         return {"events": events, "head": await self.adapter.head()}
 
     async def count(self, query: Mapping[str, Any]) -> int:
@@ -217,13 +230,24 @@ class EventStoreRuntime:
     async def status(self) -> dict[str, Any]:
         head = await self.adapter.head()
         d = self.dispatcher
+        state = (
+            DispatcherState.STANDBY
+            if d.standby
+            else DispatcherState.RUNNING
+            if d.running
+            else DispatcherState.STOPPED
+        )
         return {
+            "kind": "eventStore",
             "name": self.name,
             "head": head,
             "appended": self.committer.appended,
             "commits": self.committer.batches,
             "duplicates": self.duplicates,
+            "versions": self.upcasters.versions(),
+            "renames": self.upcasters.renamed(),
             "dispatcher": {
+                "state": str(state),
                 "running": d.running,
                 "standby": d.standby,
                 "cursor": d.cursor,
@@ -314,9 +338,10 @@ def check_idempotency_key(key: Any) -> str | None:
 
 
 def _same_command(new: Record, stored: Record, extras: Mapping[str, Any]) -> bool:
-    """Whether a repeat carries the command stored: same event, payload and extras, compared
+    """Whether a repeat carries the command stored: same event (name, kind and version),
+    payload and extras, compared
     as canonical JSON (key order does not matter; meta is context and is not compared)."""
-    if new["event"] != stored["event"] or new["eventType"] != stored["eventType"]:
+    if any(new[n] != stored[n] for n in ("event", "eventType", "version")):
         return False
     names = ("payload", *extras)
     return all(_canonical(new.get(n)) == _canonical(stored.get(n)) for n in names)

@@ -44,7 +44,10 @@ class EventLog(Protocol):
     name: str
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
-        """Committed events after ``position`` in position order, at most ``limit``."""
+        """Committed events after ``position`` in position order, at most ``limit`` stored
+        ones, as read now (:mod:`~moleculerpy_cqrs.core.upcast`): current name and version;
+        a split event as its pieces (same ``id``, told apart by ``part``); one that cannot be
+        upcast in its stored form with ``upcastError``."""
         ...
 
     async def head(self) -> int:

@@ -108,7 +108,7 @@ class Maintenance:
                 created = await log.record_snapshot(self.name, payload)
             except BaseException:
                 self.taking.discard(snapshot_id)
-                heartbeat.cancel()
+                await _stopped(heartbeat)
                 raise
             try:
                 if location is None:
@@ -117,7 +117,7 @@ class Maintenance:
                 size += await self.dead_letters.backup(location)
             except asyncio.CancelledError:
                 self.taking.discard(snapshot_id)  # as if the node died: its heartbeat stops
-                heartbeat.cancel()
+                await _stopped(heartbeat)
                 raise
             except Exception as error:
                 message = (
@@ -126,14 +126,14 @@ class Maintenance:
                     else "aggregate.snapshot action failed. We could not backup the aggregate. "
                     f"Error: {error}"
                 )
-                heartbeat.cancel()
+                await _stopped(heartbeat)
                 self.taking.discard(snapshot_id)
                 await log.settle_snapshot(created["id"], payload, message)
                 raise StoreError(message, store=self.name) from error
             finally:
                 self.last_pause_ms = (time.perf_counter() - paused) * 1000
         await log.settle_snapshot(created["id"], {**payload, "size": size}, None)
-        heartbeat.cancel()
+        await _stopped(heartbeat)
         self.taking.discard(snapshot_id)
         await self.adapter.set_meta(_ALIVE + snapshot_id, None)
         return snapshot_id
@@ -311,3 +311,10 @@ class Maintenance:
                 await self._settle_interrupted([row])
                 return row
         raise EntityNotFound(snapshot_id, store=f"snapshots of {self.name}")
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end, so no heartbeat write is still in flight when
+    the snapshot's outcome (or its heartbeat's removal) is written."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

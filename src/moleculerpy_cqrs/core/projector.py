@@ -26,6 +26,8 @@ from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
+from moleculerpy_cqrs.core.states import ProjectorState
+from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, Record
@@ -158,18 +160,18 @@ class Projector:
         return self._task is not None and not self._task.done()
 
     @property
-    def state(self) -> str:
+    def state(self) -> ProjectorState:
         if not self.running:
-            return "stopped"
+            return ProjectorState.STOPPED
         if self.waiting_for:
-            return "waiting"
+            return ProjectorState.WAITING
         if self.stats.halted_at is not None:
-            return "halted"
+            return ProjectorState.HALTED
         if self.standby:
-            return "standby"
+            return ProjectorState.STANDBY
         if self._gate.locked() and getattr(self, "_paused", False):
-            return "paused"
-        return "running"
+            return ProjectorState.PAUSED
+        return ProjectorState.RUNNING
 
     async def _wait_for_transformations(self) -> None:
         """Wait until every transformation action is served somewhere; meanwhile ``state``
@@ -356,7 +358,7 @@ class Projector:
         with self.batches.open(view) as token:
             failures = await self._transform_all(view, units, token, len(events))
         halted = next((i for i, f in enumerate(failures) if f and self.on_error == "halt"), None)
-        dead: list[Record] = []
+        dead: list[Record] = [_unreadable(e) for e in events if UPCAST_ERROR in e]
         errors: list[tuple[Record, TransformFailed]] = []
         last = int(events[-1]["id"])
         for i, failure in enumerate(failures):
@@ -383,6 +385,13 @@ class Projector:
         view.written()
         self.stats.applied += sum(1 for f in failures if f is None)
         self.stats.dead_letters += len(dead)
+        for letter in dead:
+            if letter["kind"] == UPCAST_KIND:
+                log.warning(
+                    "%s: event %s (%s) dead-lettered: it could not be upcast: %s; list them "
+                    "with `cqrs dead-letters %s`",
+                    self.name, letter["eventId"], letter["event"], letter["error"], self.name,
+                )  # fmt: skip
         for event, failed in errors:
             await self._report(event, failed)
         if halted is not None:
@@ -392,7 +401,7 @@ class Projector:
         return last
 
     def _relevant(self, event: Record) -> list[Binding]:
-        if event.get("eventType") != EventType.COMMAND:
+        if event.get("eventType") != EventType.COMMAND or UPCAST_ERROR in event:
             return []
         return self._bindings.get(event["event"], [])
 
@@ -460,6 +469,14 @@ class Projector:
     async def _report(self, event: Record, failure: TransformFailed) -> None:
         kind = "create" if failure.binding.kind == "create_many" else failure.binding.kind
         self.stats.last_error = str(failure)
+        binding = failure.binding
+        log.warning(
+            "%s: event %s (%s) dead-lettered: on(%r).%s(%r) failed after %d attempt(s): "
+            "%s: %s; list them with `cqrs dead-letters %s`",
+            self.name, event["id"], event["event"], binding.event, binding.kind,
+            binding.handler_name, failure.attempts, type(failure.error).__name__, failure.error,
+            self.name,
+        )  # fmt: skip
         try:
             await self.port.emit(
                 f"{self.name}.{kind}.{failure.stage}",
@@ -472,21 +489,30 @@ class Projector:
 
     async def retry_dead_letters(self, ids: list[int] | None = None) -> dict[str, Any]:
         """Apply dead-lettered events again, each written with its removal from the dead
-        letters in one transaction."""
+        letters in one transaction. Each is read from the log again, so it is retried in
+        its current shape (upcasters added since apply)."""
         query = ALL if ids is None else Query(where=In(ID, tuple(ids)))
         rows = await self.dead_letters.find(query)
         retried: list[int] = []
         failed: list[dict[str, Any]] = []
-        bindings = {(b.event, b.handler_name): b for bs in self._bindings.values() for b in bs}
         async with self._gate:
             for row in rows:
-                binding = bindings.get((row["event"], row["handler"]))
-                if binding is None:
-                    failed.append({"id": row[ID], "error": "no binding for this event any more"})
+                try:
+                    units = await self._units_of(row)
+                except LookupError as missing:
+                    failed.append({"id": row[ID], "error": str(missing)})
                     continue
                 view = BatchView(self.adapter, self.ids)
+                failure: TransformFailed | str | None = None
                 with self.batches.open(view) as token:
-                    failure = await self._unit(view, row["record"], binding, token, 1, None)
+                    for event, binding in units:
+                        if UPCAST_ERROR in event:
+                            failure = str(event[UPCAST_ERROR])
+                            break
+                        assert binding is not None
+                        failure = await self._unit(view, event, binding, token, 1, None)
+                        if failure is not None:
+                            break
                 if failure is None:
                     try:
                         await self.adapter.apply(
@@ -498,11 +524,16 @@ class Projector:
                     view.written()
                     retried.append(row[ID])
                     continue
+                error = (
+                    failure
+                    if isinstance(failure, str)
+                    else f"{type(failure.error).__name__}: {failure.error}"
+                )
                 await self.dead_letters.update(
                     row[ID],
                     {
                         "attempts": int(row["attempts"] or 0) + 1,
-                        "error": f"{type(failure.error).__name__}: {failure.error}"[:4000],
+                        "error": error[:4000],
                         "updated": now_ms(),
                     },
                 )
@@ -511,6 +542,27 @@ class Projector:
         if self.stats.halted_at is not None:
             self.resume_after_halt()
         return {"retried": len(retried), "failed": failed, "remaining": self.stats.dead_letters}
+
+    async def _units_of(self, dead: Record) -> list[tuple[Record, Binding | None]]:
+        """What retrying a dead letter runs: its event read from the log again (current
+        name, version, pieces), and the binding it failed in — or, for an event that could
+        not be upcast, every binding of every piece (``(event, None)``: still unreadable)."""
+        stored_id = int(dead["eventId"])
+        record = dead["record"] if isinstance(dead.get("record"), dict) else {}
+        read = [e for e in await self.source.read_after(stored_id - 1, 1) if e["id"] == stored_id]
+        if not read:  # not in the log (a log that was reset): the event as dead-lettered
+            read = [record]
+        if any(UPCAST_ERROR in e for e in read):
+            return [(read[0], None)]
+        if dead["kind"] == UPCAST_KIND:
+            return [(e, b) for e in read for b in self._relevant(e)]
+        part = record.get("part")
+        pieces = [e for e in read if e.get("part") == part] if len(read) > 1 else read
+        for event in pieces:
+            for binding in self._relevant(event):
+                if binding.handler_name == dead["handler"]:
+                    return [(event, binding)]
+        raise LookupError("no binding for this event any more")
 
 
 Unit = tuple[Record, Binding]
@@ -631,6 +683,25 @@ def _before(events: list[Record], position: int, expected: int) -> int:
     """The position of the event before ``position`` in ``events`` (``expected`` if none)."""
     earlier = [e["id"] for e in events if e["id"] < position]
     return earlier[-1] if earlier else expected
+
+
+UPCAST_KIND: Final = "upcast"  # the dead letters' kind of an event no upcaster could read
+
+
+def _unreadable(event: Record) -> Record:
+    """The dead letter of an event that could not be upcast (kept in its stored form)."""
+    now = now_ms()
+    return {
+        "eventId": event["id"],
+        "event": event["event"],
+        "handler": "(upcaster)",
+        "kind": UPCAST_KIND,
+        "error": str(event[UPCAST_ERROR])[:4000],
+        "attempts": 1,
+        "created": now,
+        "updated": now,
+        "record": {k: v for k, v in event.items() if k != UPCAST_ERROR},
+    }
 
 
 def _dead_letter(event: Record, failure: TransformFailed) -> Record:

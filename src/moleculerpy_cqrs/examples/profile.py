@@ -16,6 +16,17 @@ from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.examples import data_folder
 from moleculerpy_cqrs.stores import StoreFactory
 
+PROFILE_PARAMS: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1},
+    "country": {"type": "string", "required": True, "minLength": 1},
+    "age": {"type": "number", "min": 0},
+    "married": "boolean",
+    "student": "boolean",
+}
+"""What ``profile.update`` takes in the shipped service (``cqrs run profile``): a command
+without a country, or with a country that is not text, is a 422 and nothing is stored (the
+summary's transformation could only dead-letter it)."""
+
 SUMMARY_FIELDS = {
     "country": "string",
     "total": "integer",
@@ -33,11 +44,13 @@ def build(
     dispatch_batch_size: int = 100,
     lease_ttl: float = 5.0,
     key: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> tuple[EventStore, Aggregate, type[Service]]:
     """The event store, the summary aggregate and the profile service, on ``store`` (default:
     SQLite files in the data folder); snapshots go to ``backups`` (default:
     ``<data folder>/backups``). ``key="country"``: summaries of different countries are
-    transformed concurrently."""
+    transformed concurrently. ``params``: the params schema of ``profile.update`` (the
+    shipped service has :data:`PROFILE_PARAMS`; by default, as in the Go seed, none)."""
     store = store or stores.sqlite(data_folder())
     events = EventStore(
         "profileEventStore", store, dispatch_batch_size=dispatch_batch_size, lease_ttl=lease_ttl
@@ -53,7 +66,7 @@ def build(
     class ProfileService(events.mixin(), summary.mixin(), Service):  # type: ignore[misc]
         name = "profile"
 
-        update = events.map_action("update", "profile.updated")
+        update = events.map_action("update", "profile.updated", params=params)
 
         @action(name="transformProfileSummary")
         async def transform_profile_summary(self, ctx: Context) -> dict[str, Any]:
@@ -81,5 +94,5 @@ def build(
     return events, summary, ProfileService
 
 
-events, summary, ProfileService = build()
+events, summary, ProfileService = build(params=PROFILE_PARAMS)
 services = [ProfileService]

@@ -31,6 +31,18 @@ SUMMARY_FIELDS = {
     "beachCity": "integer",
     "mountain": "integer",
 }
+PROPERTY_PARAMS: dict[str, Any] = {
+    "name": {"type": "string", "required": True, "minLength": 1},
+    "active": "boolean",
+    "bathrooms": {"type": "number", "min": 0},
+    "bedrooms": {"type": "number", "min": 0},
+    "city": "string",
+    "countryCode": {"type": "string", "required": True, "minLength": 1},
+}
+"""What ``property.create`` takes in the shipped service (``cqrs run property``): a property
+without a name or a country code, or with a value of the wrong type, is a 422 and nothing is
+stored."""
+
 BEACH_CITIES = frozenset({"Mount Maunganui", "Gisborne", "Napier", "Byron Bay", "Nelson"})
 MOUNTAIN_TOWNS = frozenset({"Wanaka", "Queenstown", "Ohakune", "Aspen", "Zermatt"})
 
@@ -40,10 +52,12 @@ def build(
     *,
     backups: str | Path | None = None,
     batch_size: int = 100,
+    params: dict[str, Any] | None = None,
 ) -> tuple[EventStore, Aggregate, Aggregate, type[Service]]:
     """The event store, both aggregates and the property service, on ``store`` (default:
     SQLite files in the data folder); snapshots go to ``backups`` (default:
-    ``<data folder>/backups``)."""
+    ``<data folder>/backups``). ``params``: the params schema of ``property.create`` (the
+    shipped service has :data:`PROPERTY_PARAMS`; by default, as in the Go seed, none)."""
     store = store or stores.sqlite(data_folder())
     snapshots = StoreBackup(backups or data_folder() / "backups")
     events = EventStore("propertyEventStore", store)
@@ -63,7 +77,7 @@ def build(
     class PropertyService(events.mixin(), properties.mixin(), summary.mixin(), Service):  # type: ignore[misc]
         name = "property"
 
-        create = events.map_action("create", "property.created")
+        create = events.map_action("create", "property.created", params=params)
 
         @action(name="transformProperty")
         async def transform_property(self, ctx: Context) -> dict[str, Any]:
@@ -92,5 +106,5 @@ def build(
     return events, properties, summary, PropertyService
 
 
-events, properties, summary, PropertyService = build()
+events, properties, summary, PropertyService = build(params=PROPERTY_PARAMS)
 services = [PropertyService]

@@ -8,17 +8,20 @@
     curl 'localhost:3000/api/profile-events?sort=-id&pageSize=5'   # the log itself
 
 The gateway only calls actions through the broker, so it may as well run on a node of its own
-(``cqrs run web --transporter nats://...``; it needs the ``web`` extra:
-``pip install 'moleculerpy-cqrs[web]'``). ``CQRS_HTTP_HOST`` (default
-``127.0.0.1``) and ``CQRS_HTTP_PORT`` (default 3000; 0 picks a free port, which uvicorn's
-start-up line names) say where it listens. Errors keep their status: a bad parameter is 422,
-a missing id 404, each with a JSON body that names the problem.
+(``cqrs run web --transporter nats://...``). It needs the ``web`` extra: ``pip install
+'moleculerpy-cqrs[web]'``, or in a clone ``.venv/bin/pip install -e '.[web]'``.
+``CQRS_HTTP_HOST`` (default ``127.0.0.1``) and ``CQRS_HTTP_PORT`` (default 3000; 0 picks a
+free port, which uvicorn's start-up line names) say where it listens. Errors keep their
+status: a bad parameter is 422 (``profile.update`` declares its params schema: a profile
+without a country, or with a country that is not text, is refused and nothing is stored), a
+body that is not JSON 415, malformed JSON 400, a missing id 404, each with a JSON body that
+names the problem.
 
 Retries are safe with the ``Idempotency-Key`` header (the IETF httpapi draft; quoted or not):
 it becomes ``meta.idempotencyKey``, so a repeat of a POST is answered the event stored first
 and stores nothing, and a repeat with another body answers 409::
 
-    curl -X POST localhost:3000/api/profile/update -H 'Idempotency-Key: "order-7"' \
+    curl -X POST localhost:3000/api/profile/update -H 'Idempotency-Key: "order-7"' \\
          -H 'content-type: application/json' -d '{"name": "Ann", "country": "NZ"}'
 """
 
@@ -27,10 +30,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from moleculerpy_web import ApiGatewayService
-from moleculerpy_web.errors import GatewayError
+from moleculerpy_web import ApiGatewayService, GatewayError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
+WRITES = ("POST", "PUT", "PATCH")
 IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+class UnsupportedMediaTypeError(GatewayError):  # type: ignore[misc]
+    """A command's body that is not JSON: 415, saying what to send."""
+
+    def __init__(self, content_type: str) -> None:
+        got = content_type or "no content-type"
+        super().__init__(
+            f"send the body as a JSON object with content-type: application/json, not {got}",
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            {"contentType": content_type or None},
+        )
 
 
 class _ConflictsStay409:
@@ -85,6 +103,19 @@ class ProfileGateway(ApiGatewayService):  # type: ignore[misc]
             }
         ],
     }
+
+    async def _handle(self, request: Request) -> Response:
+        # moleculerpy-web 0.1.1 parses a form body with a package it does not install (a 500)
+        # and drops any other body that is not JSON (the action then sees no params): a
+        # command's body must be JSON.
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        # (Starlette keeps the body it read for the handler to read again.)
+        if request.method in WRITES and media_type != "application/json" and await request.body():
+            error = UnsupportedMediaTypeError(content_type)
+            return JSONResponse(error.to_response_dict(), status_code=error.status_code)
+        response: Response = await super()._handle(request)
+        return response
 
 
 services = [ProfileGateway]

@@ -1,7 +1,8 @@
 """A Prometheus endpoint for one node (``cqrs run --metrics-port N``).
 
 The figures are read at scrape time from the ``status()`` of the event stores and aggregates
-running on this node (the same answers ``cqrs status`` shows), plus the broker's append
+running on this node, typed by ``face.model`` as ``cqrs status`` and the web page read them
+(one series per state of ``core.states``), plus the broker's append
 timings (``broker.timings``). MoleculerPy 0.14.22 has a Prometheus reporter, but it only
 renders its own metric registry as text (serving HTTP is left to the application) and that
 registry has no scrape-time callbacks, so this uses ``prometheus_client``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from wsgiref.simple_server import WSGIServer
 
 from moleculerpy import ServiceBroker
@@ -25,18 +26,18 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from moleculerpy_cqrs.broker.timings import append_timings
+from moleculerpy_cqrs.core.states import DispatcherState, ProjectorState
+from moleculerpy_cqrs.face.model import AggregateStatus, EventStoreStatus, status_from_answer
 
 SCRAPE_TIMEOUT: Final = 5.0
-DISPATCHER_STATES: Final = ("running", "standby", "stopped")
-PROJECTOR_STATES: Final = ("running", "standby", "paused", "halted", "stopped")
 
 
 @dataclass
 class Statuses:
-    """The status answers of this node's event stores and aggregates."""
+    """The statuses of this node's event stores and aggregates."""
 
-    event_stores: list[dict[str, Any]] = field(default_factory=list)
-    aggregates: list[dict[str, Any]] = field(default_factory=list)
+    event_stores: list[EventStoreStatus] = field(default_factory=list)
+    aggregates: list[AggregateStatus] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # services whose status() raised
 
 
@@ -51,14 +52,14 @@ async def local_statuses(broker: ServiceBroker) -> Statuses:
         if status is None or not callable(status):
             continue
         try:
-            answer = await status()
+            typed = status_from_answer(await status())
         except Exception:
             found.failed.append(str(name))
             continue
-        if isinstance(answer, dict) and "dispatcher" in answer:
-            found.event_stores.append(answer)
-        elif isinstance(answer, dict) and "checkpoint" in answer:
-            found.aggregates.append(answer)
+        if isinstance(typed, EventStoreStatus):
+            found.event_stores.append(typed)
+        elif isinstance(typed, AggregateStatus):
+            found.aggregates.append(typed)
     return found
 
 
@@ -93,11 +94,7 @@ def _counter(name: str, text: str, labels: Sequence[str]) -> CounterMetricFamily
     return CounterMetricFamily(name, text, labels=list(labels))
 
 
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
-def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
+def event_store_metrics(statuses: list[EventStoreStatus]) -> Iterator[Metric]:
     labels = ("event_store",)
     head = _gauge("cqrs_event_store_head", "Position of the last stored event.", labels)
     appended = _counter(
@@ -133,23 +130,21 @@ def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
         (*labels, "node"),
     )
     for status in statuses:
-        name = [str(status["name"])]
-        d = status.get("dispatcher") or {}
-        head.add_metric(name, _number(status.get("head")))
-        appended.add_metric(name, _number(status.get("appended")))
-        commits.add_metric(name, _number(status.get("commits")))
-        duplicates.add_metric(name, _number(status.get("duplicates")))
-        cursor.add_metric(name, _number(d.get("cursor")))
-        lag.add_metric(name, _number(d.get("lag")))
-        delivered.add_metric(name, _number(d.get("delivered")))
-        failed.add_metric(name, _number(d.get("failed")))
-        now = "standby" if d.get("standby") else "running" if d.get("running") else "stopped"
-        for each in DISPATCHER_STATES:
-            state.add_metric([*name, each], 1 if each == now else 0)
-        lease = d.get("lease") or {}
-        held.add_metric(name, 1 if lease.get("mine") else 0)
-        if lease.get("node"):
-            holder.add_metric([*name, str(lease["node"])], 1)
+        name = [status.name]
+        d = status.dispatcher
+        head.add_metric(name, status.head)
+        appended.add_metric(name, status.appended)
+        commits.add_metric(name, status.commits)
+        duplicates.add_metric(name, status.duplicates)
+        cursor.add_metric(name, d.cursor)
+        lag.add_metric(name, d.lag)
+        delivered.add_metric(name, d.delivered)
+        failed.add_metric(name, d.failed)
+        for each in DispatcherState:
+            state.add_metric([*name, str(each)], 1 if each == d.state else 0)
+        held.add_metric(name, 1 if d.lease and d.lease.mine else 0)
+        if d.lease:
+            holder.add_metric([*name, d.lease.node], 1)
     yield from (
         head,
         appended,
@@ -165,7 +160,7 @@ def event_store_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
     )
 
 
-def aggregate_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
+def aggregate_metrics(statuses: list[AggregateStatus]) -> Iterator[Metric]:
     labels = ("aggregate", "event_store")
     checkpoint = _gauge("cqrs_aggregate_checkpoint", "Position of the last event applied.", labels)
     head = _gauge("cqrs_aggregate_head", "Position of the last event in its log.", labels)
@@ -188,21 +183,19 @@ def aggregate_metrics(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
         (*labels, "node"),
     )
     for status in statuses:
-        name = [str(status["name"]), str(status.get("eventStore") or "")]
-        lag = status.get("lag") or {}
-        checkpoint.add_metric(name, _number(status.get("checkpoint")))
-        head.add_metric(name, _number(status.get("head")))
-        lag_events.add_metric(name, _number(lag.get("events")))
-        lag_seconds.add_metric(name, _number(lag.get("seconds")))
-        dead.add_metric(name, _number(status.get("deadLetters")))
-        rows.add_metric(name, _number(status.get("rows")))
-        applied.add_metric(name, _number(status.get("applied")))
-        for each in PROJECTOR_STATES:
-            state.add_metric([*name, each], 1 if each == status.get("state") else 0)
-        lease = status.get("lease") or {}
-        held.add_metric(name, 1 if lease.get("mine") else 0)
-        if lease.get("node"):
-            holder.add_metric([*name, str(lease["node"])], 1)
+        name = [status.name, status.event_store or ""]
+        checkpoint.add_metric(name, status.checkpoint)
+        head.add_metric(name, status.head or 0)
+        lag_events.add_metric(name, status.lag_events)
+        lag_seconds.add_metric(name, status.lag_seconds)
+        dead.add_metric(name, status.dead_letters)
+        rows.add_metric(name, status.rows)
+        applied.add_metric(name, status.applied)
+        for each in ProjectorState:  # every state the core has: one series each
+            state.add_metric([*name, str(each)], 1 if each == status.state else 0)
+        held.add_metric(name, 1 if status.lease and status.lease.mine else 0)
+        if status.lease:
+            holder.add_metric([*name, status.lease.node], 1)
     yield from (checkpoint, head, lag_events, lag_seconds, dead, rows, applied, state, held)
     yield holder
 

@@ -6,7 +6,8 @@ How ``cqrs run TARGET`` finds a module (the first rule that applies):
    separator: the file (a folder: its ``__init__.py``) is loaded as a module named after it,
    with its folder first on ``sys.path`` (so that it imports its neighbours, as ``python
    file.py`` would).
-2. ``TARGET`` is the name of an example shipped with the package (``profile``, ``property``):
+2. ``TARGET`` is the name of an example shipped with the package (``profile``, ``property``,
+   ``web``):
    ``moleculerpy_cqrs.examples.<TARGET>``. (Python's standard library has a ``profile`` module
    too; the example wins.)
 3. Otherwise ``TARGET`` is a dotted module name, imported with the working folder first on
@@ -29,32 +30,118 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import moleculerpy
 from moleculerpy import Service, ServiceBroker, Settings
 
 import moleculerpy_cqrs
+from moleculerpy_cqrs.broker import names
 from moleculerpy_cqrs.broker.aggregate import Aggregate
 from moleculerpy_cqrs.broker.eventstore import EventStore
 from moleculerpy_cqrs.broker.mixin_base import components
 from moleculerpy_cqrs.core.snapshots import StoreBackup
 from moleculerpy_cqrs.errors import ConfigurationError
 from moleculerpy_cqrs.examples import NAMES as EXAMPLES
+from moleculerpy_cqrs.face import reach
 
 DEFAULT_TRANSPORTER = "memory://"
 DEFAULT_LOG_LEVEL = "warning"
 JOIN_TIMEOUT = 15.0
 """Seconds ``cqrs run`` waits for the transporter's server before it gives up."""
+DISCOVERY_WAIT = 0.5
+"""Seconds a node started on a shared transporter waits for the other nodes' INFO packets
+(Moleculer.js waits as long after connecting) before it checks its names against theirs."""
+
+
+MAX_FRAMES = 8
+"""Frames of the user's own code shown when loading it fails (the innermost ones)."""
+
+
+class UserCodeError(ConfigurationError):
+    """Loading the user's module failed in the user's code: ``lines`` are the user's frames
+    and the error, for ``cqrs run`` to print as they are (no toolkit or importlib frames)."""
+
+    def __init__(self, target: str, lines: list[str]) -> None:
+        self.lines = [f"could not load {target}:", *lines]
+        super().__init__(lines[-1] if lines else f"could not load {target}")
+
+
+class MissingExtra(ConfigurationError):
+    """An example needs an optional extra that is not installed."""
+
+    def __init__(self, target: str, extra: str, missing: str) -> None:
+        clone = _clone_root()
+        here = (
+            f" (this clone: {Path(sys.executable).parent / 'pip'} install -e '{clone}[{extra}]')"
+            if clone is not None
+            else ""
+        )
+        super().__init__(
+            f"the {target} example needs the {extra!r} extra (no module {missing!r}): install "
+            f"it with pip install 'moleculerpy-cqrs[{extra}]', or from a clone of the "
+            f"repository with .venv/bin/pip install -e '.[{extra}]' in its folder{here}"
+        )
+
+
+EXTRAS = {"web": ("web", ("moleculerpy_web", "starlette", "uvicorn"))}
+"""Examples that need an extra: the extra's name and the modules it brings."""
+
+
+def _clone_root() -> Path | None:
+    """The repository this package runs from (an editable install), if it is one."""
+    root = Path(moleculerpy_cqrs.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    try:
+        if 'name = "moleculerpy-cqrs"' in pyproject.read_text():
+            return root
+    except OSError:
+        pass
+    return None
 
 
 def load_module(target: str) -> ModuleType:
-    """The module ``target`` names (see the module's docstring for the rules)."""
+    """The module ``target`` names (see the module's docstring for the rules); an error in
+    the user's code is a :class:`UserCodeError` with the user's frames only."""
+    try:
+        return _load_module(target)
+    except ModuleNotFoundError as error:
+        extra = EXTRAS.get(target)
+        if extra is not None and error.name is not None and error.name.split(".")[0] in extra[1]:
+            raise MissingExtra(target, extra[0], error.name) from None
+        raise UserCodeError(target, _user_frames(error)) from None
+    except ConfigurationError:
+        raise
+    except Exception as error:  # SyntaxError, ImportError, whatever the module raised
+        raise UserCodeError(target, _user_frames(error)) from None
+
+
+def _user_frames(error: BaseException) -> list[str]:
+    """The frames of ``error``'s traceback outside this package and importlib, then the
+    error itself (for a SyntaxError: its file, line and caret)."""
+    package = str(Path(moleculerpy_cqrs.__file__).resolve().parent)
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith(("<frozen ", package))
+    ][-MAX_FRAMES:]
+    lines = [
+        line.rstrip("\n") for text in traceback.format_list(frames) for line in text.splitlines()
+    ]
+    lines += [
+        line.rstrip("\n")
+        for text in traceback.format_exception_only(type(error), error)
+        for line in text.splitlines()
+    ]
+    return lines
+
+
+def _load_module(target: str) -> ModuleType:
     path = Path(target)
     package = path.is_dir() and (path / "__init__.py").is_file()
     if path.suffix == ".py" or package or os.sep in target or "/" in target:
@@ -149,7 +236,10 @@ async def start_node(
             "no services found in the given modules (define a Service subclass, "
             "or list them in `services = [...]`)"
         )
+    # Refused, unresolvable, refused credentials, a missing package: said now, in one line.
+    await reach.check(transporter or os.environ.get("TRANSPORTER") or DEFAULT_TRANSPORTER)
     broker = make_broker(node_id, transporter, log_level)
+    names.install_guard(broker)
     services = [item if isinstance(item, Service) else item() for item in found]
     for service in services:
         await broker.register(service)
@@ -168,6 +258,13 @@ async def start_node(
         except BaseException:
             await _stop_quietly(broker)
             raise
+    if not broker.settings.transporter.startswith("memory://"):
+        await asyncio.sleep(DISCOVERY_WAIT)
+        clashes = names.remote_clashes(broker)
+        if clashes:
+            await _stop_quietly(broker)
+            more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+            raise ConfigurationError(clashes[0] + more)
     return broker, services
 
 
@@ -235,12 +332,7 @@ def describe(broker: ServiceBroker, services: Iterable[Service]) -> list[str]:
 
 def public_url(url: str) -> str:
     """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return reach.redact(url)
 
 
 # --------------------------------------------------------------------------- running
@@ -276,6 +368,9 @@ def run(
     say: Callable[[str], None] | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    ui_port: int | None = None,
+    ui_host: str = "127.0.0.1",
+    ui_token: str | None = None,
 ) -> None:
     """Start a node, say what runs, wait for Ctrl-C or SIGTERM, stop it and say so."""
     say = say or _say
@@ -295,16 +390,34 @@ def run(
                 raise ConfigurationError(
                     f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}"
                 ) from None
+        page = None
+        if ui_port is not None:
+            from moleculerpy_cqrs.face.ui.node import serve_beside
+
+            try:
+                page = await serve_beside(broker, host=ui_host, port=ui_port, token=ui_token)
+            except OSError as error:
+                if metrics is not None:
+                    metrics.close()
+                await broker.stop()
+                raise ConfigurationError(
+                    f"cannot serve the page on {ui_host}:{ui_port}: {error.strerror or error}"
+                ) from None
         try:
             with signalled() as stop:
                 for line in describe(broker, services):
                     say(line)
                 say(f"metrics on {metrics.url}" if metrics else "metrics: off (--metrics-port)")
+                if page is not None:
+                    access = "actions need the token" if ui_token else "read-only"
+                    say(f"page on {page.url} ({access})")
                 say("ready; Ctrl-C or SIGTERM stops it")
                 signal_name = await stop
         finally:
             if metrics is not None:
                 metrics.close()
+            if page is not None:
+                await page.close()
         await broker.stop()
         say(f"node {broker.nodeID} stopped ({signal_name})")
 

@@ -63,9 +63,19 @@ def find_nats_server() -> Path:
 class NatsServer:
     """One ``nats-server`` process on ``127.0.0.1``; ``url`` is valid between start and stop."""
 
-    def __init__(self, *, binary: Path | None = None, start_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        binary: Path | None = None,
+        start_timeout: float = 10.0,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        """``user`` and ``password``: the server requires them of every client (``url`` is
+        given without them: put them in it, ``nats://user:password@host:port``)."""
         self.binary = binary
         self.start_timeout = start_timeout
+        self.credentials = ["--user", user, "--pass", password or ""] if user else []
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._log: IO[bytes] | None = None
@@ -95,7 +105,16 @@ class NatsServer:
         workdir = Path(self._workdir.name)
         self._log = (workdir / "nats-server.log").open("wb")
         self._process = subprocess.Popen(
-            [str(binary), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(workdir)],
+            [
+                str(binary),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                "-1",
+                "--ports_file_dir",
+                str(workdir),
+                *self.credentials,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

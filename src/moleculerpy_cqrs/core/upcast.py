@@ -1,0 +1,254 @@
+"""Event versions, upcasters and renames: the one place a stored event becomes the event read.
+
+Every reader of an event log goes through :meth:`Upcasters.read_all` (the dispatcher, the
+event-log port that projectors, replays, restores' catch-up and dead-letter retries read, and
+the event store's read actions), so all of them see each event under its current name, at its
+current version. Stored rows are never changed.
+
+A stored event keeps its position as ``id`` when it is read. An upcaster may split one stored
+event into several: the pieces all carry the stored event's ``id`` (checkpoints and the
+exactly-once promise stay per stored event, and all pieces of one stored event are in the same
+read, so in the same batch) and are told apart by ``part`` (0, 1, ...) and ``parts`` (how
+many); an event read as exactly one has neither.
+
+An event that cannot be read (an upcaster raised) is answered in its stored form with
+``upcastError`` set: the dispatcher marks it failed with that error, and each aggregate
+dead-letters it; nothing stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType
+from moleculerpy_cqrs.errors import ConfigurationError
+from moleculerpy_cqrs.stores.fields import Record
+
+UPCAST_ERROR: Final = "upcastError"
+"""Set on an event that could not be read in its current shape (the stored form is kept)."""
+
+MAX_STEPS: Final = 1000  # one stored event read through more steps than this: a cycle
+
+
+@dataclass(frozen=True)
+class Upcasted:
+    """An upcaster's answer that renames the event, or one piece of a split (in a list).
+
+    An upcaster answers the new payload (same name), an ``Upcasted(event, payload)`` (a new
+    name), or a list of payloads / ``Upcasted`` (the stored event is read as several; at
+    least one: a stored event is always read as something, so that it has a position).
+    """
+
+    event: str
+    payload: Any
+
+
+Upcaster = Callable[[Any], Any]
+
+
+class UpcastFailed(Exception):
+    """An upcaster raised, or answered something that is not an event."""
+
+    def __init__(self, event: str, version: int, error: BaseException | str) -> None:
+        self.event = event
+        self.version = version
+        self.error = error
+        why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        super().__init__(f"upcasting {event!r} from version {version} failed: {why}")
+
+
+class Upcasters:
+    """The versions, upcasters and renames of one event store (made by ``EventStore``)."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self._declared: dict[str, set[int]] = {}  # event -> versions mappings store it at
+        self._steps: dict[tuple[str, int], list[Upcaster]] = {}
+        self._renames: dict[str, list[str]] = {}
+        self._current: dict[str, int] = {}
+        self._rename: dict[str, str] = {}  # the checked renames
+        self.active = False  # anything to do when reading: else reads are passed through
+
+    # ------------------------------------------------------------------ declaring
+
+    def declare(self, event: str, version: int) -> None:
+        """A mapping stores ``event`` at ``version`` (its current version)."""
+        _check_version(version, "version")
+        self._declared.setdefault(event, set()).add(version)
+
+    def add(self, event: str, from_version: int, fn: Upcaster) -> None:
+        _check_version(from_version, "from_version")
+        if not callable(fn):
+            raise ConfigurationError(f"the upcaster of {event!r} v{from_version} is not callable")
+        self._steps.setdefault((event, from_version), []).append(fn)
+
+    def rename(self, old: str, new: str) -> None:
+        if old == new:
+            raise ConfigurationError(f"rename {old!r} to itself: nothing to rename")
+        self._renames.setdefault(old, []).append(new)
+
+    # ------------------------------------------------------------------ checking
+
+    def check(self) -> None:
+        """Check every chain; raises one ``ConfigurationError`` naming each event and the
+        versions at fault. Run when the node starts."""
+        problems: list[str] = []
+        for event, versions in sorted(self._declared.items()):
+            if len(versions) > 1:
+                problems.append(
+                    f"event {event!r} is stored at versions {sorted(versions)} by different "
+                    "mappings: give every map_action/map_event of it one version"
+                )
+        for old, targets in sorted(self._renames.items()):
+            if len(targets) > 1:
+                problems.append(
+                    f"event {old!r} is renamed to both {targets[0]!r} and {targets[1]!r}"
+                )
+        renames = {old: targets[0] for old, targets in self._renames.items()}
+        for old in sorted(renames):
+            seen = [old]
+            name = renames[old]
+            while name in renames and name not in seen:
+                seen.append(name)
+                name = renames[name]
+            if name in seen and name == old:
+                problems.append("renames go round in a cycle: " + " -> ".join([*seen, old]))
+        for (event, version), fns in sorted(self._steps.items()):
+            if len(fns) > 1:
+                problems.append(
+                    f"event {event!r} has {len(fns)} upcasters from version {version} "
+                    f"(to {version + 1}): keep one"
+                )
+            if event in renames:
+                problems.append(
+                    f"event {event!r} is renamed to {renames[event]!r}, so its upcaster from "
+                    f"version {version} never runs: register it under {renames[event]!r}"
+                )
+        current: dict[str, int] = {}
+        names = {e for e, _ in self._steps} | set(self._declared)
+        for event in sorted(names):
+            froms = sorted(v for e, v in self._steps if e == event)
+            declared = self._declared.get(event)
+            top = max(declared) if declared else (froms[-1] + 1 if froms else EVENT_VERSION)
+            current[event] = top
+            beyond = [v for v in froms if v >= top]
+            if beyond:
+                problems.append(
+                    f"event {event!r} is at version {top}, but an upcaster goes from version "
+                    f"{beyond[0]} to {beyond[0] + 1}, past it: raise the version of its "
+                    "map_action/map_event or remove the upcaster"
+                )
+            missing = [v for v in range(1, top) if v not in froms]
+            if missing and event not in renames:
+                chain = " -> ".join(f"v{v}" for v in range(1, top + 1))
+                problems.append(
+                    f"event {event!r} is at version {top} but has no upcaster from version "
+                    f"{', '.join(str(v) for v in missing)} (the chain {chain} does not reach "
+                    f"v{top}): add events.upcast({event!r}, {missing[0]}, fn)"
+                )
+        if problems:
+            raise ConfigurationError(f"event store {self.store!r}: " + "; ".join(problems))
+        self._current = current
+        self._rename = renames
+        self.active = bool(self._steps or renames)
+
+    def versions(self) -> dict[str, int]:
+        """The current version of every event a mapping stores or an upcaster reaches."""
+        return dict(sorted(self._current.items()))
+
+    def renamed(self) -> dict[str, str]:
+        return dict(sorted(self._rename.items()))
+
+    def current(self, event: str) -> int:
+        return self._current.get(event, EVENT_VERSION)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_all(self, rows: Iterable[Record]) -> list[Record]:
+        """``rows`` as read: each in its current shape, a split one as its pieces, one that
+        cannot be upcast in its stored form with ``upcastError``."""
+        if not self.active:
+            return rows if isinstance(rows, list) else list(rows)
+        out: list[Record] = []
+        for row in rows:
+            try:
+                out += self.read(row)
+            except UpcastFailed as failed:
+                out.append({**row, UPCAST_ERROR: str(failed)})
+        return out
+
+    def read(self, row: Record) -> list[Record]:
+        """One event (stored, or read already: reading is idempotent) in its current shape;
+        raises :class:`UpcastFailed`."""
+        if not self.active or row.get("eventType", 0) != EventType.COMMAND:
+            return [row]
+        name, version = str(row["event"]), int(row.get("version") or EVENT_VERSION)
+        pieces = self._walk(name, version, row.get("payload"))
+        if len(pieces) == 1:
+            new_name, new_version, payload = pieces[0]
+            if new_name == name and new_version == version:
+                return [row]
+            return [{**row, "event": new_name, "version": new_version, "payload": payload}]
+        return [
+            {**row, "event": n, "version": v, "payload": p, "part": i, "parts": len(pieces)}
+            for i, (n, v, p) in enumerate(pieces)
+        ]
+
+    def _final(self, name: str) -> str:
+        for _ in range(MAX_STEPS):
+            if name not in self._rename:
+                break
+            name = self._rename[name]
+        return name
+
+    def _walk(self, name: str, version: int, payload: Any) -> list[tuple[str, int, Any]]:
+        done: list[tuple[str, int, Any]] = []
+        todo = [(name, version, payload)]
+        steps = 0
+        while todo:
+            name, version, payload = todo.pop()
+            while name in self._rename:
+                name = self._rename[name]
+                steps += 1
+                if steps > MAX_STEPS:
+                    raise UpcastFailed(name, version, "renames go round in a cycle")
+            fns = self._steps.get((name, version))
+            if fns is None:
+                done.append((name, version, payload))
+                continue
+            steps += 1
+            if steps > MAX_STEPS:
+                raise UpcastFailed(name, version, "more than 1000 steps: a cycle")
+            try:
+                answer = fns[0](payload)
+            except Exception as error:
+                raise UpcastFailed(name, version, error) from error
+            pieces = answer if isinstance(answer, list) else [answer]
+            if not pieces:  # a stored event read as nothing would hold no position
+                raise UpcastFailed(name, version, "it answered no event (an empty list)")
+            nxt: list[tuple[str, int, Any]] = []
+            for piece in pieces:
+                if isinstance(piece, Upcasted):
+                    if not isinstance(piece.event, str) or not piece.event:
+                        raise UpcastFailed(name, version, "Upcasted needs an event name")
+                    nxt.append((piece.event, version + 1, piece.payload))
+                else:
+                    nxt.append((name, version + 1, piece))
+            for piece_name, piece_version, _ in nxt:
+                top = self._current.get(self._final(piece_name), EVENT_VERSION)
+                if piece_version > top:
+                    raise UpcastFailed(
+                        name,
+                        version,
+                        f"it answered {piece_name!r} at version {piece_version}, past that "
+                        f"event's current version {top}",
+                    )
+            todo += reversed(nxt)  # pieces come out in the order the upcaster gave them
+        return done
+
+
+def _check_version(version: Any, what: str) -> None:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigurationError(f"{what} must be an integer from 1, got {version!r}")

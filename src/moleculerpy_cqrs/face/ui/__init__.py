@@ -1,0 +1,1 @@
+"""The operator's web page (``cqrs run --ui-port``, ``cqrs ui``): see ``app`` and ``server``."""
