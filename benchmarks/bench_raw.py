@@ -225,3 +225,89 @@ def catch_up(store: dict[str, Any], shape: Literal["create", "summary"], count: 
         "complete": True,
         "correct": bool(correct),
     }
+
+
+def account_id(n: int) -> str:
+    return f"acc{n:09d}"
+
+
+def deposits(rows: int, count: int) -> list[tuple[str, int]]:
+    """The same deposits as ``bench_ours.deposits`` (same seed, same accounts)."""
+    import random
+
+    rng = random.Random(13)
+    return [(account_id(rng.randrange(rows)), 1 + i % 7) for i in range(count)]
+
+
+def per_entity(store: dict[str, Any], rows: int, events: int) -> Figures:
+    """One row per account, ``CREATE INDEX`` on the account key; ``events`` deposits in the log.
+    Timed: read 1,000 events after the checkpoint; per event ``SELECT`` the account by key and
+    ``UPDATE`` its balance; the checkpoint; one transaction; until the end of the log."""
+    db = open_db(store)
+    try:
+        create_log(db)
+        m = db.mark
+        key = "INTEGER PRIMARY KEY" if m == "?" else "BIGSERIAL PRIMARY KEY"
+        db.run(f"CREATE TABLE accounts (id {key}, account_id TEXT, balance BIGINT)")
+        db.run("CREATE INDEX accounts_account_id ON accounts (account_id)")
+        db.run("CREATE TABLE checkpoint (name TEXT PRIMARY KEY, position BIGINT)")
+        db.run("INSERT INTO checkpoint VALUES ('raw', 0)")
+        for first in range(0, rows, 10_000):
+            with db.transaction():
+                db.run_many(
+                    f"INSERT INTO accounts (account_id, balance) VALUES ({m}, 0)",
+                    [(account_id(n),) for n in range(first, min(first + 10_000, rows))],
+                )
+        plan = deposits(rows, events)
+        sql = f"INSERT INTO events (event, payload, created) VALUES ({m}, {m}, {m})"
+        for first in range(0, events, 10_000):
+            with db.transaction():
+                db.run_many(
+                    sql,
+                    [
+                        ("account.deposited", json.dumps({"accountId": a, "amount": n}), 0)
+                        for a, n in plan[first : first + 10_000]
+                    ],
+                )
+        started = time.perf_counter()
+        position = applied = 0
+        while True:
+            batch = db.run(
+                f"SELECT id, payload FROM events WHERE id > {m} ORDER BY id LIMIT {BATCH}",
+                (position,),
+            )
+            if not batch:
+                break
+            with db.transaction():
+                for _, text in batch:
+                    p = json.loads(text)
+                    found = db.run(
+                        f"SELECT id, balance FROM accounts WHERE account_id = {m}",
+                        (p["accountId"],),
+                    )
+                    if found:
+                        db.run(
+                            f"UPDATE accounts SET balance = {m} WHERE id = {m}",
+                            (found[0][1] + p["amount"], found[0][0]),
+                        )
+                    else:
+                        db.run(
+                            f"INSERT INTO accounts (account_id, balance) VALUES ({m}, {m})",
+                            (p["accountId"], p["amount"]),
+                        )
+                position = batch[-1][0]
+                db.run(f"UPDATE checkpoint SET position = {m} WHERE name = 'raw'", (position,))
+            applied += len(batch)
+        elapsed = time.perf_counter() - started
+        total = db.run("SELECT SUM(balance) FROM accounts")[0][0]
+        correct = int(total or 0) == sum(n for _, n in plan)
+    finally:
+        db.close()
+    return {
+        "rows": rows,
+        "events": applied,
+        "seconds": elapsed,
+        "per_second": applied / elapsed,
+        "complete": True,
+        "correct": bool(correct),
+    }

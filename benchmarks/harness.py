@@ -45,11 +45,29 @@ class Sizes:
     large_fill_cap: float
     large_cap: float
     rounds: int  # append runs per subject, interleaved; the best one counts (the box is shared)
+    entity_rows: tuple[int, ...]  # per-entity read model: accounts filled before timing
+    entity_events: int  # deposits applied (timed)
+    entity_cap: float
     keyed_log: int  # events with idempotency keys already in the log for the large-log rows
 
 
-QUICK = Sizes(3.0, 10_000, 20.0, 15.0, 5.0, 0, 0.0, 0.0, 1, 20_000)
-FULL = Sizes(5.0, 100_000, 45.0, 60.0, 10.0, 1_000_000, 150.0, 60.0, 2, 1_000_000)
+QUICK = Sizes(3.0, 10_000, 20.0, 15.0, 5.0, 0, 0.0, 0.0, 1, (1_000, 20_000), 3_000, 20.0, 20_000)
+FULL = Sizes(
+    5.0,
+    100_000,
+    45.0,
+    60.0,
+    10.0,
+    1_000_000,
+    150.0,
+    60.0,
+    2,
+    (1_000, 1_000_000),
+    20_000,
+    60.0,
+    1_000_000,
+)
+ENTITY_TARGET_ROWS = 1_000_000  # the size the per-entity targets are set for
 
 
 def say(message: str) -> None:
@@ -208,6 +226,19 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
             count=s.catch_up_events,
         )  # fmt: skip
     r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
+    # ---- per-entity read model: one row per account, read-then-update by an indexed key
+    for rows in s.entity_rows:
+        size = {"rows": rows, "events": s.entity_events}
+        r[f"ours.per_entity.{rows}"] = run_job(
+            "ours", "per_entity", stores.fresh(f"entity{rows}"), **size, cap=s.entity_cap
+        )
+        if sqlite_only:  # eventsourcing's SQLite view only (its job is written for SQLite)
+            r[f"es.per_entity.{rows}"] = run_job(
+                "es", "per_entity", stores.fresh(f"es_entity{rows}"), **size, cap=s.entity_cap
+            )
+        r[f"raw.per_entity.{rows}"] = run_job(
+            "raw", "per_entity", stores.fresh(f"raw_entity{rows}"), **size
+        )
     # ---- load, latency, large replay: one process on SQLite
     if sqlite_only:
         r["ours.sustained"] = run_job(
@@ -476,6 +507,7 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         get(r, "raw.catch_up.create", "per_second"),
         note=completeness(r, "ours.replay", "raw: the same job as its catch-up"),
     ))  # fmt: skip
+    rows += entity_rows(sq, r, sizes)
     if "ours.replay_large" in r:
         big = r["ours.replay_large"]
         stored = int(big.get("stored") or 0)
@@ -543,6 +575,36 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         note="1M replay included" if "ours.replay_large" in r else "",
     ))  # fmt: skip
     return rows
+
+
+def entity_rows(sq: bool, r: dict[str, dict[str, Any]], sizes: Sizes) -> list[Row]:
+    """Per-entity read model rows; the targets apply at ``ENTITY_TARGET_ROWS`` rows."""
+    out: list[Row] = []
+    smallest = get(r, f"ours.per_entity.{min(sizes.entity_rows)}", "per_second")
+    for rows in sizes.entity_rows:
+        key = f"ours.per_entity.{rows}"
+        row = Row(
+            f"per-entity {rows:,} rows, {sizes.entity_events:,} deposits, action + find by key",
+            "/s", get(r, key, "per_second"), get(r, f"es.per_entity.{rows}", "per_second"),
+            get(r, f"raw.per_entity.{rows}", "per_second"),
+            note=completeness(r, key, f"es.per_entity.{rows}", f"raw.per_entity.{rows}"),
+        )  # fmt: skip
+        if rows == ENTITY_TARGET_ROWS and sq:
+            share = ratio(row.ours, smallest)
+
+            def keeps_rate(_row: Row, share: float | None = share) -> bool | None:
+                return None if share is None else share >= 0.7
+
+            row.targets = [
+                (">= 10,000/s", at_least(10_000)),
+                (">= 4x es", at_least(4, "es")),
+                (">= 0.15x raw", at_least(0.15, "raw")),
+                (">= 0.7x the 1,000-row rate" + (f" ({share:.2f}x)" if share else ""), keeps_rate),
+            ]
+        elif rows == ENTITY_TARGET_ROWS:
+            row.targets = [(">= 5,000/s", at_least(5_000))]
+        out.append(row)
+    return out
 
 
 def completeness(r: dict[str, dict[str, Any]], *keys: str) -> str:

@@ -88,6 +88,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 factory, p["count"], p["fill_cap"], p["cap"], report
             ),
             "sustained": lambda: ours.sustained(factory, p["callers"], p["seconds"]),
+            "per_entity": lambda: ours.per_entity(factory, p["rows"], p["events"], p["cap"]),
             "ack_visible": lambda: ours.ack_to_visible(factory, p["rate"], p["seconds"]),
             "cluster_node": lambda: ours.cluster_node(
                 factory, p["transporter"], p["node_id"], Path(p["ready"])
@@ -102,6 +103,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
         if scenario == "appends":
             figures = es.appends(store, p["threads"], p["seconds"])
+        elif scenario == "per_entity":
+            figures = es.per_entity(store, p["rows"], p["events"], p["cap"])
         else:
             figures = es.catch_up(store, p["shape"], p["count"], p["cap"])
     else:
@@ -109,6 +112,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
         if scenario == "appends":
             figures = raw.appends(store, p["per_transaction"], p["seconds"])
+        elif scenario == "per_entity":
+            figures = raw.per_entity(store, p["rows"], p["events"])
         else:
             figures = raw.catch_up(store, p["shape"], p["count"])
     return figures

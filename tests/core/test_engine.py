@@ -19,7 +19,7 @@ from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
 from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY, TOKEN_KEY
-from moleculerpy_cqrs.errors import Conflict
+from moleculerpy_cqrs.errors import ConfigurationError, Conflict
 from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
 from moleculerpy_cqrs.stores.base import Adapter
@@ -51,19 +51,36 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("create"), keys, values),
         st.tuples(st.just("update"), st.integers(1, 12), values),
+        st.tuples(st.just("rekey"), st.integers(1, 12), keys),
         st.tuples(st.just("remove"), st.integers(1, 12), st.none()),
         st.tuples(st.just("remove_where"), keys, st.none()),
+        st.tuples(st.just("mark"), st.none(), st.none()),
+        st.tuples(st.just("undo"), st.none(), st.none()),
     ),
     max_size=25,
+)
+some_keys = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3)
+lookups = st.one_of(
+    st.fixed_dictionaries({"k": keys}),  # equality: the overlay index, or prefetched rows
+    st.fixed_dictionaries({"k": st.fixed_dictionaries({"in": some_keys})}),
+    st.fixed_dictionaries({"k": st.fixed_dictionaries({"not in": some_keys})}),
+    st.fixed_dictionaries({"n": st.fixed_dictionaries({"in": st.lists(st.integers(-3, 3))})}),
+    st.fixed_dictionaries({"k": keys, "n": st.fixed_dictionaries({">": st.integers(-3, 3)})}),
+    st.fixed_dictionaries(
+        {"or": st.lists(st.fixed_dictionaries({"k": keys}), min_size=1, max_size=2)}
+    ),
+    st.fixed_dictionaries({"id": st.fixed_dictionaries({"in": st.lists(st.integers(1, 12))})}),
+    st.fixed_dictionaries({"id": st.integers(1, 12), "n": st.integers(-3, 3)}),
 )
 queries = st.lists(
     st.fixed_dictionaries(
         {},
         optional={
             "query": st.one_of(
-                st.fixed_dictionaries({"k": keys}),
+                lookups,
                 st.fixed_dictionaries({"n": st.fixed_dictionaries({">": st.integers(-3, 3)})}),
             ),
+            "fields": st.sampled_from([["id"], ["n", "k"], ["k"]]),
             "sort": st.sampled_from(["n", "-n", "k -n", "-k", "-id"]),
             "limit": st.integers(0, 6),
             "offset": st.integers(0, 4),
@@ -74,44 +91,138 @@ queries = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     initial=st.lists(st.tuples(keys, values), max_size=8),
+    prefetched=st.one_of(st.none(), st.lists(keys, max_size=3)),
     ops=operations,
     asked=queries,
+    early=queries,
 )
 def test_a_batch_reads_what_the_table_will_hold(
     initial: list[tuple[str | None, int | None]],
+    prefetched: list[str | None] | None,
     ops: list[tuple[str, Any, Any]],
     asked: list[dict[str, Any]],
+    early: list[dict[str, Any]],
 ) -> None:
-    """Whatever a batch did, every read of its view answers what the table answers once the
-    batch's changes are written: same rows, order, ids, paging and counts (SQLite file)."""
+    """Whatever a batch did (undone effects included), every read of its view answers what
+    the table answers once the batch's changes are written: same rows, order, ids, projections,
+    paging and counts (SQLite file). Lookups go through the overlay's index (equality, in, or,
+    id), and through rows prefetched by key (``prefetched``: the batch's keys, read before it
+    runs); ``early`` reads are made before the batch's changes, to fill the overlay's index
+    and the view's caches that later changes must keep true."""
 
     async def check() -> None:
         async with stores.sqlite(":memory:")("t", FIELDS) as table:
             await table.insert_many([{"k": k, "n": n} for k, n in initial])
             view = BatchView(table, IdCounter())
+            if prefetched is not None:
+                await view.prefetch("k", prefetched)
+            marks = [0]
+            for q in early:
+                await _answers(view, q)
             for op, a, b in ops:
-                if op == "create":
+                if op == "mark":
+                    marks.append(view.mark())
+                elif op == "undo":
+                    view.undo(marks.pop() if len(marks) > 1 else 0)
+                elif op == "create":
                     await view.create({"k": a, "n": b})
                 elif op == "update":
                     if await view.get(a) is not None:
                         await view.update(a, {"n": b})
+                elif op == "rekey":
+                    if await view.get(a) is not None:
+                        await view.update(a, {"k": b})
                 elif op == "remove":
                     await view.remove(a)
                 else:
                     await view.remove_where(parse_find(FIELDS, {"k": a}).where)
-            seen = [await _answers(view, q) for q in asked]
+                if op == "create" and a == "b":  # now and then, reads between changes
+                    for q in early:
+                        await _answers(view, q)
+            asked_too = [*asked, *PROBES]
+            seen = [await _answers(view, q) for q in asked_too]
             await table.apply(view.changes())
-            assert seen == [await _answers(table, q) for q in asked]
+            assert seen == [await _answers(table, q) for q in asked_too]
 
     asyncio.run(check())
+
+
+PROBES: list[dict[str, Any]] = [
+    *({"query": {"k": k}, "sort": "-n"} for k in ("a", "b", "c", None)),
+    {"query": {"k": {"in": ["a", "b"]}}, "sort": "k -n", "limit": 3},
+    {"query": {"k": "a", "n": {">": 0}}, "fields": ["id"]},
+]  # every batch is asked these too: lookups by key, prefetched or through the overlay index
 
 
 async def _answers(store: Adapter | BatchView, params: dict[str, Any]) -> tuple[Any, ...]:
     query = parse_find(FIELDS, params)
     return (await store.find(query), await store.count(Query(where=query.where)))
+
+
+UNIQUE_FIELDS: dict[str, Any] = {"k": {"type": "string", "unique": True}, "n": "integer"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    initial=st.lists(st.sampled_from(["a", "b", "c", "d", None]), max_size=4, unique=True),
+    ops=operations,
+)
+def test_a_batch_refuses_what_its_write_would_refuse(
+    initial: list[str | None], ops: list[tuple[str, Any, Any]]
+) -> None:
+    """With a unique field, every create or update the view accepts can be written (the
+    batch's write never fails on it), and one it refuses (409, naming the field) changes
+    nothing; reads still answer what the table holds after the write."""
+
+    async def check() -> None:
+        async with stores.sqlite(":memory:")("t", UNIQUE_FIELDS) as table:
+            await table.insert_many([{"k": k, "n": 0} for k in initial])
+            view = BatchView(table, IdCounter())
+            for op, a, b in ops:
+                before = view.changes()
+                refused: Conflict | None = None
+                try:
+                    if op == "create":
+                        await view.create({"k": a, "n": b})
+                    elif op in ("update", "rekey") and await view.get(a) is not None:
+                        await view.update(a, {"k": b} if op == "rekey" else {"n": b})
+                    elif op == "remove":
+                        await view.remove(a)
+                    elif op == "undo":
+                        view.undo(0)
+                except Conflict as error:
+                    refused = error
+                if refused is not None:
+                    assert refused.code == 409
+                    assert refused.data["field"] == "k"
+                    assert view.changes() == before
+            seen = [await _answers(view, q) for q in PROBES]
+            await table.apply(view.changes())
+            assert seen == [await _answers(table, q) for q in PROBES]
+
+    asyncio.run(check())
+
+
+async def test_a_unique_value_freed_by_the_batch_is_taken_only_after_it(tmp_path: Path) -> None:
+    async with stores.sqlite(tmp_path / "db")("t", UNIQUE_FIELDS) as table:
+        await table.insert_many([{"k": "x", "n": 1}])
+        view = BatchView(table, IdCounter())
+        with pytest.raises(Conflict, match="'k' of store 't' is unique and 'x'"):
+            await view.create({"k": "x", "n": 2})  # the table holds it
+        mine = await view.create({"k": "y", "n": 2})
+        with pytest.raises(Conflict, match="'y'"):
+            await view.create({"k": "y", "n": 3})  # the batch holds it
+        await view.update(1, {"k": "z"})
+        with pytest.raises(Conflict, match="free only once the batch is written"):
+            await view.update(mine[ID], {"k": "x"})
+        await table.apply(view.changes())
+        view = BatchView(table, IdCounter())
+        await view.update(mine[ID], {"k": "x"})  # the next batch may take it
+        await table.apply(view.changes())
+        assert {r["k"] for r in await table.find()} == {"x", "z"}
 
 
 async def test_undo_takes_back_one_events_effects_and_its_ids(tmp_path: Path) -> None:
@@ -127,6 +238,36 @@ async def test_undo_takes_back_one_events_effects_and_its_ids(tmp_path: Path) ->
         await table.apply(view.changes())
         rows = await table.find(Query(sort=((ID, False),)))
         assert [(r["k"], r["n"]) for r in rows] == [("a", 1), ("c", 4)]
+
+
+async def test_undoing_a_second_change_puts_the_overlay_index_back(tmp_path: Path) -> None:
+    async with stores.sqlite(tmp_path / "db")("t", FIELDS) as table:
+        view = BatchView(table, IdCounter())
+        row = await view.create({"k": "a", "n": 1})
+        assert [r[ID] for r in await view.find(parse_find(FIELDS, {"k": "a"}))] == [row[ID]]
+        mark = view.mark()
+        await view.update(row[ID], {"k": "b"})
+        assert await view.find(parse_find(FIELDS, {"k": "a"})) == []
+        view.undo(mark)
+        assert [r[ID] for r in await view.find(parse_find(FIELDS, {"k": "a"}))] == [row[ID]]
+        assert await view.count(parse_find(FIELDS, {"k": "b"})) == 0
+
+
+async def test_reads_pinned_to_prefetched_keys_need_no_round_trip(tmp_path: Path) -> None:
+    async with stores.sqlite(tmp_path / "db")("t", FIELDS) as table:
+        await table.insert_many([{"k": k, "n": n} for n in range(3) for k in "abc"])
+        view = BatchView(table, IdCounter())
+        await view.prefetch("k", ["a", "b", "zz"])
+        assert view.store_reads == 1
+        found = await view.find(parse_find(FIELDS, {"k": "a", "sort": "-n", "limit": 2}))
+        assert [(r["k"], r["n"]) for r in found] == [("a", 2), ("a", 1)]
+        await view.update(found[0][ID], {"n": 7})
+        await view.create({"k": "zz", "n": 1})
+        assert await view.count(parse_find(FIELDS, {"query": {"k": {"in": ["a", "zz"]}}})) == 4
+        assert await view.find(parse_find(FIELDS, {"k": "zz", "n": 5})) == []
+        assert view.store_reads == 1  # every read above was answered from memory
+        await view.find(parse_find(FIELDS, {"k": "c"}))  # not prefetched: the store answers
+        assert view.store_reads == 2
 
 
 # ---------------------------------------------------------------------- failures
@@ -170,6 +311,42 @@ async def test_a_failing_event_discards_only_its_own_effects(make_store: MakeSto
         assert [d["record"]["payload"]["k"] for d in dead["rows"]] == ["b"]
         assert runtime.projector is not None
         assert runtime.projector.stats.batches == 1  # one batch, the bad event inside it
+
+
+async def test_a_duplicate_of_a_unique_field_fails_its_event_alone(
+    make_store: MakeStore,
+) -> None:
+    """The second registration of an email is refused by the batch (409 naming the field) and
+    dead-lettered; the events around it, in the same batch, are written."""
+    factory = make_store()
+    events = EventStore("userEventStore", factory)
+    fields = {"email": {"type": "string", "unique": True}}
+    users = Aggregate("users", stores.with_fields(factory, fields), attempts=2)
+    users.snapshot("userEventStore")
+
+    async def register(event: dict[str, Any]) -> dict[str, Any]:
+        return {"email": event["payload"]["email"]}
+
+    users.on("user.registered").create(register)
+
+    class Users(events.mixin(), users.mixin(), Service):  # type: ignore[misc]
+        name = "signup"
+        register = events.map_action("register", "user.registered")
+
+    async with running_broker(Users()) as broker:
+        runtime = users.runtime(broker)
+        await broker.call("signup.register", {"email": "a@x"})
+        await runtime.wait_caught_up()
+        async with held(runtime):
+            for email in ("b@x", "a@x", "c@x", "b@x"):
+                await broker.call("signup.register", {"email": email})
+        await asyncio.wait_for(runtime.wait_caught_up(), 30)  # the batch's write never fails
+        rows = await broker.call("users.find", {"sort": "id"})
+        dead = await broker.call("users.deadLetters", {})
+    assert [r["email"] for r in rows] == ["a@x", "b@x", "c@x"]
+    assert [r["id"] for r in rows] == [1, 2, 3]  # the refused creates took no id
+    assert [d["record"]["payload"]["email"] for d in dead["rows"]] == ["a@x", "b@x"]
+    assert all("'email'" in d["error"] and d["attempts"] == 2 for d in dead["rows"])
 
 
 # ---------------------------------------------------------------------- no transaction open
@@ -285,6 +462,82 @@ async def test_keyed_summary_equals_the_recomputation(make_store: MakeStore) -> 
         rows = await broker.call("profileSummaryAggregate.find", {})
     got = {r["country"]: (r["total"], r["totalMarried"], r["totalStudents"]) for r in rows}
     assert got == expected(profiles)
+
+
+ACCOUNT_FIELDS: dict[str, FieldType] = {"accountId": "string", "balance": "integer"}
+
+
+def _accounts_service(
+    make_store: MakeStore, key: str, key_field: str | None
+) -> tuple[Aggregate, type[Service]]:
+    """One row per account; ``account.deposited`` finds its row by ``accountId`` through the
+    broker (an action transformation) and adds to the balance."""
+    factory = make_store()
+    events = EventStore("accountEventStore", factory)
+    accounts = Aggregate("accounts", stores.with_fields(factory, ACCOUNT_FIELDS))
+    accounts.snapshot("accountEventStore")
+
+    @action(name="credit")
+    async def credit(service: Service, ctx: Context) -> dict[str, Any]:
+        p = ctx.params["payload"]
+        found = await ctx.call("accounts.find", {"accountId": p[key]})
+        if found:
+            return {"id": found[0]["id"], "balance": found[0]["balance"] + p["amount"]}
+        return {"accountId": p[key], "balance": p["amount"]}
+
+    accounts.on("account.deposited").update("bank.credit", key=key, key_field=key_field)
+
+    class Bank(events.mixin(), accounts.mixin(), Service):  # type: ignore[misc]
+        name = "bank"
+        deposit = events.map_action("deposit", "account.deposited")
+        credit_action = credit
+
+    return accounts, Bank
+
+
+@pytest.mark.parametrize(("key", "key_field"), [("accountId", None), ("account", "accountId")])
+async def test_a_keyed_batch_reads_its_rows_in_one_query(
+    make_store: MakeStore, key: str, key_field: str | None
+) -> None:
+    """Per-entity read model: every deposit of a batch finds its account's row through the
+    broker; the batch reads the store once (its keys' rows), and each deposit still sees the
+    ones before it, in the batch and in earlier batches."""
+    accounts, service = _accounts_service(make_store, key, key_field)
+    rng = random.Random(3)
+    first = [(f"acc{i}", i) for i in range(20)]  # an earlier batch opens 20 accounts
+    later = [(f"acc{rng.randrange(30)}", rng.randrange(1, 9)) for _ in range(200)]
+    async with running_broker(service()) as broker:
+        runtime = accounts.runtime(broker)
+        for batch in (first, later):
+            async with held(runtime):
+                for account, amount in batch:
+                    await broker.call("bank.deposit", {key: account, "amount": amount})
+            assert runtime.projector is not None
+            reads_before = runtime.projector.stats.store_reads
+            await asyncio.wait_for(runtime.wait_caught_up(), 30)
+        assert runtime.projector is not None
+        assert runtime.projector.stats.store_reads - reads_before == 1
+        rows = await broker.call("accounts.find", {})
+    totals: dict[str, int] = {}
+    for account, amount in first + later:
+        totals[account] = totals.get(account, 0) + amount
+    assert {r["accountId"]: r["balance"] for r in rows} == totals
+    assert len(rows) == len(totals)
+
+
+async def test_a_key_field_must_be_a_declared_field(tmp_path: Path) -> None:
+    factory = stores.sqlite(tmp_path / "db")
+    accounts = Aggregate("accounts", stores.with_fields(factory, ACCOUNT_FIELDS))
+    accounts.snapshot("accountEventStore")
+    accounts.on("account.deposited").update("bank.credit", key="a", key_field="account")
+    events = EventStore("accountEventStore", factory)
+
+    class Bank(events.mixin(), accounts.mixin(), Service):  # type: ignore[misc]
+        name = "bank"
+
+    with pytest.raises(ConfigurationError, match="key_field='account' must name a declared"):
+        async with running_broker(Bank()):
+            pass
 
 
 # ---------------------------------------------------------------------- batch tokens

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.fields import check_json, check_record, declare_fields
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
+from moleculerpy_cqrs.stores.fields import (
+    FieldSpec,
+    check_json,
+    check_record,
+    declare_fields,
+    declare_specs,
+)
 
 
 @pytest.mark.parametrize("wrap", [lambda v: [v], lambda v: {"k": v}], ids=["list", "dict"])
@@ -49,3 +56,42 @@ def test_plain_values_pass_unchanged() -> None:
     fields = declare_fields({"s": "string", "n": "integer", "f": "float", "j": "json"})
     record = {"s": "plain", "n": -(2**63), "f": 1, "j": {"a": ["é", 1, None, True, 2.5]}}
     assert check_record(fields, record) == {**record, "f": 1.0}
+
+
+def test_a_field_may_be_declared_as_a_spec_with_index_flags() -> None:
+    specs = declare_specs(
+        {
+            "plain": "str",
+            "owner": {"type": "string", "index": True},
+            "account": {"type": "text", "unique": True},
+            "n": {"type": "int"},
+        }
+    )
+    assert specs == {
+        "plain": FieldSpec("string"),
+        "owner": FieldSpec("string", index=True),
+        "account": FieldSpec("string", index=True, unique=True),  # unique implies an index
+        "n": FieldSpec("integer"),
+    }
+    assert declare_fields(specs) == {
+        "plain": "string",
+        "owner": "string",
+        "account": "string",
+        "n": "integer",
+    }
+    assert declare_specs(specs) == specs  # specs pass through a second declaration
+
+
+@pytest.mark.parametrize(
+    ("declared", "says"),
+    [
+        ({"type": "string", "indexed": True}, "unknown key 'indexed'"),
+        ({"index": True}, "has no 'type'"),
+        ({"type": "strong", "index": True}, "unknown type 'strong'"),
+        ({"type": "string", "unique": "yes"}, "'unique' must be True or False"),
+        ({"type": "json", "index": True}, "json, which cannot be indexed"),
+    ],
+)
+def test_a_bad_field_spec_is_refused(declared: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        declare_specs({"f": declared})

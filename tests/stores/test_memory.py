@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from moleculerpy_cqrs import stores
 from moleculerpy_cqrs.errors import StoreError
 from moleculerpy_cqrs.stores.backends.memory import MemoryDatabase
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
+from moleculerpy_cqrs.stores.fields import Declarations
 from moleculerpy_cqrs.testing.conformance import ITEM_FIELDS, AdapterConformance
 
 
@@ -25,7 +25,7 @@ class TestMemoryStore(AdapterConformance):
     def setup_method(self) -> None:
         self.database = MemoryDatabase()
 
-    async def make_adapter(self, name: str, fields: Mapping[str, str]) -> Adapter:
+    async def make_adapter(self, name: str, fields: Declarations) -> Adapter:
         return self.database.adapter(name, fields)
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 from moleculerpy_cqrs.errors import StoreError
 from moleculerpy_cqrs.stores.backends.postgres import _DATABASES, PostgresAdapter
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
-from moleculerpy_cqrs.stores.fields import Record
+from moleculerpy_cqrs.stores.fields import Declarations, Record
 from moleculerpy_cqrs.stores.query import ascii_lower, matches, parse_find
 from moleculerpy_cqrs.testing.conformance import AdapterConformance
 from moleculerpy_cqrs.testing.postgres_server import PostgresServer, remove_stale
@@ -39,7 +39,7 @@ class TestPostgresStore(AdapterConformance):
     def _database(self, postgres_dsn: str, pg_schema: str) -> None:
         self.dsn, self.schema = postgres_dsn, pg_schema
 
-    async def make_adapter(self, name: str, fields: Mapping[str, str]) -> Adapter:
+    async def make_adapter(self, name: str, fields: Declarations) -> Adapter:
         return PostgresAdapter(name, fields, dsn=self.dsn, options={"schema": self.schema})
 
 
@@ -49,7 +49,7 @@ async def make(postgres_dsn: str, pg_schema: str) -> AsyncIterator[Make]:
     made: list[PostgresAdapter] = []
 
     async def make(
-        name: str = "log", fields: dict[str, str] | None = None, *, app: str | None = None
+        name: str = "log", fields: Declarations | None = None, *, app: str | None = None
     ) -> PostgresAdapter:
         dsn = make_conninfo(postgres_dsn, application_name=app) if app else postgres_dsn
         adapter = PostgresAdapter(
@@ -448,6 +448,75 @@ def test_a_server_left_by_a_killed_run_is_cleaned_up(base_dir: Path) -> None:
     assert not folder.exists()
 
 
+# ---------------------------------------------------------------------- declared indexes
+
+INDEXED: Declarations = {
+    "account": {"type": "string", "unique": True},
+    "owner": {"type": "string", "index": True},
+    "n": {"type": "integer", "index": True},
+    "plain": "string",
+}
+PLANNED: list[tuple[dict[str, Any], str]] = [
+    ({"account": "acc-7"}, "account"),
+    ({"owner": "own-3"}, "owner"),
+    ({"query": {"owner": {"in": ["own-1", "own-2"]}}}, "owner"),
+    ({"query": {"account": {"in": ["acc-1", "acc-9"]}}}, "account"),
+    ({"query": {"n": {">": 40}}}, "n"),
+    ({"query": {"n": {"between": [3, 9]}}}, "n"),
+]
+
+
+@pytest.mark.parametrize(("params", "field"), PLANNED)
+async def test_lookups_on_an_indexed_field_use_its_index(
+    make: Make, postgres_dsn: str, params: dict[str, Any], field: str
+) -> None:
+    things = await make("things", INDEXED)
+    await things.insert_many(
+        [{"account": f"acc-{i}", "owner": f"own-{i % 5}", "n": i} for i in range(50)]
+    )
+    sql, values = things._compiler.select(parse_find(things.fields, params))
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await conn.execute("SET enable_seqscan = off")
+        cur = await conn.execute(f"EXPLAIN {sql}".encode(), values)
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    kind = "ux" if field == "account" else "ix"
+    assert f"things${field}${kind}" in plan, plan
+    assert "Index Scan" in plan or "Bitmap Index Scan" in plan or "Index Only Scan" in plan, plan
+    # The plain field has no index: the same query on it scans the table.
+    plain_sql, plain_values = things._compiler.select(parse_find(things.fields, {"plain": "x"}))
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        cur = await conn.execute(f"EXPLAIN {plain_sql}".encode(), plain_values)
+        assert "Seq Scan" in "\n".join(row[0] for row in await cur.fetchall())
+
+
+async def test_a_restored_table_keeps_its_index_names(make: Make, tmp_path: Path) -> None:
+    things = await make("things", INDEXED)
+    await things.insert_many([{"account": "a"}, {"account": "b"}])
+    await things.backup(str(tmp_path))
+    await things.restore(str(tmp_path))
+    shadow = things.sibling("things_replay", things.specs)
+    await shadow.connect()
+    await shadow.insert({"account": "c"})
+    await things.replace_with(shadow)
+    async with await psycopg.AsyncConnection.connect(things.dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = %s "
+            "AND tablename LIKE 'things%%' ORDER BY 1, 2",
+            [things.schema],
+        )
+        found = await cur.fetchall()
+    assert found == [
+        ("things", "things$account$ux"),
+        ("things", "things$n$ix"),
+        ("things", "things$owner$ix"),
+        ("things", "things$pkey"),
+        ("things_replay", "things_replay$account$ux"),
+        ("things_replay", "things_replay$n$ix"),
+        ("things_replay", "things_replay$owner$ix"),
+        ("things_replay", "things_replay$pkey"),
+    ]
+
+
 async def test_keys_are_looked_up_through_the_unique_index(
     postgres_dsn: str, pg_schema: str
 ) -> None:
@@ -469,5 +538,5 @@ async def test_keys_are_looked_up_through_the_unique_index(
             plan = " ".join(str(row[0]) for row in await cur.fetchall())
     finally:
         await adapter.close()
-    assert "log$unique_key" in plan, plan
+    assert "log$key$ux" in plan, plan  # the unique index (stores.sql.index_name)
     assert "Seq Scan" not in plan, plan

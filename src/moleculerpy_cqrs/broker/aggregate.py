@@ -45,28 +45,40 @@ class On:
         self._aggregate = aggregate
         self._event = event_name
 
-    def create(self, transform: Transform, *, key: Key | None = None) -> Binding:
+    def create(
+        self, transform: Transform, *, key: Key | None = None, key_field: str | None = None
+    ) -> Binding:
         """Create the record the transformation answers (with ``eventId``)."""
-        return self._bind("create", transform, key)
+        return self._bind("create", transform, key, key_field)
 
-    def create_many(self, transform: Transform, *, key: Key | None = None) -> Binding:
+    def create_many(
+        self, transform: Transform, *, key: Key | None = None, key_field: str | None = None
+    ) -> Binding:
         """Create each record of the list the transformation answers."""
-        return self._bind("create_many", transform, key)
+        return self._bind("create_many", transform, key, key_field)
 
-    def update(self, transform: Transform, *, key: Key | None = None) -> Binding:
+    def update(
+        self, transform: Transform, *, key: Key | None = None, key_field: str | None = None
+    ) -> Binding:
         """Update the record with the answered ``id``; create it when there is no ``id``."""
-        return self._bind("update", transform, key)
+        return self._bind("update", transform, key, key_field)
 
-    def remove(self, transform: Transform, *, key: Key | None = None) -> Binding:
+    def remove(
+        self, transform: Transform, *, key: Key | None = None, key_field: str | None = None
+    ) -> Binding:
         """Remove the record(s) with the answered ``id`` (or ids), or matching ``query``."""
-        return self._bind("remove", transform, key)
+        return self._bind("remove", transform, key, key_field)
 
-    def _bind(self, kind: Kind, transform: Transform, key: Key | None) -> Binding:
+    def _bind(
+        self, kind: Kind, transform: Transform, key: Key | None, key_field: str | None
+    ) -> Binding:
         if not (isinstance(transform, str) or callable(transform)):
             raise ConfigurationError("a transformation is an action name or an async callable")
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise ConfigurationError("a key is a payload field's name or a function of the event")
-        binding = Binding(self._event, kind, transform, key)
+        if key_field is not None and (key is None or not isinstance(key_field, str)):
+            raise ConfigurationError("key_field names an aggregate field, and needs a key")
+        binding = Binding(self._event, kind, transform, key, key_field)
         self._aggregate.bindings.append(binding)
         return binding
 
@@ -247,13 +259,13 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
         broker = self.broker
         assert broker is not None
         log_ = await event_log(broker, self.event_store, self.port, self.remote_listeners)
-        try:
+        self.runtime.start_projector(log_)
+        try:  # a check only, made once the projector runs, so nothing waits for it
             bound = [b.event for b in self.runtime.bindings]
             for line in await unproduced(self.name, bound, self.event_store, self.port, log_):
                 log.warning("%s", line)
-        except Exception as error:  # a check only: the projector starts regardless
+        except Exception as error:
             log.debug("aggregate %s: bindings not checked: %s", self.name, error)
-        self.runtime.start_projector(log_)
 
     def on_appended(self) -> None:
         # Another node appended to the log (a remote event store, or the same database

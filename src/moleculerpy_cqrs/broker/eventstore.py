@@ -32,7 +32,13 @@ from moleculerpy_cqrs.errors import (
     StoreError,
 )
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
-from moleculerpy_cqrs.stores.fields import Record, check_id, declare_fields
+from moleculerpy_cqrs.stores.fields import (
+    Declarations,
+    Record,
+    check_id,
+    declare_fields,
+    declare_specs,
+)
 
 ActionHandler = Callable[[Any, Context], Any]
 KeyOf = Callable[[Context], Any]
@@ -54,7 +60,7 @@ class EventStore:
         self,
         name: str,
         store_factory: StoreFactory,
-        fields: Mapping[str, str] | None = None,
+        fields: Declarations | None = None,
         *,
         dispatch_batch_size: int = 100,
         dispatch_attempts: int = 5,
@@ -67,6 +73,8 @@ class EventStore:
         self.name = name
         self.store_factory = store_factory
         self.extra_fields = declare_fields(fields)
+        # With their index flags, for the store ({"type": "string", "index": True}).
+        self.extra_specs = declare_specs(fields)
         clash = set(self.extra_fields) & set(EVENT_FIELDS)
         if clash:
             raise ConfigurationError(f"extra fields {sorted(clash)} clash with the event columns")
@@ -255,7 +263,7 @@ class EventStore:
         names.refuse_local_clash(
             broker, self.name, f"the event store {self.name!r} (of service {service.name!r})"
         )
-        fields = {**EVENT_FIELDS, **self.extra_fields}
+        fields: Declarations = {**EVENT_FIELDS, **self.extra_specs}
         runtime = EventStoreRuntime(
             self.name,
             lambda: self.store_factory(self.name, fields, self.settings),

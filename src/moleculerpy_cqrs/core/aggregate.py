@@ -14,6 +14,7 @@ from moleculerpy_cqrs.core.maintenance import Maintenance
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.projector import BATCH_SIZE, CONCURRENCY, LEASE_KEY, Binding, Projector
 from moleculerpy_cqrs.core.records import DEAD_LETTER_FIELDS, now_ms
+from moleculerpy_cqrs.core.slices import check_key_fields
 from moleculerpy_cqrs.core.snapshots import NoSnapshot, SnapshotStrategy
 from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.stores.base import Adapter, Changes
@@ -60,6 +61,7 @@ class AggregateRuntime:
         self.port = port
         self._make_adapter = make_adapter
         self._build()
+        check_key_fields(bindings, self.adapter.fields)
         self.bindings = bindings
         self.batch_size = batch_size
         self.attempts = attempts

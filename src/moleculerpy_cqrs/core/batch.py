@@ -8,23 +8,143 @@ table holds. Reads of the table are cached for the batch (only the projector wri
 aggregate, so the table does not change under it). At the end, :meth:`BatchView.changes` is
 what the batch does to the table, written in one short transaction.
 
-Each event's effects can be undone (:meth:`mark` / :meth:`undo`): a transformation that fails
-discards only its own event's effects.
+Each binding's effects can be undone (:meth:`mark` / :meth:`undo`): a transformation that
+fails discards only its own effects (and, when the projector halts, the view is taken back to
+the start of the event, see :attr:`BatchView.event_marks`).
+
+Lookups cost the same whatever the batch size and the table size:
+
+- The overlay keeps its own index (:class:`_OverlayIndex`, per field, value -> ids), built for a
+  field the first time a read filters on it by equality or ``in``, and kept up to date by every
+  later change and undo. Such a read tests only the rows the index names.
+- :meth:`BatchView.prefetch` reads, in one query, every committed row whose ``field`` holds
+  one of ``values`` (the keys of a batch's events, known before its transformations run). Reads
+  pinned to those keys (equality or ``in`` on that field) are then answered from these rows
+  and the overlay, with no round trip to the store.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter, Changes
-from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_id, check_record
-from moleculerpy_cqrs.stores.query import ALL, Condition, Query, matches, sort_key
+from moleculerpy_cqrs.errors import ConflictError, InvalidInput
+from moleculerpy_cqrs.stores.base import Adapter, Changes, unique_conflict
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    FieldType,
+    Record,
+    check_id,
+    check_record,
+    check_value,
+)
+from moleculerpy_cqrs.stores.query import (
+    ALL,
+    And,
+    Compare,
+    Condition,
+    In,
+    Or,
+    Query,
+    matches,
+    sort_key,
+)
 
 LAST_ID_KEY: Final = "lastId"
+PREFETCH_CHUNK: Final = 10_000  # values per prefetch query (far below every backend's limit)
 _ABSENT: Final = object()
+
+
+class _OverlayIndex:
+    """Ids of a set of rows by the value of a field, for the fields reads have asked about.
+
+    A field's map is built from ``rows`` on its first lookup and kept up to date by
+    :meth:`moved` afterwards, so a lookup never walks every row. ``json`` fields are never
+    indexed (they only take null checks); ``id`` needs no index (rows are keyed by it).
+    """
+
+    def __init__(self, rows: dict[int, Record | None], fields: dict[str, FieldType]) -> None:
+        self._rows = rows
+        self._indexable = frozenset(n for n, k in fields.items() if k != "json")
+        self._by: dict[str, dict[Any, set[int]]] = {}
+
+    def moved(self, entity_id: int, before: Record | None, after: Record | None) -> None:
+        """``entity_id``'s row went from ``before`` to ``after`` (None: no row)."""
+        for name, values in self._by.items():
+            old = None if before is None else before.get(name)
+            new = None if after is None else after.get(name)
+            if old == new:  # None (no row, or no value) is never indexed
+                continue
+            if old is not None:
+                ids = values.get(old)
+                if ids is not None:
+                    ids.discard(entity_id)
+                    if not ids:
+                        del values[old]
+            if new is not None:
+                values.setdefault(new, set()).add(entity_id)
+
+    def candidates(self, where: Condition | None) -> Iterable[int] | None:
+        """Ids of every row that may match ``where`` (a superset); None: every row may."""
+        match where:
+            case Compare(name, "=", value):
+                return self._equal(name, (value,))
+            case In(name, values, False):
+                return self._equal(name, values)
+            case And(items):
+                best: Iterable[int] | None = None
+                for item in items:
+                    found = self.candidates(item)
+                    if found is not None and (best is None or _size(found) < _size(best)):
+                        best = found
+                return best
+            case Or(items):
+                union: set[int] = set()
+                for item in items:
+                    found = self.candidates(item)
+                    if found is None:
+                        return None
+                    union.update(found)
+                return union
+        return None
+
+    def _equal(self, name: str, values: tuple[Any, ...]) -> Iterable[int] | None:
+        if name == ID:
+            return [v for v in dict.fromkeys(values) if v in self._rows]
+        if name not in self._indexable:
+            return None
+        by = self._by.get(name)
+        if by is None:
+            by = self._by[name] = {}
+            for entity_id, row in self._rows.items():
+                if row is not None and row.get(name) is not None:
+                    by.setdefault(row[name], set()).add(entity_id)
+        if len(values) == 1:
+            return by.get(values[0], ())
+        out: set[int] = set()
+        for value in values:
+            out.update(by.get(value, ()))
+        return out
+
+
+def _size(ids: Iterable[int]) -> int:
+    return len(ids) if isinstance(ids, set | list | tuple) else 0
+
+
+def _matching(
+    rows: dict[int, Record | None], index: _OverlayIndex, where: Condition | None
+) -> list[Record]:
+    """The rows of ``rows`` (not None) that match ``where``, found through ``index``."""
+    ids = index.candidates(where)
+    if ids is None:
+        return [r for r in rows.values() if r is not None and matches(where, r)]
+    out = []
+    for entity_id in ids:
+        row = rows.get(entity_id)
+        if row is not None and matches(where, row):
+            out.append(row)
+    return out
 
 
 class IdCounter:
@@ -66,30 +186,56 @@ class BatchView:
         self._got: dict[int, Record | None] = {}
         self._json = tuple(n for n, k in self.fields.items() if k == "json")
         self._displaced = 0  # committed rows the batch changed or removed
+        self._now = _OverlayIndex(self._rows, self.fields)
+        self._was = _OverlayIndex(self._original, self.fields)
+        # field -> value -> the committed rows holding it (see prefetch)
+        self._prefetched: dict[str, dict[Any, list[Record]]] = {}
+        self.store_reads = 0  # round trips to the store for reads (prefetches included)
+        self._unique = tuple(name for name, unique in adapter.indexes.items() if unique)
         self.event_marks: dict[int, int] = {}  # event id -> mark before its effects
 
     # ------------------------------------------------------------------ reads
 
     async def find(self, query: Query = ALL) -> list[Record]:
+        where = query.where
+        pinned = self._pinned(where)
+        if pinned is not None:  # prefetched: no round trip, and no query to build
+            changed = self._rows
+            rows = [r for r in pinned if r[ID] not in changed and matches(where, r)]
+            if changed:
+                rows += _matching(changed, self._now, where)
+            return self._page(rows, query)
         if not self._rows:
             return [self._out(r, query.fields) for r in await self._committed(query)]
         limit = None if query.limit is None else query.offset + query.limit + self._displaced
-        wide = Query(where=query.where, sort=query.sort, limit=limit)
+        wide = Query(where=where, sort=query.sort, limit=limit)
         rows = [r for r in await self._committed(wide) if r[ID] not in self._rows]
-        rows += [r for r in self._rows.values() if r is not None and matches(query.where, r)]
-        rows.sort(key=sort_key(query.sort))
+        rows += _matching(self._rows, self._now, where)
+        return self._page(rows, query)
+
+    def _page(self, rows: list[Record], query: Query) -> list[Record]:
+        """``rows`` (every match) sorted, paged and projected as the database would."""
+        if len(rows) > 1:
+            rows.sort(key=sort_key(query.sort))
         end = None if query.limit is None else query.offset + query.limit
-        return [self._out(r, query.fields) for r in rows[query.offset : end]]
+        if query.offset or end is not None:
+            rows = rows[query.offset : end]
+        return [self._out(r, query.fields) for r in rows]
 
     async def count(self, query: Query = ALL) -> int:
-        counted = self._counted.get(query) if _hashable(query) else None
-        if counted is None:
-            counted = await self.adapter.count(query)
-            if _hashable(query):
-                self._counted[query] = counted
-        where = query.where
-        gone = sum(1 for o in self._original.values() if o is not None and matches(where, o))
-        now = sum(1 for r in self._rows.values() if r is not None and matches(where, r))
+        pinned = self._pinned(query.where)
+        counted: int | None = None
+        if pinned is not None:
+            counted = sum(1 for r in pinned if matches(query.where, r))
+        else:
+            counted = self._counted.get(query) if _hashable(query) else None
+            if counted is None:
+                counted = await self.adapter.count(query)
+                self.store_reads += 1
+                if _hashable(query):
+                    self._counted[query] = counted
+        gone = len(_matching(self._original, self._was, query.where))
+        now = len(_matching(self._rows, self._now, query.where))
         return counted - gone + now
 
     async def get(self, entity_id: Any) -> Record | None:
@@ -100,10 +246,39 @@ class BatchView:
         rows = [await self.get(i) for i in ids]
         return [r for r in rows if r is not None]
 
+    async def prefetch(self, field: str, values: Iterable[Any]) -> None:
+        """Read every committed row whose ``field`` holds one of ``values``, a few thousand
+        values per query, so that later reads pinned to them (``{field: v}``, or ``in``)
+        need no round trip. Values that are not valid for the field are left out (a read
+        for them would be refused anyway)."""
+        kind = self.fields.get(field)
+        if kind is None or kind == "json":
+            raise InvalidInput(f"cannot prefetch by {field!r}: not a declared field", field=field)
+        known = self._prefetched.setdefault(field, {})
+        wanted: dict[Any, None] = {}
+        for value in values:
+            try:
+                checked = check_value(field, kind, value)
+                if checked is not None and checked not in known:
+                    wanted[checked] = None
+            except (InvalidInput, TypeError):
+                continue
+        keys = list(wanted)
+        for start in range(0, len(keys), PREFETCH_CHUNK):
+            chunk = tuple(keys[start : start + PREFETCH_CHUNK])
+            rows = await self.adapter.find(Query(where=In(field, chunk)))
+            self.store_reads += 1
+            for value in chunk:
+                known[value] = []
+            for row in rows:
+                known.setdefault(row[field], []).append(row)
+                self._got.setdefault(row[ID], row)
+
     # ------------------------------------------------------------------ writes
 
     async def create(self, record: Any) -> Record:
         checked = check_record(self.fields, _without_id(record))
+        await self._check_unique(None, checked, self._unique)
         last_id = self._last_id
         entity_id = await self._next_id()
         row = {ID: entity_id, **checked}
@@ -117,6 +292,8 @@ class BatchView:
         if current is None:
             raise InvalidInput(f"update: no row with id {entity_id!r} in {self.name}", field=ID)
         row = {**current, **checked}
+        moved = [n for n in self._unique if n in checked and checked[n] != current.get(n)]
+        await self._check_unique(entity_id, row, moved)
         self._set(entity_id, row, set(checked), self._last_id)
         return row
 
@@ -143,12 +320,17 @@ class BatchView:
         while len(self._undo) > mark:
             entity_id, rows_before, last_id_before, changed_before = self._undo.pop()
             self._last_id = last_id_before
+            now = self._rows[entity_id]
             if rows_before is _ABSENT:
                 del self._rows[entity_id]
-                if self._original.pop(entity_id, None) is not None:
+                self._now.moved(entity_id, now, None)
+                original = self._original.pop(entity_id, None)
+                if original is not None:
+                    self._was.moved(entity_id, original, None)
                     self._displaced -= 1
             else:
                 self._rows[entity_id] = rows_before
+                self._now.moved(entity_id, now, rows_before)
             if changed_before is None:
                 self._changed.pop(entity_id, None)
             else:
@@ -190,6 +372,7 @@ class BatchView:
             return self._rows[entity_id]
         if entity_id not in self._got:
             self._got[entity_id] = await self.adapter.get(entity_id)
+            self.store_reads += 1
         return self._got[entity_id]
 
     def _set(
@@ -204,16 +387,76 @@ class BatchView:
             original = self._got.get(entity_id)
             self._original[entity_id] = original
             if original is not None:
+                self._was.moved(entity_id, None, original)
                 self._displaced += 1
+        self._now.moved(entity_id, self._rows.get(entity_id), row)
         self._rows[entity_id] = row
         if fields:
             self._changed.setdefault(entity_id, set()).update(fields)
 
+    async def _check_unique(self, entity_id: int | None, row: Record, names: Sequence[str]) -> None:
+        """Refuse (409, naming the field) a row that would give a unique field a value another
+        row holds — in the table or in the batch — so that this event fails alone, before the
+        batch's write could.
+
+        The write applies inserts, then updates, then deletes, so a value that a committed row
+        held when the batch began stays taken for the whole batch even if the batch changes or
+        removes that row: otherwise the write could meet both rows at once. Lookups go through
+        the overlay's indexes (and the prefetched rows, when the field is a key field), else one
+        indexed read of the table, cached for the batch."""
+        for name in names:
+            value = row.get(name)
+            if value is None:
+                continue
+            where = Compare(name, "=", value)
+            holders = await self.find(Query(where=where, fields=(ID,), limit=2))
+            if any(h[ID] != entity_id for h in holders):
+                raise unique_conflict(self.name, name, value)
+            for held in _matching(self._original, self._was, where):
+                if held[ID] != entity_id:
+                    raise ConflictError(
+                        f"field {name!r} of store {self.name!r} is unique, and row "
+                        f"{held[ID]} held this value when the batch began: it is free only once "
+                        "the batch is written (retry the dead letter then)",
+                        store=self.name,
+                        field=name,
+                    )
+
+    def _pinned(self, where: Condition | None) -> list[Record] | None:
+        """The prefetched committed rows that hold every row matching ``where``, when
+        ``where`` pins a prefetched field to prefetched values; else None."""
+        match where:
+            case Compare(name, "=", value) if name in self._prefetched:
+                return self._prefetched[name].get(value)
+            case In(name, values, False) if name in self._prefetched:
+                known = self._prefetched[name]
+                out: list[Record] = []
+                for value in dict.fromkeys(values):
+                    rows = known.get(value)
+                    if rows is None:
+                        return None
+                    out += rows
+                return out
+            case And(items):
+                for item in items:
+                    pinned = self._pinned(item)
+                    if pinned is not None:
+                        return pinned
+        return None
+
     async def _committed(self, query: Query) -> list[Record]:
+        pinned = self._pinned(query.where)
+        if pinned is not None:
+            held = [r for r in pinned if matches(query.where, r)]
+            held.sort(key=sort_key(query.sort))
+            end = None if query.limit is None else query.offset + query.limit
+            return held[query.offset : end]
         if not _hashable(query):
+            self.store_reads += 1
             return await self.adapter.find(query)
         rows = self._found.get(query)
         if rows is None:
+            self.store_reads += 1
             rows = self._found[query] = await self.adapter.find(query)
             for row in rows:
                 if query.fields is None:

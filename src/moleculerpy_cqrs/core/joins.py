@@ -65,6 +65,12 @@ class OpenBatches:
 
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
+        if isinstance(meta, dict):  # the common case first: a transformation's read, here
+            held = meta.get(TOKEN_KEY)
+            if type(held) is str and meta.get(AGGREGATE_KEY) == self.aggregate:
+                found = self._views.get(held)
+                if found is not None:
+                    return found
         token = _from_meta(meta) or _CURRENT.get()
         if token is None or token.aggregate != self.aggregate:
             return None

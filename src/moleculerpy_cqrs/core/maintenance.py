@@ -232,7 +232,7 @@ class Maintenance:
             raise Conflict(f"a replay of {self.name} is already running")
         progress = self.replay_progress = ReplayProgress(state="running", started=time.time())
         progress._t0 = time.perf_counter()
-        shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.fields)
+        shadow = self.adapter.sibling(self.name + SHADOW_SUFFIX, self.adapter.specs)
         shadow_dead = self.adapter.sibling(
             self.name + SHADOW_SUFFIX + "_deadletters", DEAD_LETTER_FIELDS
         )

@@ -5,9 +5,11 @@ to each event with no transaction open, applying each answer (create / update / 
 batch's in-memory :class:`~.batch.BatchView`, which later transformations of the batch read.
 Then the batch's changes, its dead letters and the new checkpoint are written in one short
 transaction: a crash anywhere leaves the aggregate and its checkpoint in step. A transformation
-that fails is retried (no transaction is open meanwhile); then its event's effects are undone
-and the event goes to the dead letters (or the projector halts there, if so configured) while
-the rest of the batch goes on.
+that fails is retried (no transaction is open meanwhile); then that binding's effects for the
+event are undone and the event goes to the dead letters (or, if so configured, the whole
+event is undone and the projector halts there) while the rest of the batch goes on. Before
+the transformations run, the rows keyed bindings will read are fetched in one query
+(:mod:`.slices`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
+from moleculerpy_cqrs.core.slices import prefetch_keys
 from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
@@ -54,6 +57,7 @@ class Binding:
     kind: Kind
     transform: Transform
     key: Key | None = None
+    key_field: str | None = None  # the aggregate field keys are looked up by (core/slices.py)
 
     def key_of(self, event: Record) -> Any:
         """The event's key (a payload field, or what the key function answers)."""
@@ -101,6 +105,7 @@ class ProjectorStats:
     applied: int = 0
     batches: int = 0
     dead_letters: int = 0
+    store_reads: int = 0  # reads of the aggregate's store made by batches (prefetches too)
     stale: int = 0
     last_error: str | None = None
     halted_at: int | None = None
@@ -355,6 +360,7 @@ class Projector:
         """
         view = BatchView(target, ids)
         units = [(e, b) for e in events for b in self._relevant(e)]
+        await prefetch_keys(view, units)  # the rows keyed bindings will read, in one query
         with self.batches.open(view) as token:
             failures = await self._transform_all(view, units, token, len(events))
         halted = next((i for i, f in enumerate(failures) if f and self.on_error == "halt"), None)
@@ -383,6 +389,7 @@ class Projector:
             ids.forget()  # the ids this batch counted on may be taken: read them again
             raise
         view.written()
+        self.stats.store_reads += view.store_reads
         self.stats.applied += sum(1 for f in failures if f is None)
         self.stats.dead_letters += len(dead)
         for letter in dead:

@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
-from moleculerpy_cqrs.stores.fields import FieldType, Record, declare_fields
+from moleculerpy_cqrs.stores.fields import (
+    FieldDeclaration,
+    FieldSpec,
+    FieldType,
+    Record,
+    declare_specs,
+)
 from moleculerpy_cqrs.stores.query import Query, parse_find
 
 
-def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
+def memory(fields: Mapping[str, FieldDeclaration] | None = None) -> StoreFactory:
     """Tables in this process's memory; they live as long as the factory (the reference)."""
     from moleculerpy_cqrs.stores.backends.memory import MemoryDatabase
 
@@ -26,7 +32,7 @@ def memory(fields: Mapping[str, str] | None = None) -> StoreFactory:
 
 def sqlite(
     path_or_uri: str | Path = "data",
-    fields: Mapping[str, str] | None = None,
+    fields: Mapping[str, FieldDeclaration] | None = None,
     **options: Any,
 ) -> StoreFactory:
     """SQLite, the embedded default (WAL, stdlib ``sqlite3``).
@@ -55,7 +61,7 @@ def sqlite(
 
 def postgres(
     dsn: str,
-    fields: Mapping[str, str] | None = None,
+    fields: Mapping[str, FieldDeclaration] | None = None,
     **options: Any,
 ) -> StoreFactory:
     """PostgreSQL through psycopg 3 with a connection pool; one table per store name.
@@ -73,30 +79,33 @@ def postgres(
     )
 
 
-def with_fields(factory: StoreFactory, fields: Mapping[str, str]) -> StoreFactory:
+def with_fields(factory: StoreFactory, fields: Mapping[str, FieldDeclaration]) -> StoreFactory:
     """The same stores with more declared fields (the Go README's ``storeFactory(fields)``)."""
     return _factory(fields, factory)
 
 
 def _factory(
-    fields: Mapping[str, str] | None,
-    make: Callable[[str, dict[str, FieldType], dict[str, Any]], Adapter],
+    fields: Mapping[str, FieldDeclaration] | None,
+    make: Callable[[str, dict[str, FieldSpec], dict[str, Any]], Adapter],
 ) -> StoreFactory:
-    """A factory of the seed's shape that adds ``fields`` to the toolkit's own."""
-    user_fields = declare_fields(fields)
+    """A factory of the seed's shape that adds ``fields`` to the toolkit's own. A field is a
+    type name or a spec with index flags (``{"type": "string", "unique": True}``)."""
+    user_fields = declare_specs(fields)
 
     def factory(
         name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
+        cqrs_fields: Mapping[str, FieldDeclaration] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter:
-        return make(name, {**declare_fields(cqrs_fields), **user_fields}, dict(settings or {}))
+        return make(name, {**declare_specs(cqrs_fields), **user_fields}, dict(settings or {}))
 
     return factory
 
 
 __all__ = [
     "Adapter",
+    "FieldDeclaration",
+    "FieldSpec",
     "FieldType",
     "Query",
     "Record",

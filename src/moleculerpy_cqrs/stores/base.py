@@ -14,6 +14,7 @@ and writers wait until it ends. Sibling tables (:meth:`Adapter.sibling`) share i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import json.encoder
 from abc import ABC, abstractmethod
@@ -22,14 +23,16 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, InvalidInput
 from moleculerpy_cqrs.stores.fields import (
     ID,
+    FieldDeclaration,
+    FieldSpec,
     FieldType,
     Record,
     check_id,
     check_record,
-    declare_fields,
+    declare_specs,
 )
 from moleculerpy_cqrs.stores.query import ALL, Query
 
@@ -90,7 +93,7 @@ class StoreFactory(Protocol):
     def __call__(
         self,
         name: str,
-        cqrs_fields: Mapping[str, str] | None = None,
+        cqrs_fields: Mapping[str, FieldDeclaration] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> Adapter: ...
 
@@ -123,13 +126,20 @@ class MetaMoved(CqrsError):
 class Adapter(ABC):
     """One table of declared fields plus the implicit integer primary key ``id``."""
 
-    def __init__(self, name: str, fields: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, fields: Mapping[str, FieldDeclaration] | None = None) -> None:
         if not name.isidentifier() or not name.isascii():
             raise InvalidInput(f"store name {name!r} must be an identifier")
         self.name = name
-        self.fields: dict[str, FieldType] = declare_fields(fields)
+        self.specs: dict[str, FieldSpec] = declare_specs(fields)
+        """Each declared field as declared: its type and index flags (pass it to
+        :meth:`sibling` for a table of the same shape, indexes included)."""
+        self.fields: dict[str, FieldType] = {n: s.type for n, s in self.specs.items()}
+        self.indexes: dict[str, bool] = {n: s.unique for n, s in self.specs.items() if s.index}
+        """The indexed fields, each with whether it is unique. Every backend keeps an index
+        for them (created at :meth:`connect`, kept through restore and :meth:`replace_with`);
+        a unique field refuses a second row with the same non-null value with
+        :func:`unique_conflict`, and the write changes nothing."""
         self._json_fields = tuple(n for n, k in self.fields.items() if k == "json")
-        self.unique_fields: tuple[str, ...] = ()
 
     def declare_unique(self, field: str) -> None:
         """Make the values of the string field ``field`` unique in this table (any number of
@@ -141,8 +151,8 @@ class Adapter(ABC):
                 f"store {self.name!r}: a unique field must be a declared string field, "
                 f"not {field!r}"
             )
-        if field not in self.unique_fields:
-            self.unique_fields = (*self.unique_fields, field)
+        self.specs[field] = dataclasses.replace(self.specs[field], index=True, unique=True)
+        self.indexes[field] = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,7 +179,7 @@ class Adapter(ABC):
         await self.close()
 
     @abstractmethod
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> Adapter:
+    def sibling(self, name: str, fields: Mapping[str, FieldDeclaration] | None = None) -> Adapter:
         """Another table in the same database, sharing connections and transactions.
 
         Used for dead letters and shadow tables. It must be connected before use (which
@@ -361,7 +371,7 @@ class Adapter(ABC):
         false, as read back). Rows without a key are appended as usual. One transaction, or
         the current one; a concurrent append of the same key (another connection or node)
         is waited for, never stored twice and never an error. The lookup uses the index."""
-        if key not in self.unique_fields:
+        if self.indexes.get(key) is not True:
             raise ConfigurationError(
                 f"append_keyed: {key!r} is not a unique field of store {self.name!r}"
             )
@@ -436,6 +446,20 @@ class Adapter(ABC):
     async def replace_with(self, shadow: Adapter) -> None:
         """Atomically make this table hold what the sibling ``shadow`` holds (rows, ids and
         meta); ``shadow`` is left empty. Readers see old or new, never a mix."""
+
+
+def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:
+    """The error of a write that would give a unique field a value another row holds (409):
+    it names the store, the field and, when short enough to show, the value."""
+    shown = value if isinstance(value, int | float | str) and len(repr(value)) <= 80 else None
+    taken = f"{shown!r} is" if shown is not None else "the value is"
+    return ConflictError(
+        f"field {field!r} of store {store!r} is unique and {taken} already taken by another "
+        "row; nothing was written",
+        store=store,
+        field=field,
+        value=shown,
+    )
 
 
 def describe(adapter: Adapter) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
@@ -54,28 +55,96 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _ASCII_DIGITS: Final = re.compile("[0-9]+")
 
 
-def declare_fields(*declarations: Mapping[str, str] | None) -> dict[str, FieldType]:
-    """Merge field declarations (later ones win) into a checked ``{name: FieldType}``.
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One declared field: its type, and whether lookups by it go through an index.
+
+    ``unique`` implies ``index``: the store then refuses a second row with the same non-null
+    value (a :class:`~moleculerpy_cqrs.errors.ConflictError`, code 409).
+    """
+
+    type: FieldType
+    index: bool = False
+    unique: bool = False
+
+    def public(self) -> str | dict[str, Any]:
+        """The declaration as a user writes it: the type name, or a spec with its flags."""
+        if self.unique:
+            return {"type": self.type, "unique": True}
+        if self.index:
+            return {"type": self.type, "index": True}
+        return self.type
+
+
+FieldDeclaration = str | Mapping[str, Any] | FieldSpec
+"""A field as declared: a type name (``"string"``), or a spec such as ``{"type": "string",
+"index": True}`` or ``{"type": "string", "unique": True}``."""
+
+Declarations = Mapping[str, FieldDeclaration]
+"""Fields as declared: ``{name: type name or spec}``."""
+
+_SPEC_KEYS: Final = frozenset({"type", "index", "unique"})
+
+
+def declare_specs(*declarations: Mapping[str, FieldDeclaration] | None) -> dict[str, FieldSpec]:
+    """Merge field declarations (later ones win) into checked ``{name: FieldSpec}``.
 
     Names must be identifiers (letters, digits, underscore; not starting with a digit), so they
     can be quoted safely as SQL identifiers; ``id`` is implicit and may not be declared.
     """
-    out: dict[str, FieldType] = {}
+    out: dict[str, FieldSpec] = {}
     for decl in declarations:
-        for name, kind in (decl or {}).items():
+        for name, declared in (decl or {}).items():
             if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
                 raise ConfigurationError(
                     f"field name {name!r} is not allowed: use letters, digits and underscores"
                 )
             if name == ID:
                 raise ConfigurationError("field 'id' is implicit (the store assigns it)")
-            canonical = _ALIASES.get(str(kind).lower())
-            if canonical is None:
-                raise ConfigurationError(
-                    f"field {name!r} has unknown type {kind!r}; use one of {sorted(FIELD_TYPES)}"
-                )
-            out[name] = canonical
+            out[name] = _spec(name, declared)
     return out
+
+
+def _spec(name: str, declared: Any) -> FieldSpec:
+    if isinstance(declared, FieldSpec):
+        return declared
+    if isinstance(declared, Mapping):
+        unknown = sorted(str(k) for k in declared if k not in _SPEC_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"field {name!r} has unknown key {unknown[0]!r}; a field spec takes "
+                f"{sorted(_SPEC_KEYS)}, e.g. {{'type': 'string', 'index': True}}"
+            )
+        flags = {}
+        for flag in ("index", "unique"):
+            value = declared.get(flag, False)
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"field {name!r}: {flag!r} must be True or False")
+            flags[flag] = value
+        if "type" not in declared:
+            raise ConfigurationError(f"field {name!r} has no 'type'")
+        kind = _canonical(name, declared["type"])
+        if kind == "json" and (flags["index"] or flags["unique"]):
+            raise ConfigurationError(
+                f"field {name!r} is json, which cannot be indexed: index a string or number "
+                "field that holds the key instead"
+            )
+        return FieldSpec(kind, flags["index"] or flags["unique"], flags["unique"])
+    return FieldSpec(_canonical(name, declared))
+
+
+def _canonical(name: str, kind: Any) -> FieldType:
+    canonical = _ALIASES.get(str(kind).lower())
+    if canonical is None:
+        raise ConfigurationError(
+            f"field {name!r} has unknown type {kind!r}; use one of {sorted(FIELD_TYPES)}"
+        )
+    return canonical
+
+
+def declare_fields(*declarations: Mapping[str, FieldDeclaration] | None) -> dict[str, FieldType]:
+    """Merge field declarations (see :func:`declare_specs`) into a checked ``{name: type}``."""
+    return {name: spec.type for name, spec in declare_specs(*declarations).items()}
 
 
 def check_value(field: str, kind: FieldType, value: Any) -> Any:

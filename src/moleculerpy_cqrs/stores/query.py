@@ -148,6 +148,9 @@ def parse_find(
     """
     if not isinstance(params, Mapping):
         raise InvalidInput(f"params must be an object, got {type(params).__name__}")
+    quick = _equalities(fields, params, extra)
+    if quick is not None:
+        return quick
     conditions: list[Condition] = []
     top_level: dict[str, Any] = {}
     for key, value in params.items():
@@ -189,6 +192,25 @@ def parse_find(
         offset=_non_negative("offset", params.get("offset")) or 0,
         fields=parse_projection(fields, params.get("fields")),
     )
+
+
+def _equalities(fields: Fields, params: Mapping[str, Any], extra: frozenset[str]) -> Query | None:
+    """The common ``{field: value, ...}`` find (a transformation looking up its row), parsed
+    without the general path's walk; None for anything else. Answers what the general path
+    answers for the same params."""
+    if not params or len(params) > 4:
+        return None
+    items: list[Condition] = []
+    for key, value in params.items():
+        if key in FIND_PARAMS or key in extra or key not in fields or key == ID:
+            return None
+        if type(value) not in _PLAIN:
+            return None
+        items.append(_parse_operator(key, fields[key], "=", value))
+    return Query(where=_and(items))
+
+
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
 
 
 def parse_condition(fields: Fields, raw: Any, depth: int = 0) -> Condition:

@@ -7,9 +7,11 @@ backend spells placeholders, case-sensitive LIKE and values.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from moleculerpy_cqrs.stores.fields import ID, FieldType
 from moleculerpy_cqrs.stores.query import (
@@ -70,6 +72,46 @@ def quote(name: str) -> str:
     if not name.isidentifier() or not name.isascii():
         raise ValueError(f"not an identifier: {name!r}")
     return f'"{name}"'
+
+
+_MAX_NAME: Final = 63  # PostgreSQL's limit, in bytes (names are ASCII); SQLite has none
+OWN_INDEX: Final = re.compile(r".*\$(ix|ux)")
+"""The names of the indexes this toolkit makes for declared fields (and only those)."""
+
+
+def index_name(table: str, field: str, unique: bool) -> str:
+    """The quoted name of the index of a declared ``field`` of ``table``: deterministic, at
+    most 63 bytes, and different for a unique index (so a change of the flag makes a new one).
+    ``$`` never occurs in a store or field name, so it never collides with a table's name."""
+    tag = "ux" if unique else "ix"
+    name = f"{table}${field}${tag}"
+    if len(name) > _MAX_NAME:
+        digest = hashlib.blake2b(f"{table}\0{field}".encode(), digest_size=6).hexdigest()
+        name = f"{table[:20]}${field[:20]}${digest}${tag}"
+    if not OWN_INDEX.fullmatch(name) or not name.replace("$", "_").isidentifier():
+        raise ValueError(f"not an identifier: {name!r}")
+    return f'"{name}"'
+
+
+def quote_index(name: str) -> str:
+    """An index name read from a catalog, quoted, if it is one of ours (else ValueError)."""
+    if not OWN_INDEX.fullmatch(name) or not name.replace("$", "_").isidentifier():
+        raise ValueError(f"not an index of ours: {name!r}")
+    return f'"{name}"'
+
+
+def is_own_index(name: str) -> bool:
+    return bool(OWN_INDEX.fullmatch(name)) and name.replace("$", "_").isidentifier()
+
+
+def index_statements(table: str, qualified: str, indexes: Mapping[str, bool]) -> list[str]:
+    """CREATE [UNIQUE] INDEX IF NOT EXISTS for each indexed field (name -> unique) of the
+    table named ``table`` (whose index names these are) at ``qualified``."""
+    return [
+        f"CREATE {'UNIQUE ' if unique else ''}INDEX IF NOT EXISTS "
+        f"{index_name(table, field, unique)} ON {qualified} ({quote(field)})"
+        for field, unique in indexes.items()
+    ]
 
 
 class Compiler:

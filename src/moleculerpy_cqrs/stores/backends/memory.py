@@ -20,10 +20,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, StoreError
+from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed
-from moleculerpy_cqrs.stores.fields import ID, Record, check_meta, check_value, declare_fields
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, unique_conflict
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    Declarations,
+    Record,
+    check_meta,
+    check_value,
+    declare_fields,
+)
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 
 _FORMAT: Final = "moleculerpy-cqrs memory backup"
@@ -31,10 +38,10 @@ _VERSION: Final = 1
 
 
 class _Data:
-    """A committed table: rows in id order, the last id handed out, meta as JSON text, and
-    an index per unique field (value -> id)."""
+    """A committed table: rows in id order, the last id handed out, meta as JSON text, and an
+    index (value -> ids) per indexed field."""
 
-    __slots__ = ("ids", "meta", "rows", "seq", "unique")
+    __slots__ = ("ids", "indexes", "meta", "rows", "seq", "unique")
 
     def __init__(
         self,
@@ -46,56 +53,97 @@ class _Data:
         self.ids = list(self.rows)
         self.seq = max(seq, self.ids[-1] if self.ids else 0)
         self.meta = meta if meta is not None else {}
-        self.unique: dict[str, dict[Any, int]] = {}
+        self.indexes: dict[str, dict[Any, set[int]]] = {}
+        self.unique: dict[str, bool] = {}
 
-    def index(self, field: str) -> None:
-        """Index the unique field ``field`` (once; kept up to date by every commit)."""
-        if field not in self.unique:
-            self.unique[field] = {
-                v: i for i, row in self.rows.items() if (v := row.get(field)) is not None
-            }
+    def ensure_indexes(self, table: str, declared: Mapping[str, bool]) -> None:
+        """Index exactly the ``declared`` fields (name -> unique), building missing indexes."""
+        for name in [n for n in self.indexes if n not in declared]:
+            del self.indexes[name], self.unique[name]
+        for name, unique in declared.items():
+            if name in self.indexes and self.unique[name] == unique:
+                continue
+            index: dict[Any, set[int]] = {}
+            for entity_id, row in self.rows.items():
+                value = row.get(name)
+                if value is None:
+                    continue
+                holders = index.setdefault(value, set())
+                if unique and holders:
+                    raise unique_conflict(table, name, value)
+                holders.add(entity_id)
+            self.indexes[name], self.unique[name] = index, unique
+
+    def reindex(self, entity_id: int, old: Record | None, new: Record | None) -> None:
+        for name, index in self.indexes.items():
+            before = None if old is None else old.get(name)
+            after = None if new is None else new.get(name)
+            if before == after and old is not None and new is not None:
+                continue
+            if before is not None:
+                holders = index.get(before)
+                if holders is not None:
+                    holders.discard(entity_id)
+                    if not holders:
+                        del index[before]
+            if after is not None:
+                index.setdefault(after, set()).add(entity_id)
 
 
 class _Work:
     """A table as one unit of work sees it: the committed data plus its own changes."""
 
-    __slots__ = ("base", "changes", "dropped", "keys", "meta", "name", "replaced", "seq")
+    __slots__ = ("base", "changes", "dropped", "index", "meta", "name", "replaced", "seq")
 
     def __init__(self, name: str, base: _Data | None) -> None:
         self.name = name
         self.base = base if base is not None else _Data()
         self.dropped = base is None
         self.changes: dict[int, Record | None] = {}
+        # The changed rows' values of each indexed field (value -> ids), beside the base's.
+        self.index: dict[str, dict[Any, set[int]]] = {}
         self.meta: dict[str, str | None] = {}
         self.seq = self.base.seq
         self.replaced = False
-        self.keys: dict[str, dict[Any, int | None]] = {}  # unique values changed: -> id/freed
 
-    def holder(self, field: str, value: Any) -> int | None:
-        """The id of the row holding ``value`` in the unique field ``field``, by index."""
-        changed = self.keys.get(field)
-        if changed is not None and value in changed:
-            return changed[value]
-        return self.base.unique[field].get(value)
+    def lookup(self, name: str, values: tuple[Any, ...]) -> list[Record] | None:
+        """The rows whose indexed field ``name`` holds one of ``values``, in id order; None
+        if ``name`` is not indexed."""
+        base = self._live().indexes.get(name)
+        if base is None:
+            return None
+        changed = self.index.get(name, {})
+        ids: set[int] = set()
+        for value in values:
+            if value is None:
+                continue
+            ids.update(i for i in base.get(value, ()) if i not in self.changes)
+            ids.update(changed.get(value, ()))
+        return [row for i in sorted(ids) if (row := self.get(i)) is not None]
 
-    def _track(self, old: Record | None, new: Record | None) -> None:
-        """Keep the unique indexes of this unit of work; refuse a value held by another row."""
-        for field in self.base.unique:
-            changed = self.keys.setdefault(field, {})
-            if old is not None and (value := old.get(field)) is not None:
-                changed[value] = None
-            if new is not None and (value := new.get(field)) is not None:
-                holder = self.holder(field, value)
-                if holder is not None and holder != new[ID]:
-                    if old is not None and (gone := old.get(field)) is not None:
-                        changed[gone] = old[ID]
-                    raise ConflictError(
-                        f"store {self.name!r}: {field} {value!r} is already held by row "
-                        f"{holder} (the field is unique)",
-                        field=field,
-                        id=holder,
-                    )
-                changed[value] = new[ID]
+    def _holders(self, name: str, value: Any) -> set[int]:
+        base = self.base.indexes[name].get(value, ())
+        return {i for i in base if i not in self.changes} | self.index.get(name, {}).get(
+            value, set()
+        )
+
+    def _change(self, entity_id: int, row: Record | None) -> None:
+        """Record a change, refusing a value a unique field already has in another row."""
+        indexes = self.base.indexes
+        if indexes:
+            if row is not None:
+                for name, unique in self.base.unique.items():
+                    value = row.get(name)
+                    if unique and value is not None and self._holders(name, value) - {entity_id}:
+                        raise unique_conflict(self.name, name, value)
+            old = self.changes.get(entity_id)
+            for name in indexes:
+                changed = self.index.setdefault(name, {})
+                if old is not None and (before := old.get(name)) is not None:
+                    changed.get(before, set()).discard(entity_id)
+                if row is not None and (after := row.get(name)) is not None:
+                    changed.setdefault(after, set()).add(entity_id)
+        self.changes[entity_id] = row
 
     def _live(self) -> _Data:
         if self.dropped:
@@ -139,22 +187,16 @@ class _Work:
     def insert(self, record: Record) -> Record:
         self._live()
         row = {ID: self.seq + 1, **record}
-        if self.base.unique:
-            self._track(None, row)
+        self._change(self.seq + 1, row)
         self.seq += 1
-        self.changes[self.seq] = row
         return row
 
     def put(self, row: Record) -> None:
-        if self.base.unique:
-            self._track(self.get(row[ID]), row)
-        self.changes[row[ID]] = row
+        self._change(row[ID], row)
         self.seq = max(self.seq, row[ID])
 
     def delete(self, entity_id: int) -> None:
-        if self.base.unique:
-            self._track(self.get(entity_id), None)
-        self.changes[entity_id] = None
+        self._change(entity_id, None)
 
     def get_meta(self, key: str) -> str | None:
         if key in self.meta:
@@ -170,14 +212,12 @@ class _Work:
         self.meta[key] = text
 
     def replace(self, data: _Data) -> None:
-        for field in self.base.unique:
-            data.index(field)
-        self.base, self.changes, self.meta, self.keys = data, {}, {}, {}
+        self.base, self.changes, self.meta, self.index = data, {}, {}, {}
         self.seq = max(self.seq, data.seq)
         self.replaced, self.dropped = True, False
 
     def drop(self) -> None:
-        self.base, self.changes, self.meta, self.keys = _Data(), {}, {}, {}
+        self.base, self.changes, self.meta, self.index = _Data(), {}, {}, {}
         self.replaced, self.dropped = False, True
 
     def commit(self, tables: dict[str, _Data]) -> None:
@@ -187,6 +227,8 @@ class _Work:
         data = self.base
         deleted: set[int] = set()
         for entity_id, row in self.changes.items():
+            if data.indexes:
+                data.reindex(entity_id, data.rows.get(entity_id), row)
             if row is None:
                 if data.rows.pop(entity_id, None) is not None:
                     deleted.add(entity_id)
@@ -201,13 +243,6 @@ class _Work:
         if deleted:
             data.ids = [i for i in data.ids if i not in deleted]
         data.seq = self.seq
-        for field, changed in self.keys.items():
-            index = data.unique[field]
-            for value, holder in changed.items():
-                if holder is None:
-                    index.pop(value, None)
-                else:
-                    index[value] = holder
         for key, text in self.meta.items():
             if text is None:
                 data.meta.pop(key, None)
@@ -259,7 +294,7 @@ class MemoryDatabase:
             self._lock, self._loop = asyncio.Lock(), loop
         return self._lock
 
-    def adapter(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+    def adapter(self, name: str, fields: Declarations | None = None) -> MemoryAdapter:
         return MemoryAdapter(self, name, fields)
 
     def current(self) -> _Transaction | None:
@@ -300,7 +335,7 @@ class MemoryAdapter(Adapter):
         self,
         database: MemoryDatabase,
         name: str,
-        fields: Mapping[str, str] | None = None,
+        fields: Declarations | None = None,
         *,
         parent: MemoryAdapter | None = None,
     ) -> None:
@@ -318,16 +353,14 @@ class MemoryAdapter(Adapter):
 
     async def connect(self) -> None:
         self._open()
-        data = self._database.tables.setdefault(self.name, _Data())
-        for field in self.unique_fields:
-            data.index(field)
+        self._database.tables.setdefault(self.name, _Data()).ensure_indexes(self.name, self.indexes)
 
     async def close(self) -> None:
         self._closed = True
         for sibling in self._siblings:
             sibling._closed = True
 
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> MemoryAdapter:
+    def sibling(self, name: str, fields: Declarations | None = None) -> MemoryAdapter:
         root = self._parent or self
         adapter = MemoryAdapter(self._database, name, fields, parent=root)
         root._siblings.append(adapter)
@@ -383,13 +416,11 @@ class MemoryAdapter(Adapter):
             out: list[Keyed] = []
             for row in rows:
                 value = row.record[key]
-                holder = None if value is None else work.holder(key, value)
-                if holder is None:
-                    out.append(Keyed(self._out(work.insert(self._own(row.record))), True))
+                held = [] if value is None else work.lookup(key, (value,)) or []
+                if held:
+                    out.append(Keyed(self._out(held[0]), False))
                 else:
-                    stored = work.get(holder)
-                    assert stored is not None
-                    out.append(Keyed(self._out(stored), False))
+                    out.append(Keyed(self._out(work.insert(self._own(row.record))), True))
             return out
 
     def _check_sibling(self, other: Adapter) -> None:
@@ -487,6 +518,7 @@ class MemoryAdapter(Adapter):
             ) from e
         try:
             data = self._load(json.loads(raw))
+            data.ensure_indexes(self.name, self.indexes)
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise StoreError(
                 f"the backup of {self.name!r} in {location!r} is damaged: {e}", store=self.name
@@ -509,8 +541,12 @@ class MemoryAdapter(Adapter):
         async with self._unit() as tx:
             source, target = tx.work(shadow.name), tx.work(self.name)
             rows = {r[ID]: r for r in source.scan()}
-            target.replace(_Data(rows, max(target.seq, source.seq), source.all_meta()))
-            source.replace(_Data(seq=source.seq))
+            data = _Data(rows, max(target.seq, source.seq), source.all_meta())
+            data.ensure_indexes(self.name, self.indexes)
+            target.replace(data)
+            emptied = _Data(seq=source.seq)
+            emptied.ensure_indexes(shadow.name, shadow.indexes)
+            source.replace(emptied)
 
     # ------------------------------------------------------------------ helpers
 
@@ -584,12 +620,32 @@ def _candidates(work: _Work, where: Condition | None) -> Iterator[Record]:
     """
     ids = _pinned_ids(where)
     if ids is None:
-        yield from work.scan()
+        found = _looked_up(work, where)
+        if found is None:
+            yield from work.scan()
+        else:
+            yield from found
         return
     for entity_id in sorted(set(ids)):
         row = work.get(entity_id)
         if row is not None:
             yield row
+
+
+def _looked_up(work: _Work, where: Condition | None) -> list[Record] | None:
+    """The rows an index of ``work`` finds for an equality or ``in`` that ``where`` requires
+    (None when no such index helps)."""
+    match where:
+        case Compare(field, "=", value):
+            return work.lookup(field, (value,))
+        case In(field, values, False):
+            return work.lookup(field, values)
+        case And(items):
+            for item in items:
+                found = _looked_up(work, item)
+                if found is not None:
+                    return found
+    return None
 
 
 def _pinned_ids(where: Condition | None) -> tuple[Any, ...] | None:

@@ -26,12 +26,32 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, InvalidInput, StoreError
+from moleculerpy_cqrs.errors import (
+    ConfigurationError,
+    ConflictError,
+    InvalidInput,
+    StoreError,
+)
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, encode_json
-from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta
+from moleculerpy_cqrs.stores.base import (
+    Adapter,
+    Changes,
+    CheckedRow,
+    Keyed,
+    encode_json,
+    unique_conflict,
+)
+from moleculerpy_cqrs.stores.fields import ID, Declarations, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
-from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
+from moleculerpy_cqrs.stores.sql import (
+    Compiler,
+    Dialect,
+    index_name,
+    index_statements,
+    is_own_index,
+    quote,
+    quote_index,
+)
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -88,6 +108,11 @@ _TO_JSON: Final[dict[FieldType, Callable[[Any], str]]] = {
 _UPPER: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
+_UNIQUE_DETAIL: Final = re.compile(r"Key \((\w+)\)=\((.*)\) already exists\.?$", re.DOTALL)
+_INDEXES_OF: Final = (
+    "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+    "WHERE i.indrelid = to_regclass(%s)"
+)
 
 
 def _dump_json(value: Any) -> str:
@@ -250,7 +275,7 @@ class PostgresAdapter(Adapter):
     def __init__(
         self,
         name: str,
-        fields: Mapping[str, str] | None = None,
+        fields: Declarations | None = None,
         *,
         dsn: str,
         options: Mapping[str, Any] | None = None,
@@ -332,7 +357,7 @@ class PostgresAdapter(Adapter):
     async def _create_table(self) -> None:
         db = self._require()
         async with db.pool.connection() as conn:
-            if await self._missing_columns(conn) == [] and not await self._missing_indexes(conn):
+            if await self._missing_columns(conn) == [] and await self._indexes_in_place(conn):
                 return  # the usual case: nothing to create, no lock needed
             async with conn.transaction():
                 await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
@@ -348,30 +373,36 @@ class PostgresAdapter(Adapter):
                                 f"{_COLUMN_TYPES[self.fields[column]]}"
                             )
                         )
-                await self._unique_indexes(conn)
+                await self._sync_indexes(conn)
 
-    def _unique_index(self, field: str) -> str:
-        return _internal(self.name, f"unique_{field}")
+    async def _own_indexes(self, conn: Conn) -> set[str]:
+        """The quoted names of this table's indexes of ours (see :func:`index_name`)."""
+        cur = await conn.execute(_INDEXES_OF, [self._table])
+        return {quote_index(row[0]) for row in await cur.fetchall() if is_own_index(row[0])}
 
-    async def _missing_indexes(self, conn: Conn) -> bool:
-        for unique in self.unique_fields:
-            name = f"{quote(self.schema)}.{self._unique_index(unique)}"
-            cur = await conn.execute("SELECT to_regclass(%s)", [name])
-            row = await cur.fetchone()
-            if row is None or row[0] is None:
-                return True
-        return False
+    def _wanted_indexes(self, table: str | None = None) -> set[str]:
+        return {index_name(table or self.name, f, u) for f, u in self.indexes.items()}
 
-    async def _unique_indexes(self, conn: Conn) -> None:
-        """A unique index per unique field, of the rows that hold a value (any number of rows
-        hold NULL, and cost the index nothing); made on an existing table too, once."""
-        for unique in self.unique_fields:
-            await conn.execute(
-                _q(
-                    f"CREATE UNIQUE INDEX IF NOT EXISTS {self._unique_index(unique)} "
-                    f"ON {self._table} ({quote(unique)}) WHERE {quote(unique)} IS NOT NULL"
+    async def _indexes_in_place(self, conn: Conn) -> bool:
+        return await self._own_indexes(conn) == self._wanted_indexes()
+
+    async def _sync_indexes(self, conn: Conn, renamed_from: str | None = None) -> None:
+        """Give this table exactly its declared indexes: those of the table ``renamed_from``
+        (now this one) are renamed to this table's names, ours no longer declared (or whose
+        unique flag changed) are dropped, missing ones are built. Under the DDL lock."""
+        schema = quote(self.schema)
+        if renamed_from is not None:
+            for field, unique in self.indexes.items():
+                old, new = (
+                    index_name(renamed_from, field, unique),
+                    index_name(self.name, field, unique),
                 )
-            )
+                await conn.execute(_q(f"ALTER INDEX IF EXISTS {schema}.{old} RENAME TO {new}"))
+        wanted = self._wanted_indexes()
+        for name in await self._own_indexes(conn) - wanted:
+            await conn.execute(_q(f"DROP INDEX {schema}.{name}"))
+        for statement in index_statements(self.name, self._table, self.indexes):
+            await conn.execute(_q(statement))
 
     async def _missing_columns(self, conn: Conn) -> list[str] | None:
         """Declared columns the table lacks; None when the table does not exist."""
@@ -454,7 +485,7 @@ class PostgresAdapter(Adapter):
         if db is not None:
             await _release(db)
 
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> PostgresAdapter:
+    def sibling(self, name: str, fields: Declarations | None = None) -> PostgresAdapter:
         root = self._parent or self
         child = PostgresAdapter(name, fields, dsn=self.dsn, options=self._options)
         child._parent = root
@@ -507,6 +538,15 @@ class PostgresAdapter(Adapter):
             raise self._error(e) from e
 
     def _error(self, e: psycopg.Error) -> StoreError | ConflictError:
+        if isinstance(e, psycopg.errors.UniqueViolation):
+            found = _UNIQUE_DETAIL.match(e.diag.message_detail or "")
+            table = e.diag.table_name or self.name
+            if found is not None:
+                field, text = found.group(1), found.group(2)
+                value: Any = (
+                    int(text) if field == ID or self.fields.get(field) == "integer" else text
+                )
+                return unique_conflict(table, field, value)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # A declared unique field's value held twice is the caller's conflict (409); any
         # other constraint (an id chosen twice) stays a store error.
@@ -920,7 +960,12 @@ class PostgresAdapter(Adapter):
                     loaded = cur.rowcount
                 if hasher.hexdigest() != manifest["sha256"] or loaded != manifest["rows"]:
                     raise self._damaged(location, "its rows do not match its manifest")
+                # Built before the swap, so readers wait only for the renames.
+                shadow_name = f"{self.name}$restore"
+                for statement in index_statements(shadow_name, shadow, self.indexes):
+                    await conn.execute(_q(statement))
                 await self._swap(conn, shadow, shadow_pkey)
+                await self._sync_indexes(conn, renamed_from=shadow_name)
                 await self._advance_sequence(conn, manifest["sequence"])
                 await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
                 if meta:
@@ -950,6 +995,7 @@ class PostgresAdapter(Adapter):
                 _q(f"LOCK TABLE {self._table}, {shadow._table} IN ACCESS EXCLUSIVE MODE")
             )
             await self._swap(conn, shadow._table, shadow._pkey)
+            await self._sync_indexes(conn, renamed_from=shadow.name)
             await conn.execute(
                 _q(
                     f"ALTER TABLE {self._table} ALTER COLUMN {quote(ID)} "
@@ -958,6 +1004,8 @@ class PostgresAdapter(Adapter):
             )
             await self._advance_sequence(conn, await _sequence_value(conn, shadow._seq))
             await conn.execute(_q(shadow._create_sql(shadow._table, shadow._pkey)))
+            for statement in index_statements(shadow.name, shadow._table, shadow.indexes):
+                await conn.execute(_q(statement))
             await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
             await conn.execute(
                 _q(f"UPDATE {self._meta} SET tbl = %s WHERE tbl = %s"), [self.name, shadow.name]
@@ -973,7 +1021,6 @@ class PostgresAdapter(Adapter):
         await conn.execute(_q(f"DROP TABLE {self._table}"))
         await conn.execute(_q(f"ALTER TABLE {source} RENAME TO {quote(self.name)}"))
         await conn.execute(_q(f"ALTER INDEX {schema}.{source_pkey} RENAME TO {self._pkey}"))
-        await self._unique_indexes(conn)
 
     async def _advance_sequence(self, conn: Conn, at_least: int) -> None:
         """Ids never go back: the next id is past every id this table or its source used."""

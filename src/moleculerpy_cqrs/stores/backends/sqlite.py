@@ -27,10 +27,11 @@ import asyncio
 import json
 import os
 import queue
+import re
 import sqlite3
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -42,10 +43,32 @@ from typing import Any, Final, cast
 from urllib.request import pathname2url
 
 from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, StoreError
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, MetaMoved
-from moleculerpy_cqrs.stores.fields import ID, FieldType, Record, check_meta, declare_fields
+from moleculerpy_cqrs.stores.base import (
+    Adapter,
+    Changes,
+    CheckedRow,
+    Keyed,
+    MetaMoved,
+    unique_conflict,
+)
+from moleculerpy_cqrs.stores.fields import (
+    ID,
+    Declarations,
+    FieldType,
+    Record,
+    check_meta,
+    declare_fields,
+)
 from moleculerpy_cqrs.stores.query import Compare, In, Query
-from moleculerpy_cqrs.stores.sql import Compiler, Dialect, quote
+from moleculerpy_cqrs.stores.sql import (
+    Compiler,
+    Dialect,
+    index_name,
+    index_statements,
+    is_own_index,
+    quote,
+    quote_index,
+)
 
 type Job[T] = Callable[[sqlite3.Connection], T]
 
@@ -73,6 +96,7 @@ _KEYS_PER_SELECT: Final = 500
 _RESTORE_BATCH: Final = 5000
 _BACKUP_FORMAT: Final = "moleculerpy-cqrs sqlite backup"
 _BACKUP_VERSION: Final = "1"
+_UNIQUE_FAILED: Final = re.compile(r"UNIQUE constraint failed: (\w+)\.(\w+)$")
 
 
 def glob_pattern(like: str) -> str:
@@ -93,6 +117,33 @@ def glob_pattern(like: str) -> str:
 
 def _glob_literal(ch: str) -> str:
     return f"[{ch}]" if ch in "*?[" else ch
+
+
+def _unique_violation(error: sqlite3.IntegrityError) -> tuple[str, str] | None:
+    """(table, field) of a UNIQUE constraint that refused a write, None for other errors."""
+    found = _UNIQUE_FAILED.match(str(error))
+    return None if found is None else (found.group(1), found.group(2))
+
+
+def _executemany_unique(
+    table: str,
+    columns: tuple[str, ...],
+    sql: str,
+    rows: list[Any],
+    conn: sqlite3.Connection,
+) -> sqlite3.Cursor:
+    """``executemany``; a row refused by a unique index raises :func:`unique_conflict` with
+    its value (found on the error path only: the rows before it each made one change)."""
+    before = conn.total_changes
+    try:
+        return conn.executemany(sql, rows)
+    except sqlite3.IntegrityError as e:
+        clash = _unique_violation(e)
+        if clash is None or clash[1] not in columns:
+            raise
+        done = conn.total_changes - before
+        value = rows[done][columns.index(clash[1])] if done < len(rows) else None
+        raise unique_conflict(*clash, value) from e
 
 
 def _encode(kind: FieldType | None, value: Any) -> Any:
@@ -127,12 +178,8 @@ def _call[T](store: str, fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except sqlite3.IntegrityError as e:
-        # A declared unique field's value held twice is the caller's conflict (409); any
-        # other constraint (an id chosen twice) stays a store error.
-        if str(e).startswith("UNIQUE constraint failed") and not str(e).endswith(".id"):
-            raise ConflictError(
-                f"store {store!r}: a unique field's value is already held ({e})", store=store
-            ) from e
+        if (clash := _unique_violation(e)) is not None:
+            raise unique_conflict(*clash) from e
         raise StoreError(f"SQLite failed for store {store!r}: {e}", store=store) from e
     except sqlite3.Error as e:
         raise StoreError(f"SQLite failed for store {store!r}: {e}", store=store) from e
@@ -348,7 +395,7 @@ class SqliteAdapter(Adapter):
     def __init__(
         self,
         name: str,
-        fields: Mapping[str, str] | None = None,
+        fields: Declarations | None = None,
         *,
         location: str,
         memory_key: str,
@@ -374,6 +421,7 @@ class SqliteAdapter(Adapter):
             if k in ("json", "boolean", "datetime")
         ]
         self._columns = (ID, *self.fields)
+        self._field_names = tuple(self.fields)
         self._decoders: dict[str, Callable[[Any], Any] | None] = {
             ID: None,
             **{n: _DECODERS[k] for n, k in self.fields.items()},
@@ -394,7 +442,7 @@ class SqliteAdapter(Adapter):
                     self._database = database
                 else:  # a concurrent connect() won
                     await _release(database)
-        await self._write(partial(_create_table, self.name, self.fields, self.unique_fields))
+        await self._write(partial(_create_table, self.name, self.fields, self.indexes))
 
     def where(self) -> str:
         _, target, uri = _resolve(self._location, self.name, self._memory_key)
@@ -412,7 +460,7 @@ class SqliteAdapter(Adapter):
         if database is not None and self._parent is None:
             await _release(database)
 
-    def sibling(self, name: str, fields: Mapping[str, str] | None = None) -> SqliteAdapter:
+    def sibling(self, name: str, fields: Declarations | None = None) -> SqliteAdapter:
         root = self._parent or self
         adapter = SqliteAdapter(
             name,
@@ -493,7 +541,9 @@ class SqliteAdapter(Adapter):
 
     async def _insert_many(self, records: list[Record]) -> list[Record]:
         values = [self._encode_row(r, self._json_texts(r)) for r in records]
-        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        first = await self._write(
+            partial(_insert_rows, self.name, self._field_names, self._insert_sql, values)
+        )
         return [{ID: first + i, **r} for i, r in enumerate(records)]
 
     def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
@@ -506,7 +556,9 @@ class SqliteAdapter(Adapter):
         # One writer at a time (BEGIN IMMEDIATE or the joined transaction): id order is
         # commit order, so a reader can never see a later id before an earlier one.
         values = [r.values for r in rows]
-        first = await self._write(partial(_insert_rows, self._insert_sql, values))
+        first = await self._write(
+            partial(_insert_rows, self.name, self._field_names, self._insert_sql, values)
+        )
         return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
 
     async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
@@ -530,7 +582,13 @@ class SqliteAdapter(Adapter):
                     if value is not None:
                         first_of[value] = i
             first = (
-                _insert_rows(self._insert_sql, [rows[i].values for i in fresh], conn)
+                _insert_rows(
+                    self.name,
+                    self._field_names,
+                    self._insert_sql,
+                    [rows[i].values for i in fresh],
+                    conn,
+                )
                 if fresh
                 else 0
             )
@@ -564,11 +622,21 @@ class SqliteAdapter(Adapter):
                 return None
             return self._fetch(select, select_params, None, conn)[0]
 
-        return await self._write(job)
+        return await self._with_value(self._write(job), changes)
 
     async def _update_many(self, query: Query, changes: Record) -> int:
         sql, params = self._sql.update(query, changes)
-        return await self._write(partial(_rowcount, sql, params))
+        return await self._with_value(self._write(partial(_rowcount, sql, params)), changes)
+
+    async def _with_value[T](self, write: Awaitable[T], changes: Record) -> T:
+        """``write``, its unique conflict told with the value the changes gave the field."""
+        try:
+            return await write
+        except ConflictError as e:
+            field = e.data.get("field") if isinstance(e.data, dict) else None
+            if field in changes and e.data.get("value") is None:
+                raise unique_conflict(self.name, field, changes[field]) from e.__cause__
+            raise
 
     async def _remove(self, entity_id: int) -> Record | None:
         sql, params = self._sql.delete(Query(where=Compare(ID, "=", entity_id)))
@@ -615,12 +683,15 @@ class SqliteAdapter(Adapter):
             for row in changes.inserts
         ]
         insert_sql = self._sql.insert([ID, *fields]) if inserts else ""
+        insert_columns = (ID, *fields)
         by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
         for entity_id, changed in changes.updates.items():
             names = tuple(changed)
             values = [_encode(fields[n], changed[n]) for n in names]
             by_columns.setdefault(names, []).append([*values, entity_id])
-        updates = [(self._sql.update_by_id(names), rows) for names, rows in by_columns.items()]
+        updates = [
+            (names, self._sql.update_by_id(names), rows) for names, rows in by_columns.items()
+        ]
         deletes = [(i,) for i in changes.deletes]
         delete_sql = f"DELETE FROM {self._sql.table} WHERE id = ?"
         metas = [(k, check_meta(k, v)) for k, v in changes.meta.items()]
@@ -628,9 +699,9 @@ class SqliteAdapter(Adapter):
 
         def job(conn: sqlite3.Connection) -> None:
             if inserts:
-                conn.executemany(insert_sql, inserts)
-            for sql, rows in updates:
-                cursor = conn.executemany(sql, rows)
+                _executemany_unique(table, insert_columns, insert_sql, inserts, conn)
+            for names, sql, rows in updates:
+                cursor = _executemany_unique(table, names, sql, rows, conn)
                 if cursor.rowcount != len(rows):
                     raise StoreError(f"rows of {table!r} to update are missing", store=table)
             if deletes:
@@ -692,7 +763,7 @@ class SqliteAdapter(Adapter):
             ):
                 await self._write(partial(_executemany, insert, batch))
                 after = batch[-1][0]
-            await self._write(partial(_swap_in, self.name, shadow, saved, self.unique_fields))
+            await self._write(partial(_swap_in, self.name, shadow, saved, self.indexes))
         except BaseException:
             with suppress(CqrsError):
                 await self._write(partial(_drop_table, shadow))
@@ -717,8 +788,8 @@ class SqliteAdapter(Adapter):
             conn.execute(f"ALTER TABLE {quote(shadow.name)} RENAME TO {quote(self.name)}")
             conn.execute(f"DELETE FROM {_META} WHERE tbl = ?", (self.name,))
             conn.execute(f"UPDATE {_META} SET tbl = ? WHERE tbl = ?", (self.name, shadow.name))
-            _create_table(shadow.name, shadow.fields, shadow.unique_fields, conn)
-            _unique_indexes(self.name, self.unique_fields, conn)
+            _sync_indexes(self.name, self.indexes, conn)  # the shadow's names go, ours come
+            _create_table(shadow.name, shadow.fields, shadow.indexes, conn)
             _set_seq(conn, self.name, seq)
 
         await self._write(job)
@@ -811,13 +882,20 @@ def _executemany(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection
     conn.executemany(sql, rows)
 
 
-def _insert_rows(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> int:
-    """Insert ``rows`` (inside the writer's transaction); answers the first new id.
+def _insert_rows(
+    table: str,
+    columns: tuple[str, ...],
+    sql: str,
+    rows: list[tuple[Any, ...]],
+    conn: sqlite3.Connection,
+) -> int:
+    """Insert ``rows`` of ``columns`` (inside the writer's transaction); answers the first
+    new id.
 
     The ids are consecutive: AUTOINCREMENT gives each new row one more than the largest id
     the table ever had, and no other connection writes until this transaction ends.
     """
-    conn.executemany(sql, rows)
+    _executemany_unique(table, columns, sql, rows, conn)
     (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
     return int(last) - len(rows) + 1
 
@@ -842,7 +920,7 @@ def _table_sql(table: str, fields: Mapping[str, FieldType]) -> str:
 def _create_table(
     table: str,
     fields: Mapping[str, FieldType],
-    unique: tuple[str, ...],
+    indexes: Mapping[str, bool],
     conn: sqlite3.Connection,
 ) -> None:
     conn.execute(
@@ -854,19 +932,19 @@ def _create_table(
     for name, kind in fields.items():
         if name not in have:  # a field declared since the table was made
             conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} {_SQL_TYPES[kind]}")
-    _unique_indexes(table, unique, conn)
+    _sync_indexes(table, indexes, conn)
 
 
-def _unique_indexes(table: str, unique: tuple[str, ...], conn: sqlite3.Connection) -> None:
-    """A unique index per unique field, of the rows that hold a value (any number of rows hold
-    NULL, and cost the index nothing; ``field IN (...)`` implies the index's condition, so
-    lookups use it)."""
-    for name in unique:
-        index = quote(f"{table}__{name}__unique")
-        conn.execute(
-            f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({quote(name)}) "
-            f"WHERE {quote(name)} IS NOT NULL"
-        )
+def _sync_indexes(table: str, indexes: Mapping[str, bool], conn: sqlite3.Connection) -> None:
+    """Give ``table`` exactly the declared indexes of ours (by name): one no longer declared
+    (or whose unique flag changed) is dropped, a missing one is built."""
+    wanted = {index_name(table, field, unique) for field, unique in indexes.items()}
+    have = conn.execute("SELECT name FROM pragma_index_list(?) WHERE origin = 'c'", (table,))
+    for (name,) in have.fetchall():
+        if is_own_index(name) and quote_index(name) not in wanted:
+            conn.execute(f"DROP INDEX {quote_index(name)}")
+    for statement in index_statements(table, quote(table), indexes):
+        conn.execute(statement)
 
 
 def _drop_table(table: str, conn: sqlite3.Connection) -> None:
@@ -874,8 +952,9 @@ def _drop_table(table: str, conn: sqlite3.Connection) -> None:
 
 
 def _recreate_table(table: str, fields: Mapping[str, FieldType], conn: sqlite3.Connection) -> None:
+    """``table`` new and empty, without indexes (they are built once it is filled)."""
     _drop_table(table, conn)
-    _create_table(table, fields, (), conn)
+    _create_table(table, fields, {}, conn)
 
 
 def _seq(conn: sqlite3.Connection, table: str) -> int:
@@ -1010,7 +1089,11 @@ def _read_rows(source: Path, names: list[str], after: int) -> list[tuple[Any, ..
 
 
 def _swap_in(
-    table: str, shadow: str, saved: _Saved, unique: tuple[str, ...], conn: sqlite3.Connection
+    table: str,
+    shadow: str,
+    saved: _Saved,
+    indexes: Mapping[str, bool],
+    conn: sqlite3.Connection,
 ) -> None:
     (count,) = conn.execute(f"SELECT count(*) FROM {quote(shadow)}").fetchone()
     if count != saved.rows:
@@ -1018,12 +1101,12 @@ def _swap_in(
     seq = max(_seq(conn, table), _seq(conn, shadow), saved.seq)
     conn.execute(f"DROP TABLE {quote(table)}")
     conn.execute(f"ALTER TABLE {quote(shadow)} RENAME TO {quote(table)}")
+    _sync_indexes(table, indexes, conn)
     conn.execute(f"DELETE FROM {_META} WHERE tbl = ?", (table,))
     conn.executemany(
         f"INSERT INTO {_META} (tbl, key, value) VALUES (?, ?, ?)",
         [(table, key, text) for key, text in saved.meta],
     )
-    _unique_indexes(table, unique, conn)
     _set_seq(conn, table, seq)
 
 
