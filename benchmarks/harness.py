@@ -51,11 +51,24 @@ class Sizes:
     entity_rows: tuple[int, ...]  # per-entity read model: accounts filled before timing
     entity_events: int  # deposits applied (timed)
     entity_cap: float
+    keyed_log: int  # events with idempotency keys already in the log for the large-log rows
 
 
-QUICK = Sizes(3.0, 10_000, 20.0, 15.0, 5.0, 0, 0.0, 0.0, 1, (1_000, 20_000), 3_000, 20.0)
+QUICK = Sizes(3.0, 10_000, 20.0, 15.0, 5.0, 0, 0.0, 0.0, 1, (1_000, 20_000), 3_000, 20.0, 20_000)
 FULL = Sizes(
-    5.0, 100_000, 45.0, 60.0, 10.0, 1_000_000, 150.0, 60.0, 2, (1_000, 1_000_000), 20_000, 60.0
+    5.0,
+    100_000,
+    45.0,
+    60.0,
+    10.0,
+    1_000_000,
+    150.0,
+    60.0,
+    2,
+    (1_000, 1_000_000),
+    20_000,
+    60.0,
+    1_000_000,
 )
 ENTITY_TARGET_ROWS = 1_000_000  # the size the per-entity targets are set for
 
@@ -170,6 +183,11 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
                     "ours", "appends", stores.fresh("ours"), callers=callers,
                     dispatch=dispatch, seconds=s.append_seconds,
                 ))  # fmt: skip
+            # The same with an idempotency key per call, right after (the same load).
+            best(f"ours.keyed.{callers}", run_job(
+                "ours", "appends", stores.fresh("keyed"), callers=callers, dispatch=True,
+                seconds=s.append_seconds, keyed=True,
+            ))  # fmt: skip
             best(f"es.appends.{callers}", run_job(
                 "es", "appends", stores.fresh(f"es{callers}"), threads=callers,
                 seconds=s.append_seconds,
@@ -178,6 +196,18 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
                 "raw", "appends", stores.fresh(f"raw{callers}"), per_transaction=callers,
                 seconds=s.append_seconds,
             ))  # fmt: skip
+    # ---- keyed appends into a log of s.keyed_log keyed events vs an empty log, back to back
+    large = stores.fresh("keyed_large")
+    r["ours.keyed_fill"] = run_job("ours", "prefill_keyed", large, count=s.keyed_log)
+    for callers in (1, 64):
+        r[f"ours.keyed_empty.{callers}"] = run_job(
+            "ours", "appends", stores.fresh("keyed_empty"), callers=callers, dispatch=True,
+            seconds=s.append_seconds, keyed=True,
+        )  # fmt: skip
+        r[f"ours.keyed_large.{callers}"] = run_job(
+            "ours", "appends", large, callers=callers, dispatch=True,
+            seconds=s.append_seconds, keyed=True, key_prefix=f"c{callers}",
+        )  # fmt: skip
     # ---- catch-up: one log stored once, a new aggregate per variant
     log = stores.fresh("catchup")
     filled = run_job("ours", "prefill", log, count=s.catch_up_events)
@@ -422,6 +452,11 @@ def at_least(target: float, of: str = "") -> Callable[[Row], bool | None]:
     return check
 
 
+def share_at_least(share: float | None, target: float) -> Callable[[Row], bool | None]:
+    """A target on a ratio measured beside the row (not on the row's own figures)."""
+    return lambda row: None if share is None else share >= target
+
+
 def at_most(target: float) -> Callable[[Row], bool | None]:
     return lambda row: None if row.ours is None else row.ours <= target
 
@@ -479,6 +514,33 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         get(r, "es.appends.64", "per_second"), get(r, "raw.appends.64", "per_second"),
         targets=[(">= 15,000/s", at_least(15_000))] if not sq else [],
     ))  # fmt: skip
+    for callers in (1, 64):
+        plain = get(r, f"ours.appends.{callers}.on", "per_second")
+        keyed = get(r, f"ours.keyed.{callers}", "per_second")
+        share = ratio(keyed, plain)
+        rows.append(Row(
+            f"appends with idempotency keys, {callers} caller{'s' if callers > 1 else ''}", "/s",
+            keyed,
+            targets=[(
+                ">= 0.9x without keys" + (f" ({share:.2f}x)" if share is not None else ""),
+                share_at_least(share, 0.9),
+            )],
+            note=f"without keys {fmt(plain, '/s')}",
+        ))  # fmt: skip
+    filled = int(get(r, "ours.keyed_fill", "events") or 0)
+    for callers in (1, 64):
+        empty = get(r, f"ours.keyed_empty.{callers}", "per_second")
+        large = get(r, f"ours.keyed_large.{callers}", "per_second")
+        share = ratio(large, empty)
+        rows.append(Row(
+            f"keyed appends into a log of {filled:,}, {callers} caller{'s' if callers > 1 else ''}",
+            "/s", large,
+            targets=[(
+                ">= 0.8x empty log" + (f" ({share:.2f}x)" if share is not None else ""),
+                share_at_least(share, 0.8),
+            )],
+            note=f"empty log {fmt(empty, '/s')}",
+        ))  # fmt: skip
     n = int(get(r, "ours.prefill", "events") or sizes.catch_up_events)
     for shape, label in (("create", "create-only"), ("summary", "read-then-update")):
         for kind in ("action", "callable"):

@@ -70,8 +70,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
         factory = store_factory(store)
         work: Any = {
-            "appends": lambda: ours.appends(factory, p["callers"], p["dispatch"], p["seconds"]),
+            "appends": lambda: ours.appends(
+                factory,
+                p["callers"],
+                p["dispatch"],
+                p["seconds"],
+                p.get("keyed", False),
+                p.get("key_prefix", "k"),
+            ),
             "prefill": lambda: ours.prefill(factory, p["count"]),
+            "prefill_keyed": lambda: ours.prefill_keyed(factory, p["count"]),
             "catch_up": lambda: ours.catch_up(
                 factory,
                 p["shape"],

@@ -33,8 +33,21 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
             )
             assert r[key]["events"] > 0
             assert r[key]["p99_ms"] > 0
+        r[f"ours.keyed.{callers}"] = await ours.appends(
+            stores.sqlite(tmp_path / f"keyed{callers}"), callers, True, 0.2, keyed=True
+        )
         r[f"raw.appends.{callers}"] = raw.appends(folder(f"raw{callers}"), callers, 0.1)
         assert r[f"raw.appends.{callers}"]["events"] >= callers
+
+    large = stores.sqlite(tmp_path / "large")
+    r["ours.keyed_fill"] = await ours.prefill_keyed(large, 25_000)
+    assert r["ours.keyed_fill"]["events"] == 25_000
+    for callers in (1, 64):
+        r[f"ours.keyed_empty.{callers}"] = r[f"ours.keyed.{callers}"]
+        r[f"ours.keyed_large.{callers}"] = await ours.appends(
+            large, callers, True, 0.2, keyed=True, key_prefix=f"c{callers}"
+        )
+        assert r[f"ours.keyed_large.{callers}"]["events"] > 0
 
     log = stores.sqlite(tmp_path / "log")
     r["ours.prefill"] = await ours.prefill(log, 60)
@@ -99,6 +112,8 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert "version-bump rebuild 60 ev, as a share of replay" in text
     assert "ack -> visible p99" in text
     assert "per-entity 300 rows, 120 deposits" in text
+    assert "appends with idempotency keys, 64 callers" in text
+    assert "keyed appends into a log of 25,000, 1 caller" in text
     assert "sustained: dispatcher lag" in text
     assert "transformation on another node over NATS: read-then-update, no key" in text
     assert [r.scenario for r in rows if r.ours is None and not r.scenario.startswith("peak")] == []

@@ -29,13 +29,13 @@ def _pattern(expected: str) -> re.Pattern[str]:
 
 
 def test_every_python_block_has_its_output() -> None:
-    assert len(EXAMPLES) == len(re.findall(r"```python\n", DOC)) == 4
+    assert len(EXAMPLES) == len(re.findall(r"```python\n", DOC)) == 5
 
 
 @pytest.mark.parametrize(
     ("code", "expected"),
     EXAMPLES,
-    ids=["params-schema", "validator-pitfalls", "transformations", "indexes"],
+    ids=["params-schema", "validator-pitfalls", "idempotency", "transformations", "indexes"],
 )
 def test_the_block_prints_what_the_doc_says(code: str, expected: str, tmp_path: Path) -> None:
     done = subprocess.run(

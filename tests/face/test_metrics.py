@@ -32,6 +32,7 @@ from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.profile_example import PROFILE_MODULE, build
 
 ROOT = Path(__file__).resolve().parents[2]
+KEY = "idempotencyKey"
 STORE, AGGREGATE = "profileEventStore", "profileSummaryAggregate"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -69,7 +70,16 @@ async def test_a_node_exposes_its_figures(tmp_path: Path) -> None:
             await asyncio.wait_for(events.runtime(broker).dispatcher.wait_settled(6), 30)
             await broker.call("profile.$stopDispatch", {})
             for i in range(2):  # stored, projected, not dispatched
-                await broker.call("profile.update", {"name": f"q{i}", "country": "AU"})
+                await broker.call(
+                    "profile.update", {"name": f"q{i}", "country": "AU"}, meta={KEY: f"q{i}"}
+                )
+            # A repeat of a key: answered the stored event; other params: 409.
+            await broker.call("profile.update", {"name": "q0", "country": "AU"}, meta={KEY: "q0"})
+            with pytest.raises(MoleculerError) as conflict:
+                await broker.call(
+                    "profile.update", {"name": "x", "country": "AU"}, meta={KEY: "q0"}
+                )
+            assert conflict.value.code == 409
             await asyncio.wait_for(summary.runtime(broker).wait_caught_up(8), 30)
 
             samples = await asyncio.to_thread(scrape, metrics.url)
@@ -82,12 +92,15 @@ async def test_a_node_exposes_its_figures(tmp_path: Path) -> None:
     assert value(samples, "cqrs_append_seconds_count", **update) == 8
     assert value(samples, "cqrs_append_calls_total", **update, result="stored") == 8
     assert value(samples, "cqrs_append_calls_total", **update, result="refused") == 1
+    assert value(samples, "cqrs_append_calls_total", **update, result="duplicate") == 1
+    assert value(samples, "cqrs_append_calls_total", **update, result="conflict") == 1
     assert value(samples, "cqrs_append_seconds_bucket", **update, le="+Inf") == 8
     assert value(samples, "cqrs_append_seconds_sum", **update) > 0
 
     es = {"event_store": STORE}
     assert value(samples, "cqrs_event_store_head", **es) == store_status["head"] == 8
     assert value(samples, "cqrs_events_appended_total", **es) == 8
+    assert value(samples, "cqrs_event_store_duplicates_total", **es) == 1
     assert value(samples, "cqrs_dispatcher_cursor", **es) == 6
     assert value(samples, "cqrs_dispatcher_lag_events", **es) == 2
     assert value(samples, "cqrs_dispatcher_state", **es, state="stopped") == 1

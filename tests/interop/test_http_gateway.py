@@ -55,11 +55,11 @@ class Node:
 
 def http(
     method: str, url: str, body: Any = None, *, raw: bytes | None = None,
-    content_type: str = "application/json",
+    content_type: str = "application/json", headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:  # fmt: skip
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": content_type}
+        url, data=data, method=method, headers={"content-type": content_type, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as answer:
@@ -188,3 +188,27 @@ def test_bad_commands_are_refused_by_the_examples_schema_and_nothing_is_stored(
     assert (status, events["total"]) == (200, 0)  # nothing was stored
     status, dead = http("GET", f"{node.base}/profile-summary?pageSize=1")
     assert (status, dead["total"]) == (200, 0)
+
+
+def test_the_idempotency_key_header_makes_a_post_safe_to_retry(node: Node) -> None:
+    update = f"{node.base}/profile/update"
+    ann = {"name": "Ann", "country": "NZ"}
+    status, first = http("POST", update, ann, headers={"Idempotency-Key": '"order-7"'})
+    assert status == 200, first
+    unquoted = {"Idempotency-Key": "order-7"}
+    status, again = http("POST", update, ann, headers=unquoted)
+    assert status == 200, again
+    assert again["id"] == first["id"]
+    assert again["payload"] == ann
+
+    status, conflict = http("POST", update, {**ann, "name": "Bo"}, headers=unquoted)
+    assert (status, conflict["code"]) == (409, 409), conflict
+    assert "order-7" in conflict["message"]
+    assert conflict["data"]["id"] == first["id"]
+
+    status, bad = http("POST", update, ann, headers={"Idempotency-Key": "x" * 201})
+    assert (status, bad["code"]) == (422, 422), bad
+    assert "idempotency key" in bad["message"]
+
+    status, events = http("GET", f"{node.base}/profile-events")
+    assert (status, events["total"]) == (200, 1)  # stored once

@@ -523,3 +523,28 @@ async def test_a_look_at_the_stored_fields_leaves_no_pool_open(make: Make) -> No
     assert await look.stored_fields() == {"a": "integer"}
     await made.close()
     assert not _DATABASES  # a refused start never closes the adapter it looked with
+
+
+async def test_keys_are_looked_up_through_the_unique_index(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # The log may hold millions of keys: append_keyed must search the index, never scan.
+    adapter = PostgresAdapter(
+        "log", {"event": "string", "key": "string"}, dsn=postgres_dsn, options={"schema": pg_schema}
+    )
+    adapter.declare_unique("key")
+    await adapter.connect()
+    try:
+        await adapter.append([{"event": "e", "key": f"k{i}"} for i in range(20_000)])
+        await adapter.append([{"event": "e"} for _ in range(100)])
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            await conn.execute("ANALYZE log")
+            cur = await conn.execute(
+                ("EXPLAIN " + adapter._holders_sql("key")).encode(), [["k5", "k77", "nope"]]
+            )
+            plan = " ".join(str(row[0]) for row in await cur.fetchall())
+    finally:
+        await adapter.close()
+    assert "log$key$ux" in plan, plan  # the unique index (stores.sql.index_name)
+    assert "Seq Scan" not in plan, plan

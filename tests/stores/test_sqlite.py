@@ -343,3 +343,22 @@ async def test_indexes_survive_restore_and_replace_with_under_their_own_names(
         ("things_replay", "things_replay$n$ix"),
         ("things_replay", "things_replay$owner$ix"),
     ]
+
+
+async def test_keys_are_looked_up_through_the_unique_index(tmp_path: Path) -> None:
+    # The log may hold millions of keys: append_keyed must search the index, never scan.
+    adapter = stores.sqlite(tmp_path)("log", {"event": "string", "key": "string"})
+    assert isinstance(adapter, SqliteAdapter)
+    adapter.declare_unique("key")
+    await adapter.connect()
+    try:
+        conn = sqlite3.connect(tmp_path / "log.sqlite3")
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN " + adapter._holders_sql("key", 3), ["a", "b", "c"]
+        ).fetchall()
+        conn.close()
+    finally:
+        await adapter.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX log$key$ux" in details, details  # the unique index
+    assert "SCAN" not in details, details

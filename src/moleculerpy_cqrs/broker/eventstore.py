@@ -13,12 +13,24 @@ from moleculerpy_cqrs.broker.log import READ, RECORD_SNAPSHOT, SETTLE_SNAPSHOT, 
 from moleculerpy_cqrs.broker.mixin_base import CqrsMixin
 from moleculerpy_cqrs.broker.port import MoleculerPort
 from moleculerpy_cqrs.broker.store_service import ReadActions, params_of
-from moleculerpy_cqrs.broker.timings import append_timings
+from moleculerpy_cqrs.broker.timings import Outcome, append_timings
 from moleculerpy_cqrs.core.eventstore import MAX_PAYLOAD_BYTES, EventStoreRuntime, until_ready
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL
-from moleculerpy_cqrs.core.records import EVENT_FIELDS, EVENT_VERSION, answer
+from moleculerpy_cqrs.core.records import (
+    EVENT_FIELDS,
+    EVENT_VERSION,
+    IDEMPOTENCY_KEY,
+    ORIGIN_KEY,
+    answer,
+)
 from moleculerpy_cqrs.core.upcast import Upcaster, Upcasters
-from moleculerpy_cqrs.errors import ConfigurationError, CqrsError, InvalidInput, StoreError
+from moleculerpy_cqrs.errors import (
+    ConfigurationError,
+    ConflictError,
+    CqrsError,
+    InvalidInput,
+    StoreError,
+)
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import (
     Declarations,
@@ -29,6 +41,8 @@ from moleculerpy_cqrs.stores.fields import (
 )
 
 ActionHandler = Callable[[Any, Context], Any]
+KeyOf = Callable[[Context], Any]
+"""Derives an idempotency key from a call's context (None: no key)."""
 
 
 class EventStore:
@@ -111,12 +125,18 @@ class EventStore:
         params: Mapping[str, Any] | None = None,
         strict: bool = True,
         version: int = EVENT_VERSION,
+        idempotency_key: KeyOf | None = None,
     ) -> ActionHandler:
         """An action that saves its params as ``event_name`` and answers the stored event.
 
         ``params`` is an optional MoleculerPy validation schema; with ``strict`` (the
         default when a schema is given) keys outside it are refused too. ``version`` is
         stamped on every event it stores: the current version of ``event_name``.
+
+        A call with an idempotency key is stored at most once per key: ``ctx.meta``'s
+        ``idempotencyKey``, or what ``idempotency_key(ctx)`` answers (say, a command id in
+        the params; None: no key). A repeat with the same params is answered the event
+        stored first; with other params, a 409 ``ConflictError``.
         """
         self.upcasters.declare(event_name, version)
         extras = dict(extras or {})
@@ -129,7 +149,7 @@ class EventStore:
         self.produces.add(event_name)
         allowed = set(params) if params and strict else None
 
-        async def save(service: Any, ctx: Context) -> dict[str, Any]:
+        async def save(service: Any, ctx: Context, outcome: Outcome) -> dict[str, Any]:
             payload = ctx.params if ctx.params is not None else {}
             if not isinstance(payload, dict):
                 raise InvalidInput("params must be an object")
@@ -141,12 +161,21 @@ class EventStore:
                         field=extra[0],
                     )
             runtime = store.runtime(service.broker)
+            if idempotency_key is not None:
+                key = idempotency_key(ctx)
+            else:
+                key = (ctx.meta or {}).get(IDEMPOTENCY_KEY)
             try:
-                row = await runtime.append(
-                    event_name, payload, extras=extras, meta=ctx.meta, version=version
+                keyed = await runtime.append_once(
+                    event_name,
+                    payload,
+                    extras=extras,
+                    meta=ctx.meta,
+                    version=version,
+                    idempotency_key=key,
                 )
             except CqrsError as error:
-                if not isinstance(error, InvalidInput):
+                if not isinstance(error, InvalidInput | ConflictError):
                     await runtime.port.emit(
                         f"{event_name}.failed", {"error": str(error), "event": event_name}
                     )
@@ -158,22 +187,35 @@ class EventStore:
                 raise StoreError(
                     f"could not save {event_name}: {error}", store=store.name
                 ) from error
-            return answer(row, tuple(store.extra_fields))
+            outcome.duplicate = not keyed.stored
+            return answer(keyed.row, tuple(store.extra_fields))
 
         @action(name=action_name, params=dict(params) if params else None)
         async def handler(service: Any, ctx: Context) -> dict[str, Any]:
             timings = append_timings(service.broker)
-            with timings.measure(store.name, f"{service.name}.{action_name}"):
-                return await save(service, ctx)
+            with timings.measure(store.name, f"{service.name}.{action_name}") as outcome:
+                return await save(service, ctx, outcome)
 
         handler.__name__ = f"cqrs_map_action_{action_name}"
         return handler
 
     def map_event(
-        self, origin_event: str, stored_event: str, *, version: int = EVENT_VERSION
+        self,
+        origin_event: str,
+        stored_event: str,
+        *,
+        version: int = EVENT_VERSION,
+        idempotency_key: KeyOf | None = None,
     ) -> Callable[[Any, Context], Any]:
         """An event handler that saves every ``origin_event`` it hears as ``stored_event``
-        (stamped ``version``, its current version)."""
+        (stamped ``version``, its current version).
+
+        An event heard from one of the toolkit's event stores (its dispatcher delivers at
+        least once) is keyed by its origin, ``<store>:<position>``: a redelivery stores
+        nothing. For events from elsewhere, ``idempotency_key(ctx)`` may name a key (say, a
+        message id the emitter puts in the payload or meta); None: stored as heard. A
+        repeat is never refused: its first copy stands.
+        """
         self.upcasters.declare(stored_event, version)
         store = self
         self.produces.add(stored_event)
@@ -181,8 +223,17 @@ class EventStore:
         @event(name=origin_event)
         async def handler(service: Any, ctx: Context) -> None:
             payload = ctx.params if isinstance(ctx.params, dict) else {"value": ctx.params}
+            meta = ctx.meta or {}
+            key = idempotency_key(ctx) if idempotency_key is not None else None
+            if key is None and isinstance(meta.get(ORIGIN_KEY), str):
+                key = f"{ORIGIN_KEY}:{meta[ORIGIN_KEY]}"
             await store.runtime(service.broker).append(
-                stored_event, payload, meta=ctx.meta, version=version
+                stored_event,
+                payload,
+                meta=meta,
+                version=version,
+                idempotency_key=key,
+                compare=False,
             )
 
         handler.__name__ = f"cqrs_map_event_{origin_event}"

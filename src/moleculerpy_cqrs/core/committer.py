@@ -3,6 +3,11 @@
 Appends queue up while a write is in flight; the next write takes everything queued (up to
 ``max_batch``) in one transaction. Under load this amortises the commit (the fsync) over many
 events; with one writer it costs nothing. Every caller gets its row once it is durable.
+
+Rows may carry an idempotency key (the unique field ``key_field``): a batch holding any goes
+through :meth:`~moleculerpy_cqrs.stores.base.Adapter.append_keyed`, which stores a key once and
+answers every row with the row that holds its key. Batches are written one after another, so a
+repeat queued behind the batch writing its key finds it stored.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Final
 
-from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record
 
 MAX_BATCH: Final = 1000
@@ -24,11 +29,13 @@ class GroupCommitter:
         on_commit: Callable[[list[Record]], None],
         *,
         max_batch: int = MAX_BATCH,
+        key_field: str | None = None,
     ) -> None:
         self._adapter = adapter
         self._on_commit = on_commit
         self._max_batch = max_batch
-        self._queue: list[tuple[CheckedRow, asyncio.Future[Record]]] = []
+        self._key_field = key_field
+        self._queue: list[tuple[CheckedRow, asyncio.Future[Keyed]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
         self.appended = 0
@@ -36,7 +43,12 @@ class GroupCommitter:
     async def append(self, row: CheckedRow) -> Record:
         """Append one row checked by the adapter; answers it with its position once
         committed."""
-        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        return (await self.append_keyed(row)).row
+
+    async def append_keyed(self, row: CheckedRow) -> Keyed:
+        """:meth:`append` for a row that may hold a key in ``key_field``: answers the row that
+        holds it once committed, and whether this call stored it."""
+        future: asyncio.Future[Keyed] = asyncio.get_running_loop().create_future()
         self._queue.append((row, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="cqrs-group-commit")
@@ -53,9 +65,14 @@ class GroupCommitter:
             del self._queue[: self._max_batch]
             await self._write(batch)
 
-    async def _write(self, batch: list[tuple[CheckedRow, asyncio.Future[Record]]]) -> None:
+    async def _write(self, batch: list[tuple[CheckedRow, asyncio.Future[Keyed]]]) -> None:
+        key = self._key_field
+        rows = [row for row, _ in batch]
         try:
-            rows = await self._adapter.append_checked([row for row, _ in batch])
+            if key is not None and any(row.record.get(key) is not None for row in rows):
+                answers = await self._adapter.append_keyed(rows, key)
+            else:
+                answers = [Keyed(r, True) for r in await self._adapter.append_checked(rows)]
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0][1], error=error)
@@ -64,20 +81,22 @@ class GroupCommitter:
             for item in batch:
                 await self._write([item])
             return
+        stored = [a.row for a in answers if a.stored]
         self.batches += 1
-        self.appended += len(rows)
-        for (_, future), row in zip(batch, rows, strict=True):
-            _settle(future, row=row)
-        self._on_commit(rows)
+        self.appended += len(stored)
+        for (_, future), keyed in zip(batch, answers, strict=True):
+            _settle(future, keyed=keyed)
+        if stored:
+            self._on_commit(stored)
 
 
 def _settle(
-    future: asyncio.Future[Record], *, row: Record | None = None, error: Exception | None = None
+    future: asyncio.Future[Keyed], *, keyed: Keyed | None = None, error: Exception | None = None
 ) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        assert row is not None
-        future.set_result(row)
+        assert keyed is not None
+        future.set_result(keyed)

@@ -20,7 +20,7 @@ from typing import Final
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.records import EventType, Status, delivered, now_ms
+from moleculerpy_cqrs.core.records import ORIGIN_KEY, EventType, Status, delivered, now_ms
 from moleculerpy_cqrs.core.upcast import Upcasters, UpcastFailed
 from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Record
@@ -233,18 +233,23 @@ class Dispatcher:
             )
             return Status.FAILED
         status = Status.COMPLETE
-        for piece in pieces:
-            if await self._deliver(piece, batch_size) == Status.FAILED:
+        # Where each event comes from, so a subscriber storing it (map_event) can key it and
+        # store a redelivery once: the store and position, and which piece of a split event.
+        origin = f"{self._adapter.name}:{row['id']}"
+        for n, piece in enumerate(pieces):
+            where = origin if len(pieces) == 1 else f"{origin}#{n}"
+            if await self._deliver(piece, batch_size, where) == Status.FAILED:
                 status = Status.FAILED
         return status
 
-    async def _deliver(self, row: Record, batch_size: int) -> Status:
+    async def _deliver(self, row: Record, batch_size: int, origin: str) -> Status:
         payload = delivered({**row, "status": int(Status.PROCESSING)}, batch_size)
+        meta = {**(row.get("meta") or {}), ORIGIN_KEY: origin}
         attempts = int(row.get("attempts") or 0)
         while True:
             attempts += 1
             try:
-                await self._port.emit(row["event"], payload, meta=row.get("meta") or {})
+                await self._port.emit(row["event"], payload, meta=meta)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -13,17 +15,25 @@ from moleculerpy_cqrs.core.joins import PRIVATE_META
 from moleculerpy_cqrs.core.lease import DEFAULT_TTL, Lease
 from moleculerpy_cqrs.core.log import Listeners
 from moleculerpy_cqrs.core.port import BrokerPort
-from moleculerpy_cqrs.core.records import EVENT_VERSION, EventType, Status, now_ms
+from moleculerpy_cqrs.core.records import (
+    EVENT_VERSION,
+    IDEMPOTENCY_KEY,
+    MAX_KEY_LENGTH,
+    EventType,
+    Status,
+    now_ms,
+)
 from moleculerpy_cqrs.core.schema import refuse_event_log_drift
 from moleculerpy_cqrs.core.states import DispatcherState
 from moleculerpy_cqrs.core.upcast import Upcasters
-from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
-from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, InvalidInput, StoreError
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record, check_json
 from moleculerpy_cqrs.stores.query import And, Compare, In, Query, parse_condition
 
 MAX_PAYLOAD_BYTES: Final = 1_048_576
 READY_TIMEOUT: Final = 30.0
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +61,7 @@ class EventStoreRuntime:
         self._make_adapter = make_adapter
         self._dispatch = {"batch_size": dispatch_batch_size, "max_attempts": dispatch_attempts}
         self.started = False
+        self.duplicates = 0
         self.ready = asyncio.Event()
         self._announcing: asyncio.Task[None] | None = None
         self._build()
@@ -58,7 +69,8 @@ class EventStoreRuntime:
     def _build(self) -> None:
         """Fresh parts around a fresh adapter (an adapter is not reopened once closed)."""
         self.adapter = self._make_adapter()
-        self.committer = GroupCommitter(self.adapter, self._committed)
+        self.adapter.declare_unique(IDEMPOTENCY_KEY)
+        self.committer = GroupCommitter(self.adapter, self._committed, key_field=IDEMPOTENCY_KEY)
         self.lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
         self.dispatcher = Dispatcher(
             self.adapter, self.port, lease=self.lease, upcasters=self.upcasters, **self._dispatch
@@ -109,8 +121,42 @@ class EventStoreRuntime:
         meta: Mapping[str, Any] | None = None,
         event_type: EventType = EventType.COMMAND,
         version: int = EVENT_VERSION,
+        idempotency_key: Any = None,
+        compare: bool = True,
     ) -> Record:
-        """Check, then append one event; answers the stored row once it is durable."""
+        """Check, then append one event; answers the stored row once it is durable.
+
+        With an ``idempotency_key``, the event is stored at most once per key: a repeat is
+        answered the event stored first, and stores nothing. With ``compare``, a repeat whose
+        event, payload or extras differ (compared canonically) is a :class:`ConflictError`.
+        """
+        keyed = await self.append_once(
+            event,
+            payload,
+            extras=extras,
+            meta=meta,
+            event_type=event_type,
+            version=version,
+            idempotency_key=idempotency_key,
+            compare=compare,
+        )
+        return keyed.row
+
+    async def append_once(
+        self,
+        event: str,
+        payload: Any,
+        *,
+        extras: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        event_type: EventType = EventType.COMMAND,
+        version: int = EVENT_VERSION,
+        idempotency_key: Any = None,
+        compare: bool = True,
+    ) -> Keyed:
+        """:meth:`append`, answering also whether this call stored the event (false: a
+        repeat of its idempotency key, answered the event stored before)."""
+        key = check_idempotency_key(idempotency_key)
         now = now_ms()
         record = {
             **(extras or {}),
@@ -123,12 +169,28 @@ class EventStoreRuntime:
             "payload": payload,
             "meta": self._clean_meta(meta),
             "attempts": 0,
+            IDEMPOTENCY_KEY: key,
         }
         row = self._check(record)
         await until_ready(self.ready, self.name)
         if row.adapter is not self.adapter:  # restarted meanwhile, with a fresh adapter
             row = self._check(record)
-        return await self.committer.append(row)
+        if key is None:
+            return Keyed(await self.committer.append(row), True)
+        keyed = await self.committer.append_keyed(row)
+        if keyed.stored:
+            return keyed
+        if compare and not _same_command(row.record, keyed.row, extras or {}):
+            raise ConflictError(
+                f"idempotency key {key!r} is already held by event {keyed.row['id']} "
+                f"({keyed.row['event']}) with other params: a key names one command; "
+                "use a new key for a new command",
+                key=key,
+                id=keyed.row["id"],
+                event=keyed.row["event"],
+            )
+        self.duplicates += 1
+        return keyed
 
     async def record_snapshot(self, event: str, payload: dict[str, Any]) -> Record:
         """Store a snapshot-created event (eventType 1)."""
@@ -198,6 +260,7 @@ class EventStoreRuntime:
             "head": head,
             "appended": self.committer.appended,
             "commits": self.committer.batches,
+            "duplicates": self.duplicates,
             "versions": self.upcasters.versions(),
             "renames": self.upcasters.renamed(),
             "dispatcher": {
@@ -263,7 +326,46 @@ class EventStoreRuntime:
     def _clean_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
         if not meta:
             return {}
-        return {k: v for k, v in meta.items() if k not in PRIVATE_META}
+        # The key is stored in its own column, not twice.
+        return {k: v for k, v in meta.items() if k not in PRIVATE_META and k != IDEMPOTENCY_KEY}
+
+
+def check_idempotency_key(key: Any) -> str | None:
+    """An idempotency key as given, or :class:`InvalidInput` (422) saying what to fix."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InvalidInput(
+            f"the idempotency key must be a string, not {type(key).__name__}",
+            field=IDEMPOTENCY_KEY,
+        )
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidInput(
+            f"the idempotency key must be 1 to {MAX_KEY_LENGTH} characters, not {len(key)}",
+            field=IDEMPOTENCY_KEY,
+        )
+    if "\x00" in key:
+        raise InvalidInput("the idempotency key must not hold NUL", field=IDEMPOTENCY_KEY)
+    if _SURROGATE.search(key):
+        raise InvalidInput(
+            "the idempotency key must be valid Unicode (it holds a lone surrogate)",
+            field=IDEMPOTENCY_KEY,
+        )
+    return key
+
+
+def _same_command(new: Record, stored: Record, extras: Mapping[str, Any]) -> bool:
+    """Whether a repeat carries the command stored: same event (name, kind and version),
+    payload and extras, compared
+    as canonical JSON (key order does not matter; meta is context and is not compared)."""
+    if any(new[n] != stored[n] for n in ("event", "eventType", "version")):
+        return False
+    names = ("payload", *extras)
+    return all(_canonical(new.get(n)) == _canonical(stored.get(n)) for n in names)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 async def until_ready(ready: asyncio.Event, name: str) -> None:

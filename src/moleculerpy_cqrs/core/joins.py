@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from moleculerpy_cqrs.core.batch import BatchView
+from moleculerpy_cqrs.core.records import ORIGIN_KEY
 from moleculerpy_cqrs.errors import Conflict
 
 TOKEN_KEY: Final = "$cqrsTx"
@@ -33,7 +34,7 @@ ones it forwards here with ``RECORDED_KEY``; a read from a later call (place > 0
 without the mark came another way (through a third service), unrecorded: its call's answer is
 not used (:meth:`OpenBatches.take_unrecorded`)."""
 RECORDED_KEY: Final = "$cqrsRecorded"
-PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY, RECORDED_KEY)
+PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY, RECORDED_KEY, ORIGIN_KEY)
 
 
 @dataclass(frozen=True)

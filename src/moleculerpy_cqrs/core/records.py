@@ -39,8 +39,16 @@ EVENT_FIELDS: Final[dict[str, str]] = {
     "meta": "json",
     "attempts": "integer",
     "error": "string",
+    "idempotencyKey": "string",
 }
-"""Columns of every event store (``created``/``updated`` in Unix milliseconds)."""
+"""Columns of every event store (``created``/``updated`` in Unix milliseconds;
+``idempotencyKey`` unique, NULL for events stored without a key)."""
+
+IDEMPOTENCY_KEY: Final = "idempotencyKey"
+"""The event store's unique column, and the ``ctx.meta`` entry a caller sets it with."""
+MAX_KEY_LENGTH: Final = 200
+ORIGIN_KEY: Final = "$cqrsOrigin"
+"""The meta entry the dispatcher sends with each event: ``<event store>:<position>``."""
 
 AGGREGATE_FIELDS: Final[dict[str, str]] = {"eventId": "integer"}
 """Columns the toolkit adds to every aggregate: the event that last wrote the row."""
@@ -82,6 +90,6 @@ def answer(row: Record, extras: tuple[str, ...]) -> dict[str, Any]:
 
 def delivered(row: Record, batch_size: int) -> dict[str, Any]:
     """An event as the dispatcher emits it and transformations receive it."""
-    out = {k: v for k, v in row.items() if k not in ("meta", "attempts", "error")}
+    out = {k: v for k, v in row.items() if k not in ("meta", "attempts", "error", IDEMPOTENCY_KEY)}
     out["batchSize"] = batch_size
     return out

@@ -16,17 +16,26 @@ status: a bad parameter is 422 (``profile.update`` declares its params schema: a
 without a country, or with a country that is not text, is refused and nothing is stored), a
 body that is not JSON 415, malformed JSON 400, a missing id 404, each with a JSON body that
 names the problem.
+
+Retries are safe with the ``Idempotency-Key`` header (the IETF httpapi draft; quoted or not):
+it becomes ``meta.idempotencyKey``, so a repeat of a POST is answered the event stored first
+and stores nothing, and a repeat with another body answers 409::
+
+    curl -X POST localhost:3000/api/profile/update -H 'Idempotency-Key: "order-7"' \\
+         -H 'content-type: application/json' -d '{"name": "Ann", "country": "NZ"}'
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from moleculerpy_web import ApiGatewayService, GatewayError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 WRITES = ("POST", "PUT", "PATCH")
+IDEMPOTENCY_HEADER = "idempotency-key"
 
 
 class UnsupportedMediaTypeError(GatewayError):  # type: ignore[misc]
@@ -42,6 +51,39 @@ class UnsupportedMediaTypeError(GatewayError):  # type: ignore[misc]
         )
 
 
+class _ConflictsStay409:
+    """The broker as the gateway calls it, but a 409 (a repeated key with other params) is
+    answered 409: moleculerpy-web answers every client error other than 401, 403 and 404 as
+    400, and a client must tell "you sent this key with another command" apart."""
+
+    def __init__(self, broker: Any) -> None:
+        self._broker = broker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._broker, name)
+
+    async def call(self, action: str, params: Any = None, **options: Any) -> Any:
+        try:
+            return await self._broker.call(action, params, **options)
+        except Exception as error:
+            if getattr(error, "code", None) != 409:
+                raise
+            data = getattr(error, "data", None)
+            kind = str(getattr(error, "type", None) or "CONFLICT")
+            raise GatewayError(str(error), 409, kind, dict(data or {})) from error
+
+
+async def before_call(ctx: Any, route: Any, request: Any) -> None:
+    """The ``Idempotency-Key`` header to ``meta.idempotencyKey`` (a structured-field string
+    is quoted: the quotes are not part of the key)."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None:
+        if len(key) >= 2 and key[0] == key[-1] == '"':
+            key = key[1:-1]
+        ctx.meta["idempotencyKey"] = key
+    ctx.broker = _ConflictsStay409(ctx.broker)
+
+
 class ProfileGateway(ApiGatewayService):  # type: ignore[misc]
     name = "api"
     settings = {
@@ -51,6 +93,7 @@ class ProfileGateway(ApiGatewayService):  # type: ignore[misc]
         "routes": [
             {
                 "path": "/",
+                "onBeforeCall": before_call,
                 "aliases": {
                     "POST /profile/update": "profile.update",
                     "GET /profile-summary": "profileSummaryAggregate.list",

@@ -105,6 +105,11 @@ def event_store_metrics(statuses: list[EventStoreStatus]) -> Iterator[Metric]:
     commits = _counter(
         "cqrs_event_store_commits", "Group commits this node made since it started.", labels
     )
+    duplicates = _counter(
+        "cqrs_event_store_duplicates",
+        "Repeats of a stored idempotency key this node answered with the stored event.",
+        labels,
+    )
     cursor = _gauge("cqrs_dispatcher_cursor", "Position the dispatcher has settled.", labels)
     lag = _gauge("cqrs_dispatcher_lag_events", "Stored events not dispatched yet.", labels)
     delivered = _counter(
@@ -130,6 +135,7 @@ def event_store_metrics(statuses: list[EventStoreStatus]) -> Iterator[Metric]:
         head.add_metric(name, status.head)
         appended.add_metric(name, status.appended)
         commits.add_metric(name, status.commits)
+        duplicates.add_metric(name, status.duplicates)
         cursor.add_metric(name, d.cursor)
         lag.add_metric(name, d.lag)
         delivered.add_metric(name, d.delivered)
@@ -139,7 +145,19 @@ def event_store_metrics(statuses: list[EventStoreStatus]) -> Iterator[Metric]:
         held.add_metric(name, 1 if d.lease and d.lease.mine else 0)
         if d.lease:
             holder.add_metric([*name, d.lease.node], 1)
-    yield from (head, appended, commits, cursor, lag, delivered, failed, state, held, holder)
+    yield from (
+        head,
+        appended,
+        commits,
+        duplicates,
+        cursor,
+        lag,
+        delivered,
+        failed,
+        state,
+        held,
+        holder,
+    )
 
 
 def aggregate_metrics(statuses: list[AggregateStatus]) -> Iterator[Metric]:

@@ -125,6 +125,7 @@ class EventStoreStatus:
     """Old event names read as new ones."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     kind: Kind = "event store"
+    duplicates: int = 0  # repeats of an idempotency key answered with the stored event
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any], nodes: Sequence[str] = ()) -> EventStoreStatus:
@@ -138,6 +139,7 @@ class EventStoreStatus:
             versions={str(k): _int(v) for k, v in _dict(answer.get("versions")).items()},
             renames={str(k): str(v) for k, v in _dict(answer.get("renames")).items()},
             raw=dict(answer),
+            duplicates=_int(answer.get("duplicates")),
         )
 
     @property

@@ -14,6 +14,7 @@ and writers wait until it ends. Sibling tables (:meth:`Adapter.sibling`) share i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import json.encoder
 from abc import ABC, abstractmethod
@@ -73,6 +74,15 @@ class CheckedRow:
     """What the backend writes, one value per declared field in order."""
 
 
+@dataclass(slots=True)
+class Keyed:
+    """One answer of :meth:`Adapter.append_keyed`: the row holding the key, and whether this
+    append stored it (false: it was there before, or an earlier row of the batch holds it)."""
+
+    row: Record
+    stored: bool
+
+
 class StoreFactory(Protocol):
     """The seed's factory shape: ``(name, cqrs_fields, settings) -> Adapter``.
 
@@ -130,6 +140,19 @@ class Adapter(ABC):
         a unique field refuses a second row with the same non-null value with
         :func:`unique_conflict`, and the write changes nothing."""
         self._json_fields = tuple(n for n, k in self.fields.items() if k == "json")
+
+    def declare_unique(self, field: str) -> None:
+        """Make the values of the string field ``field`` unique in this table (any number of
+        rows may hold NULL): call it before :meth:`connect`, which then creates a unique
+        index on it (on an existing table too). :meth:`append_keyed` looks keys up through
+        that index, and an insert or update that would store a value twice is refused."""
+        if self.fields.get(field) != "string":
+            raise ConfigurationError(
+                f"store {self.name!r}: a unique field must be a declared string field, "
+                f"not {field!r}"
+            )
+        self.specs[field] = dataclasses.replace(self.specs[field], index=True, unique=True)
+        self.indexes[field] = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -354,6 +377,30 @@ class Adapter(ABC):
                     f"to {self.name!r}; check rows with the adapter that appends them"
                 )
         return await self._append(list(rows)) if rows else []
+
+    async def append_keyed(self, rows: Sequence[CheckedRow], key: str) -> list[Keyed]:
+        """:meth:`append_checked` where the unique field ``key`` (see :meth:`declare_unique`)
+        holds an idempotency key: a row whose key is already stored, or held by an earlier
+        row of ``rows``, is not stored. Each answer is the row that holds the row's key: the
+        row itself with its new ``id`` (``stored`` true), or the one stored before (``stored``
+        false, as read back). Rows without a key are appended as usual. One transaction, or
+        the current one; a concurrent append of the same key (another connection or node)
+        is waited for, never stored twice and never an error. The lookup uses the index."""
+        if self.indexes.get(key) is not True:
+            raise ConfigurationError(
+                f"append_keyed: {key!r} is not a unique field of store {self.name!r}"
+            )
+        for row in rows:
+            if row.adapter is not self:
+                raise ConfigurationError(
+                    f"append_keyed: a row checked by store {row.adapter.name!r} was given "
+                    f"to {self.name!r}; check rows with the adapter that appends them"
+                )
+        return await self._append_keyed(list(rows), key) if rows else []
+
+    @abstractmethod
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        """:meth:`append_keyed` for checked rows (see there); ids as in :meth:`_append`."""
 
     def _encode_row(self, record: Record, json_texts: Mapping[str, str]) -> tuple[Any, ...]:
         """The values a checked record is written with, one per declared field in order.

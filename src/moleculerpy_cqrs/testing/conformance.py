@@ -16,6 +16,7 @@ expected answers follow the reference semantics in :mod:`moleculerpy_cqrs.stores
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moleculerpy_cqrs.errors import CqrsError, InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, InvalidInput
+from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record
 from moleculerpy_cqrs.stores.query import (
     ALL,
@@ -54,12 +55,15 @@ from moleculerpy_cqrs.testing.conformance_base import (
     LOG_FIELDS,
     T0,
     AdapterCase,
+    Boom,
     doomed,
     files_under,
     outside,
     promptly,
 )
 from moleculerpy_cqrs.testing.conformance_indexes import IndexCases, SchemaCases
+
+KEYED_FIELDS: dict[str, str] = {"event": "string", "key": "string", "n": "integer"}
 
 
 class CrudCases(AdapterCase):
@@ -1169,6 +1173,122 @@ class PropertyCases(AdapterCase):
         assert await a.count() == len(stored) - len(matching)
 
 
+class UniqueKeyCases(AdapterCase):
+    """A unique field (:meth:`Adapter.declare_unique`) and :meth:`Adapter.append_keyed`."""
+
+    async def open_keyed(self, name: str = "keyed") -> Adapter:
+        adapter = await self.make_adapter(name, KEYED_FIELDS)
+        adapter.declare_unique("key")
+        self._opened.append(adapter)
+        await adapter.connect()
+        return adapter
+
+    @staticmethod
+    def rows(adapter: Adapter, *keys: str | None) -> list[CheckedRow]:
+        return [adapter.check_row({"event": f"e{i}", "key": k}) for i, k in enumerate(keys)]
+
+    async def test_a_key_is_stored_once_and_a_repeat_answers_its_holder(self) -> None:
+        a = await self.open_keyed()
+        (first,) = await a.append_keyed(self.rows(a, "k1"), "key")
+        assert first.stored
+        assert first.row["key"] == "k1"
+        (again,) = await a.append_keyed(self.rows(a, "k1"), "key")
+        assert not again.stored
+        assert again.row == first.row
+        assert await a.count() == 1
+
+    async def test_one_batch_stores_a_key_once_and_rows_without_keys_as_usual(self) -> None:
+        a = await self.open_keyed()
+        (held,) = await a.append_keyed(self.rows(a, "old"), "key")
+        answers = await a.append_keyed(self.rows(a, "k", None, "k", "old", None, "j"), "key")
+        assert [x.stored for x in answers] == [True, True, False, False, True, True]
+        assert answers[2].row == answers[0].row
+        assert answers[3].row == held.row
+        new = [x.row for x in answers if x.stored]
+        assert [r["event"] for r in new] == ["e0", "e1", "e4", "e5"]
+        ids = [r["id"] for r in new]
+        assert ids == sorted(ids)
+        assert ids[0] > held.row["id"]
+        assert await a.read_after(held.row["id"], 10) == new
+
+    async def test_concurrent_appenders_of_the_same_keys_store_each_once(self) -> None:
+        adapters = [await self.open_keyed() for _ in range(3)]
+        keys = [f"k{i}" for i in range(8)]
+
+        async def append(adapter: Adapter, turn: int) -> list[Keyed]:
+            rotated = keys[turn:] + keys[:turn]
+            return await adapter.append_keyed(self.rows(adapter, *rotated), "key")
+
+        answers = await asyncio.gather(*(append(a, i) for i, a in enumerate(adapters)))
+        stored = await adapters[0].find()
+        assert sorted(r["key"] for r in stored) == keys
+        holders = {r["key"]: r["id"] for r in stored}
+        for batch in answers:
+            assert all(holders[x.row["key"]] == x.row["id"] for x in batch)
+        assert sum(x.stored for batch in answers for x in batch) == len(keys)
+
+    async def test_inserting_or_updating_to_a_held_value_is_refused(self) -> None:
+        a = await self.open_keyed()
+        one = await a.insert({"event": "a", "key": "k"})
+        other = await a.insert({"event": "b", "key": "j"})
+        with pytest.raises(ConflictError):
+            await a.insert({"event": "c", "key": "k"})
+        with pytest.raises(ConflictError):
+            await a.update(other["id"], {"key": "k"})
+        assert await a.find() == [one, other]
+        await a.insert_many([{"event": "n"}, {"event": "m", "key": None}])  # NULLs: any number
+        assert await a.count() == 4
+
+    async def test_append_keyed_joins_a_transaction_and_rolls_back_with_it(self) -> None:
+        a = await self.open_keyed()
+        with suppress(Boom):
+            async with a.transaction():
+                (x,) = await a.append_keyed(self.rows(a, "k"), "key")
+                assert x.stored
+                (y,) = await a.append_keyed(self.rows(a, "k"), "key")
+                assert not y.stored
+                assert y.row["id"] == x.row["id"]
+                raise Boom
+        assert await a.count() == 0
+        (z,) = await a.append_keyed(self.rows(a, "k"), "key")
+        assert z.stored
+
+    async def test_the_index_is_made_on_an_existing_table(self) -> None:
+        plain = await self.open("keyed", KEYED_FIELDS)
+        await plain.insert_many([{"event": "a", "key": "k"}, {"event": "b"}])
+        a = await self.open_keyed()
+        (x,) = await a.append_keyed(self.rows(a, "k"), "key")
+        assert not x.stored
+        assert x.row["event"] == "a"
+        with pytest.raises(ConflictError):
+            await a.insert({"event": "c", "key": "k"})
+
+    async def test_keys_stay_unique_after_a_restore(self) -> None:
+        a = await self.open_keyed()
+        await a.append_keyed(self.rows(a, "k"), "key")
+        location = self.tmp_location()
+        await a.backup(location)
+        await a.append_keyed(self.rows(a, "later"), "key")
+        await a.restore(location)
+        (x,) = await a.append_keyed(self.rows(a, "k"), "key")
+        assert not x.stored
+        (y,) = await a.append_keyed(self.rows(a, "later"), "key")
+        assert y.stored
+        with pytest.raises(ConflictError):
+            await a.insert({"event": "c", "key": "k"})
+
+    async def test_only_declared_string_fields_can_be_unique(self) -> None:
+        a = await self.make_adapter("keyed", KEYED_FIELDS)
+        self._opened.append(a)
+        with pytest.raises(ConfigurationError):
+            a.declare_unique("n")
+        with pytest.raises(ConfigurationError):
+            a.declare_unique("nope")
+        await a.connect()
+        with pytest.raises(ConfigurationError):
+            await a.append_keyed([a.check_row({"event": "x"})], "key")
+
+
 class AdapterConformance(
     CrudCases,
     ApplyCases,
@@ -1182,6 +1302,7 @@ class AdapterConformance(
     BackupCases,
     HostileInputCases,
     PropertyCases,
+    UniqueKeyCases,
 ):
     """Every case: subclass this and implement :meth:`AdapterCase.make_adapter`."""
 
@@ -1205,4 +1326,5 @@ __all__ = [
     "SchemaCases",
     "TransactionCases",
     "TypeCases",
+    "UniqueKeyCases",
 ]

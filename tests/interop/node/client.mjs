@@ -6,7 +6,8 @@
 // is up and sees the profile services, then waits for "go" (the test first makes sure the Python
 // node knows this node's subscription to profile.updated: Moleculer.js announces it about a
 // second after start() resolves). Then it stores COUNT profile updates and says {"saved"};
-// on "read" it reads the summary aggregate, provokes a 422 and a 404, and says {"report"};
+// on "read" it reads the summary aggregate, provokes a 422 and a 404, sends one command three
+// times with one idempotency key (twice the same, once with other params), and says {"report"};
 // on "stop" it stops its broker and exits.
 import { createInterface } from "node:readline";
 
@@ -49,9 +50,9 @@ broker.createService({
 	},
 });
 
-async function failure(action, params) {
+async function failure(action, params, options) {
 	try {
-		const answer = await broker.call(action, params);
+		const answer = await broker.call(action, params, options);
 		return { unexpected: answer };
 	} catch (error) {
 		return { name: error.name, code: error.code, type: error.type, message: error.message };
@@ -89,6 +90,14 @@ async function main() {
 		invalid: await failure("profileSummaryAggregate.find", { colour: "red" }),
 		missing: await failure("profileSummaryAggregate.get", { id: 999_999 }),
 		count: await broker.call("profileSummaryAggregate.count", {}),
+	};
+	// Safe to retry: a repeat with the same key is answered the stored event; key order in the
+	// params does not matter; other params under the same key are a 409.
+	const meta = { idempotencyKey: "js-order-1" };
+	report.keyed = {
+		first: await broker.call("profile.update", { name: "js-keyed", country: "NZ" }, { meta }),
+		again: await broker.call("profile.update", { country: "NZ", name: "js-keyed" }, { meta }),
+		conflict: await failure("profile.update", { name: "other", country: "NZ" }, { meta }),
 	};
 	say({ report });
 

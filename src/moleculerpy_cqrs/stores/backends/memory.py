@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, unique_conflict
+from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, unique_conflict
 from moleculerpy_cqrs.stores.fields import (
     ID,
     Declarations,
@@ -417,6 +417,19 @@ class MemoryAdapter(Adapter):
 
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         return await self._insert_many([r.record for r in rows])
+
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        async with self._unit() as tx:
+            work = tx.work(self.name)
+            out: list[Keyed] = []
+            for row in rows:
+                value = row.record[key]
+                held = [] if value is None else work.lookup(key, (value,)) or []
+                if held:
+                    out.append(Keyed(self._out(held[0]), False))
+                else:
+                    out.append(Keyed(self._out(work.insert(self._own(row.record))), True))
+            return out
 
     def _check_sibling(self, other: Adapter) -> None:
         if not isinstance(other, MemoryAdapter) or other._database is not self._database:

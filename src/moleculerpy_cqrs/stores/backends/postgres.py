@@ -37,6 +37,7 @@ from moleculerpy_cqrs.stores.base import (
     Adapter,
     Changes,
     CheckedRow,
+    Keyed,
     encode_json,
     unique_conflict,
 )
@@ -329,6 +330,7 @@ class PostgresAdapter(Adapter):
         self._insert_sql = (self._bulk_insert_sql(lock=False), self._bulk_insert_sql(lock=True))
         self._ids_sql = (self._ids_sql_for(lock=False), self._ids_sql_for(lock=True))
         names = "".join(f", {quote(n)}" for n in self.fields)
+        self._keyed_sql: dict[tuple[str, bool], bytes] = {}
         self._copy_sql = _q(f"COPY {self._table} ({quote(ID)}{names}) FROM STDIN")
         self._datetimes = frozenset(n for n, k in self.fields.items() if k == "datetime")
         self._db: _Database | None = None
@@ -582,6 +584,15 @@ class PostgresAdapter(Adapter):
                 )
                 return unique_conflict(table, field, value)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # A declared unique field's value held twice is the caller's conflict (409); any
+        # other constraint (an id chosen twice) stays a store error.
+        constraint = e.diag.constraint_name or ""
+        if isinstance(e, psycopg.errors.UniqueViolation) and "$unique_" in constraint:
+            return ConflictError(
+                f"PostgreSQL store {self.name!r}: a unique field's value is already held "
+                f"({detail})",
+                store=self.name,
+            )
         return StoreError(f"PostgreSQL store {self.name!r}: {detail}", store=self.name)
 
     def transaction(self) -> AbstractAsyncContextManager[None]:
@@ -775,6 +786,83 @@ class PostgresAdapter(Adapter):
                 )
 
     # ------------------------------------------------------------------ event log
+
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        # INSERT ... ON CONFLICT DO NOTHING: a key committed by another connection meanwhile,
+        # or being committed (the insert waits for that transaction), stores nothing and is
+        # no error. The holders of the keys not stored are read back after it (a statement
+        # of its own: it sees what the other writer committed).
+        db = self._require()
+        joined = db.transaction() is not None
+        column = list(self.fields).index(key)
+        async with self._session(write=joined) as conn:
+            params: list[Any] = [self._batch_document(rows)]
+            if not joined:
+                params.append(self._write_key)
+            cur = await conn.execute(self._keyed_insert_sql(key, lock=not joined), params)
+            inserted = sorted(await cur.fetchall())
+        ids_of: dict[str, int] = {}
+        plain_ids: list[int] = []
+        for new_id, value in inserted:
+            if value is None:
+                plain_ids.append(new_id)
+            else:
+                ids_of[value] = new_id
+        out: list[Keyed | None] = []
+        missing: set[str] = set()
+        taken: set[str] = set()
+        plain = iter(plain_ids)
+        for row in rows:
+            value = row.values[column]
+            if value is None:
+                out.append(Keyed({ID: next(plain), **row.record}, True))
+            elif value in ids_of:  # the first row with this key: the one stored
+                out.append(Keyed({ID: ids_of.pop(value), **row.record}, True))
+                taken.add(value)
+            else:
+                out.append(None)
+                if value not in taken:
+                    missing.add(value)
+        held: dict[str, Record] = {}
+        if missing:
+            found = await self._select(
+                self._holders_sql(key), [sorted(missing)], self._compiler.columns
+            )
+            held = {r[key]: r for r in found}
+        first_of: dict[str, Record] = {}
+        answers: list[Keyed] = []
+        for row, answer in zip(rows, out, strict=True):
+            value = row.values[column]
+            if answer is not None:
+                if value is not None and value not in first_of:
+                    first_of[value] = answer.row
+                answers.append(answer)
+            elif value in held:
+                answers.append(Keyed(held[value], False))
+            elif value in first_of:  # an earlier row of this batch stored it
+                answers.append(Keyed(first_of[value], False))
+            else:
+                raise StoreError(
+                    f"PostgreSQL store {self.name!r}: the holder of key {value!r} vanished",
+                    store=self.name,
+                )
+        return answers
+
+    def _holders_sql(self, key: str) -> str:
+        """The rows holding any value of an array of the unique field ``key`` (by index)."""
+        return f"SELECT {self._columns} FROM {self._table} WHERE {quote(key)} = ANY(%s)"
+
+    def _keyed_insert_sql(self, key: str, *, lock: bool) -> bytes:
+        cached = self._keyed_sql.get((key, lock))
+        if cached is None:
+            plain = self._bulk_insert_sql(lock=lock).decode()
+            head, _, _ = plain.rpartition(" RETURNING ")
+            cached = _q(
+                f"{head} ON CONFLICT ({quote(key)}) WHERE {quote(key)} IS NOT NULL DO NOTHING "
+                f"RETURNING {quote(ID)}, {quote(key)}"
+            )
+            self._keyed_sql[key, lock] = cached
+        return cached
 
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         db = self._require()

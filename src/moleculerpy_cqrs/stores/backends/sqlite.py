@@ -47,6 +47,7 @@ from moleculerpy_cqrs.stores.base import (
     Adapter,
     Changes,
     CheckedRow,
+    Keyed,
     MetaMoved,
     unique_conflict,
 )
@@ -91,6 +92,7 @@ _DECODERS: Final[dict[FieldType, Callable[[Any], Any] | None]] = {
     "datetime": datetime.fromisoformat,
 }
 _ID_CHUNK: Final = 500
+_KEYS_PER_SELECT: Final = 500
 _RESTORE_BATCH: Final = 5000
 _BACKUP_FORMAT: Final = "moleculerpy-cqrs sqlite backup"
 _BACKUP_VERSION: Final = "1"
@@ -591,6 +593,55 @@ class SqliteAdapter(Adapter):
             partial(_insert_rows, self.name, self._field_names, self._insert_sql, values)
         )
         return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
+
+    async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        # In the writer's transaction: keys looked up through the unique index, then the new
+        # rows inserted; no other writer of the file runs in between.
+        column = list(self.fields).index(key)
+
+        def job(conn: sqlite3.Connection) -> list[Keyed]:
+            keys = list({v for r in rows if (v := r.values[column]) is not None})
+            held: dict[str, Record] = {}
+            for start in range(0, len(keys), _KEYS_PER_SELECT):
+                chunk = keys[start : start + _KEYS_PER_SELECT]
+                sql = self._holders_sql(key, len(chunk))
+                held.update((r[key], r) for r in self._fetch(sql, chunk, None, conn))
+            fresh: list[int] = []
+            first_of: dict[str, int] = {}
+            for i, row in enumerate(rows):
+                value = row.values[column]
+                if value is None or (value not in held and value not in first_of):
+                    fresh.append(i)
+                    if value is not None:
+                        first_of[value] = i
+            first = (
+                _insert_rows(
+                    self.name,
+                    self._field_names,
+                    self._insert_sql,
+                    [rows[i].values for i in fresh],
+                    conn,
+                )
+                if fresh
+                else 0
+            )
+            new = {i: {ID: first + n, **rows[i].record} for n, i in enumerate(fresh)}
+            out: list[Keyed] = []
+            for i, row in enumerate(rows):
+                if i in new:
+                    out.append(Keyed(new[i], True))
+                else:
+                    value = row.values[column]
+                    out.append(Keyed(held[value] if value in held else new[first_of[value]], False))
+            return out
+
+        return await self._write(job)
+
+    def _holders_sql(self, key: str, count: int) -> str:
+        """The rows holding any of ``count`` values of the unique field ``key`` (by index)."""
+        columns = ", ".join(quote(c) for c in self._columns)
+        marks = ", ".join("?" * count)
+        return f"SELECT {columns} FROM {self._sql.table} WHERE {quote(key)} IN ({marks})"
 
     async def _update(self, entity_id: int, changes: Record) -> Record | None:
         if not changes:
