@@ -41,7 +41,7 @@ async def test_declared_indexes_reach_the_tables_and_survive_a_replay(
             await broker.call("notes.add", {"k": k})
         runtime = notes.runtime(broker)
         await runtime.wait_caught_up()
-        assert events.runtime(broker).adapter.indexes == {"tag": False}
+        assert events.runtime(broker).adapter.indexes == {"tag": False, "idempotencyKey": True}
         assert runtime.adapter.indexes == {"k": True}
         dead = await broker.call("noteAggregate.deadLetters", {})
         assert dead["total"] == 1
