@@ -473,6 +473,9 @@ class Projector:
     ) -> list[TransformFailed | None]:
         """One unit after another; runs of units whose transformation another node serves
         go there several at a time (see core/remote.py)."""
+        bindings = {b for _, b in units}
+        if all(self._batch_node(b) is None for b in bindings):
+            return await self._transform_locally(view, units, token, size)
         failures: list[TransformFailed | None] = []
         chunk, reads = self._chunk, self._reads
         i = 0
@@ -513,6 +516,20 @@ class Projector:
                     return failures + [None] * (len(units) - len(failures))
             if asked:
                 chunk.answered(asked, taken)
+        return failures
+
+    async def _transform_locally(
+        self, view: BatchView, units: list[Unit], token: BatchToken, size: int
+    ) -> list[TransformFailed | None]:
+        """One unit after another, each called where the broker sends it (no other node takes
+        many calls of this batch's actions): no request bookkeeping per event."""
+        failures: list[TransformFailed | None] = []
+        for event, binding in units:
+            view.begin_event(event["id"])
+            failure = await self._unit(view, event, binding, token, size, None)
+            failures.append(failure)
+            if failure is not None and self.on_error == "halt":
+                return failures + [None] * (len(units) - len(failures))
         return failures
 
     def _batch_node(self, binding: Binding) -> str | None:
