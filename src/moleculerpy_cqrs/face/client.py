@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from moleculerpy import ServiceBroker, Settings
 from moleculerpy.errors import MoleculerError, RequestTimeoutError
@@ -246,61 +245,12 @@ def check_transporter(transporter: str | None) -> str:
     return transporter
 
 
-DEFAULT_PORTS: Final = {"nats": 4222, "redis": 6379, "rediss": 6379, "amqp": 5672,
-                        "amqps": 5671, "mqtt": 1883, "kafka": 9092}  # fmt: skip
-"""Transporters whose server is reached over TCP, and their default ports."""
-
-PROBE_TIMEOUT: Final = 2.0
-
-
-async def check_reachable(transporter: str, within: float) -> None:
-    """Fail at once, naming the address, when the transporter's server refuses the connection
-    or its host has no address: MoleculerPy's NATS client would retry until the timeout and
-    the operator would only hear that no node answered. A server that is slow to accept is
-    left to the broker's own (bounded) start."""
-    targets: list[tuple[str, str, int]] = []
-    for url in transporter.split(","):
-        parts = urlsplit(url.strip())
-        port = DEFAULT_PORTS.get(parts.scheme.lower())
-        if port is None or not parts.hostname:
-            return  # a transporter this check does not know: let the broker try
-        try:
-            targets.append((url.strip(), parts.hostname, parts.port or port))
-        except ValueError:
-            raise OperatorError(f"{url.strip()} is not a valid transporter URL") from None
-    refused: list[str] = []
-    for url, host, port in targets:
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), min(within, PROBE_TIMEOUT)
-            )
-        except ConnectionRefusedError:
-            refused.append(f"connection refused by {host}:{port} ({url})")
-            continue
-        except socket.gaierror:
-            refused.append(f"no address for host {host!r} ({url})")
-            continue
-        except (TimeoutError, OSError):
-            return  # not refused: perhaps slow; the broker's start is bounded anyway
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-        return
-    if refused:
-        raise OperatorError(
-            "; ".join(refused) + ": check --transporter and that its server runs there"
-        )
-
-
 @asynccontextmanager
 async def session(options: Options) -> AsyncIterator[Session]:
     """A broker joined to the cluster for one command; stopped on the way out."""
     transporter = check_transporter(options.transporter)
     # A missing package, refused credentials, a refused connection: one line, at once.
     await reach.check(transporter, options.timeout)
-    await check_reachable(transporter, options.timeout)
     _quiet_stdlib_logging()
     node_id = f"cqrs-cli-{socket.gethostname()}-{os.getpid()}"
     settings = Settings(

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 from moleculerpy_cqrs.errors import ConfigurationError
 
-DEFAULT_PORTS: Final = {"nats": 4222, "redis": 6379, "amqp": 5672, "mqtt": 1883,
-                        "kafka": 9092}  # fmt: skip
+DEFAULT_PORTS: Final = {"nats": 4222, "redis": 6379, "rediss": 6379, "amqp": 5672,
+                        "amqps": 5671, "mqtt": 1883, "kafka": 9092}  # fmt: skip
 """Transporters whose server is reached over TCP, and their default ports."""
 
 PACKAGES: Final = {"redis": "redis", "amqp": "aio_pika", "mqtt": "aiomqtt", "kafka": "aiokafka"}
