@@ -15,15 +15,20 @@ and writers wait until it ends. Sibling tables (:meth:`Adapter.sibling`) share i
 from __future__ import annotations
 
 import dataclasses
-import json
-import json.encoder
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
-from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, InvalidInput
+from moleculerpy_cqrs.errors import (
+    ConfigurationError,
+    ConflictError,
+    CqrsError,
+    InvalidInput,
+    StoreError,
+)
+from moleculerpy_cqrs.stores.encoding import encode_json
 from moleculerpy_cqrs.stores.fields import (
     ID,
     FieldDeclaration,
@@ -35,29 +40,6 @@ from moleculerpy_cqrs.stores.fields import (
     declare_specs,
 )
 from moleculerpy_cqrs.stores.query import ALL, Query
-
-# Checked values are JSON that reads back as written (fields.check_json), nested no deeper
-# than its limit: no circularity check is needed. The C encoder made once, rather than per
-# call as json.dumps and JSONEncoder.encode do, halves the cost of a small document.
-_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
-_MAKE_C_JSON: Callable[..., Callable[[Any, int], Sequence[str]]] | None = getattr(
-    json.encoder, "c_make_encoder", None
-)
-_C_JSON: Final = (
-    None
-    if _MAKE_C_JSON is None
-    # markers, default, encoder, indent, separators, sort_keys, skipkeys, allow_nan
-    else _MAKE_C_JSON(None, None, json.encoder.encode_basestring, None, ":", ",", *[False] * 3)
-)
-
-
-def encode_json(value: Any) -> str:
-    """A checked JSON value as the compact text every backend stores."""
-    if type(value) is dict and not value:  # an event's usual meta
-        return "{}"
-    if _C_JSON is None:
-        return _JSON.encode(value)
-    return "".join(_C_JSON(value, 0))
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a call per field to build
@@ -469,6 +451,12 @@ class Adapter(ABC):
     async def replace_with(self, shadow: Adapter) -> None:
         """Atomically make this table hold what the sibling ``shadow`` holds (rows, ids and
         meta); ``shadow`` is left empty. Readers see old or new, never a mix."""
+
+
+def rows_missing(store: str) -> StoreError:
+    """The error of :meth:`Adapter.apply` when a row it was to update is not there: the whole
+    batch is refused (the same on every backend)."""
+    return StoreError(f"rows of {store!r} to update are missing", store=store)
 
 
 def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:

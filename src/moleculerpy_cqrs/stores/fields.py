@@ -8,7 +8,6 @@ float as float, a boolean as bool, json as dict/list/scalar, a datetime as an aw
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput
+from moleculerpy_cqrs.stores.encoding import encode_json
 
 FieldType = Literal["string", "integer", "float", "boolean", "json", "datetime"]
 FIELD_TYPES: Final[frozenset[str]] = frozenset(get_args(FieldType))
@@ -277,7 +277,7 @@ def check_meta(key: Any, value: Any) -> str | None:
     if value is None:
         return None
     check_json(f"meta {key}", value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return encode_json(value)
 
 
 def check_id(value: Any) -> int:

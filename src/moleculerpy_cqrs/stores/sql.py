@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from moleculerpy_cqrs.stores.fields import ID, FieldType
+from moleculerpy_cqrs.stores.fields import ID, FieldType, Record
 from moleculerpy_cqrs.stores.query import (
     And,
     Between,
@@ -197,6 +197,27 @@ class Compiler:
             sets = ", ".join(f"{quote(n)} = {p}" for n in names)
             sql = self._statements[key] = f"UPDATE {self.table} SET {sets} WHERE id = {p}"
         return sql
+
+    def row_params(self, rows: Iterable[Record]) -> list[list[Any]]:
+        """Whole rows as :meth:`insert` of ``[id, *fields]`` binds them (a missing id is
+        None: the database chooses one)."""
+        encode, kinds = self.dialect.encode, tuple(self.fields.items())
+        return [[row.get(ID), *[encode(k, row.get(n)) for n, k in kinds]] for row in rows]
+
+    def grouped_updates(
+        self, updates: Mapping[int, Record]
+    ) -> list[tuple[tuple[str, ...], str, list[list[Any]]]]:
+        """A batch's updates (id -> the fields to change) grouped by the columns they change:
+        for each group, the columns, its :meth:`update_by_id` and the rows of parameters
+        (values, then the id), so that each group is one ``executemany``."""
+        encode, fields = self.dialect.encode, self.fields
+        groups: dict[tuple[str, ...], list[list[Any]]] = {}
+        for entity_id, changed in updates.items():
+            names = tuple(changed)
+            values = [encode(fields[n], changed[n]) for n in names]
+            values.append(entity_id)
+            groups.setdefault(names, []).append(values)
+        return [(names, self.update_by_id(names), rows) for names, rows in groups.items()]
 
     def _insert(self, names: list[str]) -> str:
         if not names:

@@ -14,15 +14,20 @@ import copy
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.files import write_atomically
-from moleculerpy_cqrs.stores.base import Adapter, Changes, CheckedRow, Keyed, unique_conflict
+from moleculerpy_cqrs.stores.base import (
+    Adapter,
+    Changes,
+    CheckedRow,
+    Keyed,
+    rows_missing,
+    unique_conflict,
+)
 from moleculerpy_cqrs.stores.fields import (
     ID,
     Declarations,
@@ -32,6 +37,7 @@ from moleculerpy_cqrs.stores.fields import (
     declare_fields,
 )
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
+from moleculerpy_cqrs.stores.transactions import Joinable, Unit
 
 _FORMAT: Final = "moleculerpy-cqrs memory backup"
 _VERSION: Final = 1
@@ -253,13 +259,13 @@ class _Work:
             tables[self.name] = data
 
 
-class _Transaction:
-    __slots__ = ("active", "database", "works")
+class _Transaction(Unit):
+    __slots__ = ("database", "works")
 
     def __init__(self, database: MemoryDatabase) -> None:
+        super().__init__()
         self.database = database
         self.works: dict[str, _Work] = {}
-        self.active = True
 
     def work(self, name: str) -> _Work:
         work = self.works.get(name)
@@ -272,13 +278,7 @@ class _Transaction:
             work.commit(self.database.tables)
 
 
-# One variable for every database: ContextVars are meant to be created once, at module level.
-_CURRENT: ContextVar[Mapping[MemoryDatabase, _Transaction]] = ContextVar(
-    "moleculerpy_cqrs_memory_transaction", default=MappingProxyType({})
-)
-
-
-class MemoryDatabase:
+class MemoryDatabase(Joinable[_Transaction]):
     """Tables that live as long as this object; ``adapter(name)`` twice shares one table."""
 
     def __init__(self) -> None:
@@ -298,11 +298,6 @@ class MemoryDatabase:
     def adapter(self, name: str, fields: Declarations | None = None) -> MemoryAdapter:
         return MemoryAdapter(self, name, fields)
 
-    def current(self) -> _Transaction | None:
-        tx = _CURRENT.get().get(self)
-        # A task started inside a transaction may outlive it; it must not join a finished one.
-        return tx if tx is not None and tx.active else None
-
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[_Transaction]:
         """The current transaction, or a new one committed at the end (under the lock)."""
@@ -321,13 +316,8 @@ class MemoryDatabase:
             yield
             return
         async with self.lock:
-            tx = _Transaction(self)
-            token = _CURRENT.set({**_CURRENT.get(), self: tx})
-            try:
+            with self.joined(_Transaction(self)) as tx:
                 yield
-            finally:
-                tx.active = False
-                _CURRENT.reset(token)
             tx.commit()
 
 
@@ -448,9 +438,7 @@ class MemoryAdapter(Adapter):
             for entity_id, fields in changes.updates.items():
                 current = work.get(entity_id)
                 if current is None:
-                    raise StoreError(
-                        f"row {entity_id} of {self.name!r} to update is missing", store=self.name
-                    )
+                    raise rows_missing(self.name)
                 work.put({**current, **self._own(fields)})
             for entity_id in changes.deletes:
                 work.delete(entity_id)

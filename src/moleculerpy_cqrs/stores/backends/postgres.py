@@ -15,11 +15,9 @@ import os
 import re
 from collections.abc import AsyncIterator, Buffer, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 from typing import IO, Any, Final
 
 import psycopg
@@ -38,11 +36,13 @@ from moleculerpy_cqrs.stores.base import (
     Changes,
     CheckedRow,
     Keyed,
-    encode_json,
+    rows_missing,
     unique_conflict,
 )
+from moleculerpy_cqrs.stores.encoding import encode_json
 from moleculerpy_cqrs.stores.fields import ID, Declarations, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.query import Compare, Query
+from moleculerpy_cqrs.stores.registry import Registry, SharedDatabase
 from moleculerpy_cqrs.stores.sql import (
     Compiler,
     Dialect,
@@ -52,6 +52,7 @@ from moleculerpy_cqrs.stores.sql import (
     quote,
     quote_index,
 )
+from moleculerpy_cqrs.stores.transactions import Joinable, Unit
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -123,17 +124,12 @@ _INDEXES_OF: Final = (
 )
 
 
-def _dump_json(value: Any) -> str:
-    # Values were checked (fields.check_json): they are JSON, finite, with string keys.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 class _PgDialect(Dialect):
     placeholder = "%s"
 
     def encode(self, kind: FieldType | None, value: Any) -> Any:
         # json goes as text of unknown type; the server casts it to the column's json.
-        return _dump_json(value) if kind == "json" and value is not None else value
+        return encode_json(value) if kind == "json" and value is not None else value
 
     def like(self, column: str, negate: bool) -> str:
         return f"{column} {'NOT ' if negate else ''}LIKE %s ESCAPE '\\'"
@@ -185,19 +181,21 @@ def _q(sql: str) -> bytes:
 # ---------------------------------------------------------------------- shared pools
 
 
-@dataclass(eq=False)
-class _Tx:
-    conn: Conn
-    open: bool = True
-    locked: set[int] = field(default_factory=set)
+class _Tx(Unit):
+    __slots__ = ("conn", "locked")
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__()
+        self.conn = conn
+        self.locked: set[int] = set()  # the write locks this transaction holds
 
 
-class _Database:
+class _Database(SharedDatabase, Joinable[_Tx]):
     """One pool, shared by every adapter on it (and so are its transactions)."""
 
-    def __init__(self, key: _Key, dsn: str, options: Mapping[str, Any]) -> None:
-        self.key = key
-        self.schema = key[2]
+    def __init__(self, key: tuple[str, str], dsn: str, options: Mapping[str, Any]) -> None:
+        super().__init__(key)
+        self.schema = key[1]
         self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn,
             min_size=options.get("min_size", 1),
@@ -208,44 +206,30 @@ class _Database:
             open=False,
             name=f"cqrs-{self.schema}",
         )
-        self.refs = 0
-        self._opening = asyncio.Lock()
-        self._opened = False
 
-    async def open(self) -> None:
-        async with self._opening:
-            if self._opened:
-                return
-            await self.pool.open(wait=True)
-            meta = f"{quote(self.schema)}.{quote(META_TABLE)}"
-            async with self.pool.connection() as conn:
-                cur = await conn.execute("SELECT to_regclass(%s)", [meta])
-                if (await cur.fetchone()) == (None,):
-                    async with conn.transaction():
-                        # Concurrent CREATE ... IF NOT EXISTS can still clash: serialise.
-                        await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
-                        await conn.execute(_q(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}"))
-                        await conn.execute(
-                            _q(
-                                f"CREATE TABLE IF NOT EXISTS {meta} ("
-                                'tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, '
-                                "value json NOT NULL, PRIMARY KEY (tbl, key))"
-                            )
+    async def _open(self, store: str) -> None:
+        await self.pool.open(wait=True)
+        meta = f"{quote(self.schema)}.{quote(META_TABLE)}"
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT to_regclass(%s)", [meta])
+            if (await cur.fetchone()) == (None,):
+                async with conn.transaction():
+                    # Concurrent CREATE ... IF NOT EXISTS can still clash: serialise.
+                    await conn.execute(_LOCK, [_lock_key("ddl", self.schema)])
+                    await conn.execute(_q(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}"))
+                    await conn.execute(
+                        _q(
+                            f"CREATE TABLE IF NOT EXISTS {meta} ("
+                            'tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, '
+                            "value json NOT NULL, PRIMARY KEY (tbl, key))"
                         )
-            self._opened = True
+                    )
 
-    def transaction(self) -> _Tx | None:
-        tx = _CURRENT.get().get(self)
-        # A task started inside a transaction may outlive it; it must not join a finished one.
-        return tx if tx is not None and tx.open else None
+    async def _close(self) -> None:
+        await self.pool.close()
 
 
-_Key = tuple[asyncio.AbstractEventLoop, str, str]
-_DATABASES: dict[_Key, _Database] = {}
-# The open transaction of each database, for this task and the tasks it starts.
-_CURRENT: ContextVar[Mapping[_Database, _Tx]] = ContextVar(
-    "moleculerpy_cqrs_postgres_transaction", default=MappingProxyType({})
-)
+_DATABASES: Final[Registry[_Database]] = Registry()
 
 
 async def _configure(conn: Conn) -> None:
@@ -253,28 +237,6 @@ async def _configure(conn: Conn) -> None:
     await conn.execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3"
     )
-
-
-async def _acquire(dsn: str, schema: str, options: Mapping[str, Any]) -> _Database:
-    key: _Key = (asyncio.get_running_loop(), dsn, schema)
-    db = _DATABASES.get(key)
-    if db is None:
-        db = _DATABASES[key] = _Database(key, dsn, options)
-    db.refs += 1
-    try:
-        await db.open()
-    except BaseException:
-        await _release(db)
-        raise
-    return db
-
-
-async def _release(db: _Database) -> None:
-    db.refs -= 1
-    if db.refs == 0:
-        if _DATABASES.get(db.key) is db:
-            del _DATABASES[db.key]
-        await db.pool.close()
 
 
 # ---------------------------------------------------------------------- the adapter
@@ -361,11 +323,13 @@ class PostgresAdapter(Adapter):
             raise StoreError(f"store {self.name!r} is closed", store=self.name)
         try:
             if self._db is None:
-                db = await _acquire(self.dsn, self.schema, self._options)
+                key = (self.dsn, self.schema)
+                make = partial(_Database, key, self.dsn, self._options)
+                db = await _DATABASES.acquire(key, make, self.name)
                 if self._db is None:
                     self._db = db
                 else:  # a concurrent connect() won
-                    await _release(db)
+                    await _DATABASES.release(db)
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -385,7 +349,7 @@ class PostgresAdapter(Adapter):
             db = self._db
             if opened and db is not None:
                 self._db = None
-                await _release(db)
+                await _DATABASES.release(db)
         if not columns:
             return None
         return {name: _KINDS.get(sql_type, sql_type) for name, sql_type in columns if name != ID}
@@ -519,7 +483,7 @@ class PostgresAdapter(Adapter):
             await sibling.close()
         db, self._db = self._db, None
         if db is not None:
-            await _release(db)
+            await _DATABASES.release(db)
 
     def sibling(self, name: str, fields: Declarations | None = None) -> PostgresAdapter:
         root = self._parent or self
@@ -555,7 +519,7 @@ class PostgresAdapter(Adapter):
         (the gap problem). Readers never take it.
         """
         db = self._require()
-        tx = db.transaction()
+        tx = db.current()
         try:
             if tx is not None:
                 if write and self._write_key not in tx.locked:
@@ -601,14 +565,12 @@ class PostgresAdapter(Adapter):
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         db = self._require()
-        if db.transaction() is not None:
+        if db.current() is not None:
             yield  # join the enclosing unit of work
             return
         try:
             async with db.pool.connection() as conn:
-                tx = _Tx(conn)
-                token = _CURRENT.set({**_CURRENT.get(), db: tx})
-                try:
+                with db.joined(_Tx(conn)):
                     async with conn.transaction():
                         yield
                         if conn.info.transaction_status == TransactionStatus.INERROR:
@@ -618,9 +580,6 @@ class PostgresAdapter(Adapter):
                                 "the transaction failed earlier and was rolled back",
                                 store=self.name,
                             )
-                finally:
-                    tx.open = False
-                    _CURRENT.reset(token)
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -755,30 +714,19 @@ class PostgresAdapter(Adapter):
             raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s schema")
 
     async def _apply_rows(self, changes: Changes) -> None:
-        fields = self.fields
         async with self._session(write=True) as conn, conn.cursor() as cur:
             fresh = [row for row in changes.inserts if ID not in row]
             if fresh:
                 await self._insert_rows(conn, [self.check_row(r) for r in fresh])
             chosen = [row for row in changes.inserts if ID in row]
             if chosen:
-                rows = [
-                    [row[ID], *(_DIALECT.encode(k, row.get(n)) for n, k in fields.items())]
-                    for row in chosen
-                ]
-                await cur.executemany(_q(self._compiler.insert([ID, *fields])), rows)
+                rows = self._compiler.row_params(chosen)
+                await cur.executemany(_q(self._compiler.insert(self._compiler.columns)), rows)
                 await self._advance_sequence(conn, max(row[ID] for row in chosen))
-            by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
-            for entity_id, changed in changes.updates.items():
-                names_ = tuple(changed)
-                values = [_DIALECT.encode(fields[n], changed[n]) for n in names_]
-                by_columns.setdefault(names_, []).append([*values, entity_id])
-            for names_, rows in by_columns.items():
-                await cur.executemany(_q(self._compiler.update_by_id(names_)), rows)
+            for _, sql, rows in self._compiler.grouped_updates(changes.updates):
+                await cur.executemany(_q(sql), rows)
                 if cur.rowcount != len(rows):  # as on every backend: the batch fails whole
-                    raise StoreError(
-                        f"rows of {self.name!r} to update are missing", store=self.name
-                    )
+                    raise rows_missing(self.name)
             if changes.deletes:
                 await cur.execute(
                     _q(f"DELETE FROM {self._table} WHERE id = ANY(%s::bigint[])"),
@@ -793,7 +741,7 @@ class PostgresAdapter(Adapter):
         # no error. The holders of the keys not stored are read back after it (a statement
         # of its own: it sees what the other writer committed).
         db = self._require()
-        joined = db.transaction() is not None
+        joined = db.current() is not None
         column = list(self.fields).index(key)
         async with self._session(write=joined) as conn:
             params: list[Any] = [self._batch_document(rows)]
@@ -866,7 +814,7 @@ class PostgresAdapter(Adapter):
 
     async def _append(self, rows: list[CheckedRow]) -> list[Record]:
         db = self._require()
-        if db.transaction() is not None:
+        if db.current() is not None:
             async with self._session(write=True) as conn:
                 return await self._insert_rows(conn, rows)
         # A few rows: one statement that is its own transaction (lock, insert, commit in one
@@ -959,7 +907,7 @@ class PostgresAdapter(Adapter):
         """A connection seeing one consistent state: the current transaction's, else a new
         REPEATABLE READ transaction (which blocks no writer)."""
         db = self._require()
-        if db.transaction() is not None:
+        if db.current() is not None:
             async with self._session() as conn:
                 yield conn
             return

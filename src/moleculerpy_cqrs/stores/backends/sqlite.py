@@ -24,21 +24,17 @@ case-sensitive, whereas ``PRAGMA case_sensitive_like`` is deprecated and per con
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import queue
 import re
 import sqlite3
 import threading
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final, cast
 from urllib.request import pathname2url
 
@@ -49,8 +45,10 @@ from moleculerpy_cqrs.stores.base import (
     CheckedRow,
     Keyed,
     MetaMoved,
+    rows_missing,
     unique_conflict,
 )
+from moleculerpy_cqrs.stores.encoding import decode_json, encode_json
 from moleculerpy_cqrs.stores.fields import (
     ID,
     Declarations,
@@ -60,6 +58,7 @@ from moleculerpy_cqrs.stores.fields import (
     declare_fields,
 )
 from moleculerpy_cqrs.stores.query import Compare, In, Query, fold_case
+from moleculerpy_cqrs.stores.registry import Registry, SharedDatabase
 from moleculerpy_cqrs.stores.sql import (
     Compiler,
     Dialect,
@@ -69,6 +68,7 @@ from moleculerpy_cqrs.stores.sql import (
     quote,
     quote_index,
 )
+from moleculerpy_cqrs.stores.transactions import Joinable, Unit
 
 type Job[T] = Callable[[sqlite3.Connection], T]
 
@@ -88,7 +88,7 @@ _DECODERS: Final[dict[FieldType, Callable[[Any], Any] | None]] = {
     "integer": None,
     "float": float,
     "boolean": bool,
-    "json": json.loads,
+    "json": decode_json,
     "datetime": datetime.fromisoformat,
 }
 _ID_CHUNK: Final = 500
@@ -158,7 +158,7 @@ def _encode(kind: FieldType | None, value: Any) -> Any:
     if kind == "boolean":
         return int(value)
     if kind == "json":
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return encode_json(value)
     if kind == "datetime":
         # A fixed width (microseconds always, UTC offset) so text order is time order.
         return value.astimezone(UTC).isoformat(timespec="microseconds")
@@ -314,29 +314,16 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
-class _Transaction:
-    __slots__ = ("active",)
-
-    def __init__(self) -> None:
-        self.active = True
-
-
-class _Database:
-    """The connections, lock and transaction marker shared by every adapter of one file."""
+class _Database(SharedDatabase, Joinable[Unit]):
+    """The connections, lock and transactions shared by every adapter of one file."""
 
     def __init__(self, key: str, target: str, uri: bool, options: _Options) -> None:
-        self.key, self.target, self.uri, self.options = key, target, uri, options
-        self.refs = 0
+        super().__init__(key)
+        self.target, self.uri, self.options = target, uri, options
         self.lock = asyncio.Lock()
         self.writer = _Connection("writer")
         self.reader: _Connection | None = None
         self.restoring: dict[str, asyncio.Lock] = {}
-        self._opening: asyncio.Future[None] | None = None
-
-    async def ready(self, store: str) -> None:
-        if self._opening is None:
-            self._opening = asyncio.ensure_future(self._open(store))
-        await asyncio.shield(self._opening)
 
     async def _open(self, store: str) -> None:
         await self.writer.open(partial(_connect, self.target, self.uri, self.options, False), store)
@@ -347,53 +334,17 @@ class _Database:
                 partial(_connect, self.target, self.uri, self.options, True), store
             )
 
-    async def close(self) -> None:
-        if self._opening is not None:
-            await asyncio.wait([self._opening])  # an open still under way must finish first
+    async def _close(self) -> None:
         for connection in (self.reader, self.writer):
             if connection is not None:
                 await connection.close()
-
-    def current(self) -> _Transaction | None:
-        tx = _CURRENT.get().get(self)
-        # A task started inside a transaction may outlive it; it must not join a finished one.
-        return tx if tx is not None and tx.active else None
 
 
 def _journal_wal(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
 
 
-_CURRENT: ContextVar[Mapping[_Database, _Transaction]] = ContextVar(
-    "moleculerpy_cqrs_sqlite_transaction", default=MappingProxyType({})
-)
-# Per event loop: a lock or a pending open must never be shared between loops.
-_DATABASES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Database]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _acquire(key: str, target: str, uri: bool, options: _Options, store: str) -> _Database:
-    databases = _DATABASES.setdefault(asyncio.get_running_loop(), {})
-    database = databases.get(key)
-    if database is None:
-        database = databases[key] = _Database(key, target, uri, options)
-    database.refs += 1
-    try:
-        await database.ready(store)
-    except BaseException:
-        await _release(database)
-        raise
-    return database
-
-
-async def _release(database: _Database) -> None:
-    database.refs -= 1
-    if database.refs == 0:
-        databases = _DATABASES.get(asyncio.get_running_loop(), {})
-        if databases.get(database.key) is database:
-            del databases[database.key]
-        await database.close()
+_DATABASES: Final[Registry[_Database]] = Registry()
 
 
 def _resolve(location: str, name: str, memory_key: str) -> tuple[str, str, bool]:
@@ -461,7 +412,7 @@ class SqliteAdapter(Adapter):
             database = self._database
             if opened and database is not None and self._parent is None:
                 self._database = None
-                await _release(database)
+                await _DATABASES.release(database)
 
     async def _open_database(self) -> None:
         if self._closed:
@@ -471,11 +422,14 @@ class SqliteAdapter(Adapter):
                 self._database = self._parent._db()
             else:
                 key, target, uri = _resolve(self._location, self.name, self._memory_key)
-                database = await _acquire(key, target, uri, self._options, self.name)
+                options = self._options
+                database = await _DATABASES.acquire(
+                    key, partial(_Database, key, target, uri, options), self.name
+                )
                 if self._database is None:
                     self._database = database
                 else:  # a concurrent connect() won
-                    await _release(database)
+                    await _DATABASES.release(database)
 
     def where(self) -> str:
         _, target, uri = _resolve(self._location, self.name, self._memory_key)
@@ -491,7 +445,7 @@ class SqliteAdapter(Adapter):
             sibling._closed = True
         database, self._database = self._database, None
         if database is not None and self._parent is None:
-            await _release(database)
+            await _DATABASES.release(database)
 
     def sibling(self, name: str, fields: Declarations | None = None) -> SqliteAdapter:
         root = self._parent or self
@@ -524,15 +478,12 @@ class SqliteAdapter(Adapter):
             return
         async with database.lock:
             await database.writer.run(_begin, self.name)
-            tx = _Transaction()
-            token = _CURRENT.set({**_CURRENT.get(), database: tx})
             ok = False
             try:
-                yield
+                with database.joined(Unit()):
+                    yield
                 ok = True
             finally:
-                tx.active = False
-                _CURRENT.reset(token)
                 await database.writer.run(_commit if ok else _rollback, self.name)
 
     # ------------------------------------------------------------------ reads
@@ -694,13 +645,13 @@ class SqliteAdapter(Adapter):
                 row = conn.execute(
                     f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, key)
                 ).fetchone()
-                stored = int(json.loads(row[0]) or 0) if row else 0
+                stored = int(decode_json(row[0]) or 0) if row else 0
                 if stored != old:
                     raise MetaMoved(key, stored, old)
             for rows_job in jobs:
                 rows_job(conn)
             if advance is not None:
-                _set_meta(table, advance[0], json.dumps(advance[2]), conn)
+                _set_meta(table, advance[0], encode_json(advance[2]), conn)
 
         await self._write(job)
 
@@ -709,22 +660,11 @@ class SqliteAdapter(Adapter):
             raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
 
     def _rows_job(self, changes: Changes) -> Job[None]:
-        fields = self.fields
         # An id of None makes SQLite choose one (INTEGER PRIMARY KEY).
-        inserts = [
-            [row.get(ID), *(_encode(k, row.get(n)) for n, k in fields.items())]
-            for row in changes.inserts
-        ]
-        insert_sql = self._sql.insert([ID, *fields]) if inserts else ""
-        insert_columns = (ID, *fields)
-        by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
-        for entity_id, changed in changes.updates.items():
-            names = tuple(changed)
-            values = [_encode(fields[n], changed[n]) for n in names]
-            by_columns.setdefault(names, []).append([*values, entity_id])
-        updates = [
-            (names, self._sql.update_by_id(names), rows) for names, rows in by_columns.items()
-        ]
+        inserts = self._sql.row_params(changes.inserts)
+        insert_sql = self._sql.insert(list(self._columns)) if inserts else ""
+        insert_columns = self._columns
+        updates = self._sql.grouped_updates(changes.updates)
         deletes = [(i,) for i in changes.deletes]
         delete_sql = f"DELETE FROM {self._sql.table} WHERE id = ?"
         metas = [(k, check_meta(k, v)) for k, v in changes.meta.items()]
@@ -736,7 +676,7 @@ class SqliteAdapter(Adapter):
             for names, sql, rows in updates:
                 cursor = _executemany_unique(table, names, sql, rows, conn)
                 if cursor.rowcount != len(rows):
-                    raise StoreError(f"rows of {table!r} to update are missing", store=table)
+                    raise rows_missing(table)
             if deletes:
                 conn.executemany(delete_sql, deletes)
             for key, text in metas:
@@ -750,7 +690,7 @@ class SqliteAdapter(Adapter):
         check_meta(key, None)
         sql = f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?"
         row = await self._read(partial(_fetchone, sql, [self.name, key]))
-        return None if row is None else json.loads(row[0])
+        return None if row is None else decode_json(row[0])
 
     async def set_meta(self, key: str, value: Any) -> None:
         text = check_meta(key, value)
@@ -761,7 +701,7 @@ class SqliteAdapter(Adapter):
         sql = f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?"
         # On the writer: its transaction (BEGIN IMMEDIATE) holds the database's write lock.
         row = await self._write(partial(_fetchone, sql, [self.name, key]))
-        return None if row is None else json.loads(row[0])
+        return None if row is None else decode_json(row[0])
 
     # ------------------------------------------------------------------ backup
 
@@ -983,8 +923,8 @@ def _create_table(
             f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, _FIELDS_KEY)
         ).fetchone()
         if row is not None or not have:  # a table made before the record keeps none
-            kinds = {**(json.loads(row[0]) if row else {}), **added}
-            _set_meta(table, _FIELDS_KEY, json.dumps(kinds), conn)
+            kinds = {**(decode_json(row[0]) if row else {}), **added}
+            _set_meta(table, _FIELDS_KEY, encode_json(kinds), conn)
     _sync_indexes(table, indexes, conn)
 
 
@@ -999,7 +939,7 @@ def _stored_fields(
         row = conn.execute(
             f"SELECT value FROM {_META} WHERE tbl = ? AND key = ?", (table, _FIELDS_KEY)
         ).fetchone()
-        recorded = json.loads(row[0]) if row else {}
+        recorded = decode_json(row[0]) if row else {}
     out: dict[str, str] = {}
     for name, column_type in columns:
         if name == ID:
@@ -1093,7 +1033,7 @@ def _backup(
             "format": _BACKUP_FORMAT,
             "version": _BACKUP_VERSION,
             "table": table,
-            "fields": json.dumps(fields),
+            "fields": encode_json(fields),
             "seq": str(seq),
             "rows": str(count),
         }
@@ -1138,7 +1078,7 @@ def _inspect(store: str, fields: Mapping[str, FieldType], source: Path) -> _Save
         info = dict(conn.execute("SELECT key, value FROM cqrs_info").fetchall())
         if info.get("format") != _BACKUP_FORMAT or info.get("version") != _BACKUP_VERSION:
             raise ValueError("it is not a backup of this format")
-        saved = declare_fields(json.loads(info["fields"]))
+        saved = declare_fields(decode_json(info["fields"]))
         for name, kind in saved.items():
             if fields.get(name) != kind:
                 raise ValueError(f"its field {name!r} ({kind}) is not declared so here")
@@ -1147,7 +1087,7 @@ def _inspect(store: str, fields: Mapping[str, FieldType], source: Path) -> _Save
             raise ValueError(f"it holds {count} rows of {info['rows']}")
         meta = conn.execute("SELECT key, value FROM cqrs_meta").fetchall()
         for _, text in meta:
-            json.loads(text)
+            decode_json(text)
         return _Saved(saved, int(info["seq"]), count, meta)
     except (sqlite3.DatabaseError, ValueError, KeyError, TypeError, CqrsError) as e:
         raise StoreError(
