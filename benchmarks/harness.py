@@ -1,6 +1,7 @@
 """``benchmarks/run``: this project beside ``eventsourcing`` 9.5.6 and the raw drivers.
 
     benchmarks/run [--quick] [--backend sqlite|postgres|all] [--out DIR]
+                   [--only per_entity] [--entity-rows N,N] [--entity-events N]
 
 Every subject runs each scenario in a process of its own (``benchmarks/subject.py``), one after
 another, on a fresh database (a new folder, or a new PostgreSQL schema on a private server),
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,19 +243,7 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
                 count=s.catch_up_events, upcast=upcast,
             ))  # fmt: skip
     r["ours.rebuild"] = run_job("ours", "rebuild", log, head=head)
-    # ---- per-entity read model: one row per account, read-then-update by an indexed key
-    for rows in s.entity_rows:
-        size = {"rows": rows, "events": s.entity_events}
-        r[f"ours.per_entity.{rows}"] = run_job(
-            "ours", "per_entity", stores.fresh(f"entity{rows}"), **size, cap=s.entity_cap
-        )
-        if sqlite_only:  # eventsourcing's SQLite view only (its job is written for SQLite)
-            r[f"es.per_entity.{rows}"] = run_job(
-                "es", "per_entity", stores.fresh(f"es_entity{rows}"), **size, cap=s.entity_cap
-            )
-        r[f"raw.per_entity.{rows}"] = run_job(
-            "raw", "per_entity", stores.fresh(f"raw_entity{rows}"), **size
-        )
+    r.update(measure_per_entity(backend, sizes, stores))
     r.update(elsewhere(stores, log, head, s))
     # ---- load, latency, large replay: one process on SQLite
     if sqlite_only:
@@ -277,6 +266,26 @@ def measure(backend: str, sizes: Sizes, stores: Stores) -> dict[str, dict[str, A
                 )
     else:
         r["ours.cluster"] = cluster(stores, s.sustained_seconds)
+    return r
+
+
+def measure_per_entity(backend: str, s: Sizes, stores: Stores) -> dict[str, dict[str, Any]]:
+    """The per-entity read model (one row per account, read-then-update by an indexed key) at
+    each of ``s.entity_rows``: every subject fills its table the same way (a bulk insert, not
+    timed) and is timed on the same deposits."""
+    r: dict[str, dict[str, Any]] = {}
+    for rows in s.entity_rows:
+        size = {"rows": rows, "events": s.entity_events}
+        r[f"ours.per_entity.{rows}"] = run_job(
+            "ours", "per_entity", stores.fresh(f"entity{rows}"), **size, cap=s.entity_cap
+        )
+        if backend == "sqlite":  # eventsourcing's SQLite view only (its job is for SQLite)
+            r[f"es.per_entity.{rows}"] = run_job(
+                "es", "per_entity", stores.fresh(f"es_entity{rows}"), **size, cap=s.entity_cap
+            )
+        r[f"raw.per_entity.{rows}"] = run_job(
+            "raw", "per_entity", stores.fresh(f"raw_entity{rows}"), **size
+        )
     return r
 
 
@@ -816,8 +825,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes)")
     parser.add_argument("--backend", choices=("sqlite", "postgres", "all"), default="sqlite")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--only",
+        choices=ONLY,
+        help="run one group of scenarios: per_entity (the per-entity read model, every subject)",
+    )
+    parser.add_argument(
+        "--entity-rows",
+        type=row_counts,
+        metavar="N,N",
+        help="per-entity table sizes, filled before timing (default 1000,1000000; --quick "
+        "1000,20000); the targets are checked at 1000000, against the smallest size",
+    )
+    parser.add_argument(
+        "--entity-events",
+        type=int,
+        metavar="N",
+        help="per-entity deposits applied, timed (default 20000; --quick 3000)",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.entity_rows:
+        sizes = replace(sizes, entity_rows=args.entity_rows)
+    if args.entity_events:
+        sizes = replace(sizes, entity_events=args.entity_events)
     backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
     stamp = time.strftime("%Y%m%dT%H%M%S")
     started = time.perf_counter()
@@ -833,8 +864,12 @@ def main() -> None:
             for line in header_lines(head):
                 say(line)
             for b in backends:
-                results[b] = measure(b, sizes, stores[b])
-                rows[b] = build_rows(b, results[b], sizes)
+                if args.only == "per_entity":
+                    results[b] = measure_per_entity(b, sizes, stores[b])
+                    rows[b] = entity_rows(b == "sqlite", results[b], sizes)
+                else:
+                    results[b] = measure(b, sizes, stores[b])
+                    rows[b] = build_rows(b, results[b], sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - started
@@ -876,6 +911,22 @@ def main() -> None:
     )
     draw(png_path, rows)
     print(f"\nwrote {json_path} and {png_path} (whole run {elapsed:.0f} s)")
+
+
+ONLY = ("per_entity",)  # groups of scenarios --only can pick
+
+
+def row_counts(text: str) -> tuple[int, ...]:
+    """``--entity-rows``: table sizes, comma-separated (``1000,1000000``)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("row counts must be positive")
+    return counts
 
 
 def header_lines(head: dict[str, Any]) -> list[str]:

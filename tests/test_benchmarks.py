@@ -5,10 +5,12 @@ eventsourcing subject needs the ``bench`` extra, which the test environment does
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 from benchmarks import bench_ours as ours
 from benchmarks import bench_raw as raw
 from benchmarks import harness
@@ -117,3 +119,10 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert "sustained: dispatcher lag" in text
     assert "transformation on another node over NATS: read-then-update, no key" in text
     assert [r.scenario for r in rows if r.ours is None and not r.scenario.startswith("peak")] == []
+
+
+def test_entity_rows_are_read_as_a_list_of_positive_counts() -> None:
+    assert harness.row_counts("1000,1000000") == (1_000, 1_000_000)
+    for bad in ("", "1000,x", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            harness.row_counts(bad)

@@ -422,6 +422,66 @@ async def test_install_after_start_is_idempotent_and_leaves_other_brokers_alone(
         await plain.emit("nobody.listens", {})
 
 
+# --------------------------------------------------------------------------- local calls
+
+
+class Chain(Service):
+    """``outer`` calls ``inner`` through its context; both keep the contexts they got."""
+
+    name = "chain"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Context] = []
+
+    @action()
+    async def outer(self, ctx: Context) -> Any:
+        self.seen.append(ctx)
+        return await ctx.call("chain.inner", {"n": ctx.params["n"]}, meta={"inner": 1})
+
+    @action(params={"n": "number"})
+    async def inner(self, ctx: Context) -> Any:
+        self.seen.append(ctx)
+        if ctx.params["n"] < 0:
+            raise ConflictError("negative on purpose")
+        return {"n": ctx.params["n"], "meta": dict(ctx.meta)}
+
+
+async def test_a_local_call_keeps_moleculerpys_context_and_skips_the_uuid(
+    memory: Cluster,
+) -> None:
+    chain = Chain()
+    broker = await memory.node("host", chain)
+    answer = await broker.call("chain.outer", {"n": 3}, meta={"outer": True})
+    assert answer == {"n": 3, "meta": {"outer": True, "inner": 1}}
+    outer, inner = chain.seen
+    assert (outer.level, inner.level) == (1, 2)
+    assert outer.request_id == outer.id == inner.request_id == inner.parent_id
+    assert inner.node_id == broker.nodeID
+    assert outer.id != inner.id
+    # The short path: ids from one per-broker prefix and a counter, not a uuid4 each.
+    assert outer.id[:24] == inner.id[:24]
+    assert uuid.UUID(inner.id).version == 4
+    with pytest.raises(ValidationError):  # the action's params schema still applies
+        await broker.call("chain.inner", {"n": "three"})
+    with pytest.raises(ConflictError):  # and a handler's error arrives as raised
+        await broker.call("chain.outer", {"n": -1})
+
+
+async def test_a_local_call_is_refused_past_the_max_call_level(memory: Cluster) -> None:
+    class Loop(Service):
+        name = "loop"
+
+        @action()
+        async def again(self, ctx: Context) -> Any:
+            return await ctx.call("loop.again", {})
+
+    broker = await memory.node("host", Loop())
+    broker.settings.max_call_level = 5
+    with pytest.raises(MoleculerError, match="level"):
+        await broker.call("loop.again", {})
+
+
 # --------------------------------------------------------------------------- NATS concurrency
 
 

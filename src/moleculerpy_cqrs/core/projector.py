@@ -556,7 +556,7 @@ class Projector:
     ) -> TransformFailed | None:
         """Transform one event (``first``: the outcome of a first try made already) and
         apply the answer to ``view``, retrying both; a failure undoes this event's effects."""
-        shaped = delivered(event, size)
+        shaped: dict[str, Any] | None = None
         for attempt in range(1, self.attempts + 1):
             mark = view.mark()
             try:
@@ -565,6 +565,8 @@ class Projector:
                     if not answered:
                         raise result
                 else:
+                    if shaped is None:
+                        shaped = delivered(event, size)
                     result = await self._transform(binding, shaped, event.get("meta") or {}, token)
             except Exception as error:
                 failure = TransformFailed(binding, "transform_error", error, attempt)
@@ -714,6 +716,7 @@ class KeyedRun:
         self.halted = False
         self.slots = asyncio.Semaphore(max(projector.concurrency, 1))
         self.remote = remote.KeyedCalls(projector.port, view.fields)
+        self.nodes: dict[Binding, str | None] = {}  # the batch node of each binding, once
 
     def _dependencies(self) -> list[int]:
         deps: list[int] = []
@@ -730,8 +733,13 @@ class KeyedRun:
         return deps
 
     async def run(self) -> list[TransformFailed | None]:
+        # Eager tasks: a unit whose dependencies are met and whose transformation never waits
+        # (its reads answered from the batch's prefetched rows) runs to its end as its task is
+        # made, without a trip through the event loop; one that waits goes on concurrently.
+        loop = asyncio.get_running_loop()
         tasks = [
-            asyncio.create_task(self._one(i, dep)) for i, dep in enumerate(self._dependencies())
+            asyncio.Task(self._one(i, dep), loop=loop, eager_start=True)
+            for i, dep in enumerate(self._dependencies())
         ]
         try:
             await asyncio.gather(*tasks)
@@ -747,7 +755,10 @@ class KeyedRun:
     async def _first_try(self, event: Record, binding: Binding) -> Outcome:
         """The unit's first call: in a request with others when another node serves it
         (with its key's rows when the key is a field), else on its own."""
-        node = self.p._batch_node(binding)
+        if binding in self.nodes:
+            node = self.nodes[binding]
+        else:
+            node = self.nodes[binding] = self.p._batch_node(binding)
         if node is not None:
             rows = None
             # The rows of its key, for a binding that changes them (a create adds rows: its
