@@ -546,47 +546,67 @@ class SqliteAdapter(Adapter):
         return [{ID: first + i, **r.record} for i, r in enumerate(rows)]
 
     async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
-        # In the writer's transaction: keys looked up through the unique index, then the new
-        # rows inserted; no other writer of the file runs in between.
+        # In the writer's transaction (no other writer of the file runs meanwhile). A key is
+        # seldom a repeat: the rows are first inserted as a plain append inserts them, under a
+        # savepoint; only when the unique index refuses one are the batch's keys looked up
+        # (through the index) and the rows whose key is new inserted again.
         column = list(self.fields).index(key)
 
         def job(conn: sqlite3.Connection) -> list[Keyed]:
-            keys = list({v for r in rows if (v := r.values[column]) is not None})
-            held: dict[str, Record] = {}
-            for start in range(0, len(keys), _KEYS_PER_SELECT):
-                chunk = keys[start : start + _KEYS_PER_SELECT]
-                sql = self._holders_sql(key, len(chunk))
-                held.update((r[key], r) for r in self._fetch(sql, chunk, None, conn))
-            fresh: list[int] = []
-            first_of: dict[str, int] = {}
-            for i, row in enumerate(rows):
-                value = row.values[column]
-                if value is None or (value not in held and value not in first_of):
-                    fresh.append(i)
-                    if value is not None:
-                        first_of[value] = i
-            first = (
-                _insert_rows(
-                    self.name,
-                    self._field_names,
-                    self._insert_sql,
-                    [rows[i].values for i in fresh],
-                    conn,
+            conn.execute("SAVEPOINT cqrs_keyed")
+            try:
+                first = _insert_rows(
+                    self.name, self._field_names, self._insert_sql, [r.values for r in rows], conn
                 )
-                if fresh
-                else 0
-            )
-            new = {i: {ID: first + n, **rows[i].record} for n, i in enumerate(fresh)}
-            out: list[Keyed] = []
-            for i, row in enumerate(rows):
-                if i in new:
-                    out.append(Keyed(new[i], True))
-                else:
-                    value = row.values[column]
-                    out.append(Keyed(held[value] if value in held else new[first_of[value]], False))
-            return out
+            except BaseException as error:
+                conn.execute("ROLLBACK TO cqrs_keyed")
+                conn.execute("RELEASE cqrs_keyed")
+                if isinstance(error, ConflictError) and error.data.get("field") == key:
+                    return self._append_new_keys(rows, column, key, conn)
+                raise
+            conn.execute("RELEASE cqrs_keyed")
+            return [Keyed({ID: first + i, **r.record}, True) for i, r in enumerate(rows)]
 
         return await self._write(job)
+
+    def _append_new_keys(
+        self, rows: list[CheckedRow], column: int, key: str, conn: sqlite3.Connection
+    ) -> list[Keyed]:
+        """The rows whose key no row holds yet, inserted; each answered with its key's row."""
+        keys = list({v for r in rows if (v := r.values[column]) is not None})
+        held: dict[str, Record] = {}
+        for start in range(0, len(keys), _KEYS_PER_SELECT):
+            chunk = keys[start : start + _KEYS_PER_SELECT]
+            sql = self._holders_sql(key, len(chunk))
+            held.update((r[key], r) for r in self._fetch(sql, chunk, None, conn))
+        fresh: list[int] = []
+        first_of: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            value = row.values[column]
+            if value is None or (value not in held and value not in first_of):
+                fresh.append(i)
+                if value is not None:
+                    first_of[value] = i
+        first = (
+            _insert_rows(
+                self.name,
+                self._field_names,
+                self._insert_sql,
+                [rows[i].values for i in fresh],
+                conn,
+            )
+            if fresh
+            else 0
+        )
+        new = {i: {ID: first + n, **rows[i].record} for n, i in enumerate(fresh)}
+        out: list[Keyed] = []
+        for i, row in enumerate(rows):
+            if i in new:
+                out.append(Keyed(new[i], True))
+            else:
+                value = row.values[column]
+                out.append(Keyed(held[value] if value in held else new[first_of[value]], False))
+        return out
 
     def _holders_sql(self, key: str, count: int) -> str:
         """The rows holding any of ``count`` values of the unique field ``key`` (by index)."""
