@@ -29,6 +29,7 @@ from moleculerpy_cqrs.errors import ConfigurationError, Conflict, InvalidInput
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
 from moleculerpy_cqrs.stores.fields import check_id
+from moleculerpy_cqrs.stores.populate import PopulateRule, declare_populates
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class Aggregate:
     higher version than the table was built with rebuilds it from the log into a shadow table,
     reads answering from the old one, and swaps it in; a node with a lower one does not
     project (a rolling deploy) and answers reads.
+    ``populates``: moleculer-db's ``settings.populates`` rules (``{"author": "users.get"}``,
+    ``{"author": {"action", "params", "field", "populate"}}``), which ``find``, ``list`` and
+    ``get`` follow when asked with ``populate``.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class Aggregate:
         settings: Mapping[str, Any] | None = None,
         write_actions: bool = False,
         version: int = 1,
+        populates: Mapping[str, Any] | None = None,
     ) -> None:
         if not name.isidentifier():
             raise ConfigurationError(f"aggregate name {name!r} must be an identifier")
@@ -143,6 +148,7 @@ class Aggregate:
         self.lease_ttl = lease_ttl
         self.settings = dict(settings or {})
         self.write_actions = write_actions
+        self.populates = dict(populates or {})
         self.bindings: list[Binding] = []
         self._runtimes: weakref.WeakKeyDictionary[ServiceBroker, AggregateRuntime] = (
             weakref.WeakKeyDictionary()
@@ -200,8 +206,13 @@ class Aggregate:
         # Here, not in started(): MoleculerPy logs an error of a started hook and goes on,
         # while one of a created hook fails broker.register, so the start is refused.
         await runtime.check_schema()
+        try:
+            populates = declare_populates(self.populates, runtime.adapter.fields)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"aggregate {self.name!r}: {error}") from None
         self._runtimes[broker] = runtime
-        await broker.register(_aggregate_service(self, runtime, self._event_store_for(broker)))
+        service = _aggregate_service(self, runtime, self._event_store_for(broker), populates)
+        await broker.register(service)
 
     async def on_started(self, service: Any) -> None:
         pass
@@ -227,11 +238,18 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     ``discardedDeadLetters``."""
 
     def __init__(
-        self, name: str, runtime: AggregateRuntime, event_store: str, *, write_actions: bool
+        self,
+        name: str,
+        runtime: AggregateRuntime,
+        event_store: str,
+        *,
+        write_actions: bool,
+        populates: Mapping[str, PopulateRule],
     ) -> None:
         super().__init__(name=name)
         names.mark(self, names.AGGREGATE)
         self.write_actions = write_actions
+        self.populates = populates
         self.runtime = runtime
         self.port = runtime.port
         self.event_store = event_store
@@ -243,6 +261,10 @@ class AggregateServiceBase(ReadActions, WriteActions, Service):
     @property
     def adapter(self) -> Adapter:
         return self.runtime.adapter
+
+    def populate_rules(self) -> Mapping[str, PopulateRule]:
+        rules: Mapping[str, PopulateRule] = self.populates
+        return rules
 
     @property
     def batches(self) -> OpenBatches:
@@ -433,7 +455,10 @@ def _snapshot_id(ctx: Context, *, required: bool) -> str | None:
 
 
 def _aggregate_service(
-    aggregate: Aggregate, runtime: AggregateRuntime, event_store: str
+    aggregate: Aggregate,
+    runtime: AggregateRuntime,
+    event_store: str,
+    populates: Mapping[str, PopulateRule],
 ) -> AggregateServiceBase:
     @event(name=f"cqrs.{event_store}.appended")
     async def appended(service: AggregateServiceBase, ctx: Context) -> None:
@@ -441,6 +466,10 @@ def _aggregate_service(
 
     klass = type(f"{aggregate.name}Service", (AggregateServiceBase,), {"cqrs_appended": appended})
     service: AggregateServiceBase = klass(
-        aggregate.name, runtime, event_store, write_actions=aggregate.write_actions
+        aggregate.name,
+        runtime,
+        event_store,
+        write_actions=aggregate.write_actions,
+        populates=populates,
     )
     return service

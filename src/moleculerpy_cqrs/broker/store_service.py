@@ -7,6 +7,7 @@ earlier event's effect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from moleculerpy import Context, action
@@ -16,6 +17,7 @@ from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.errors import InvalidInput, ReadOnlyAggregateError
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.populate import PopulateRule, Populator
 
 
 def params_of(ctx: Context) -> dict[str, Any]:
@@ -42,6 +44,10 @@ class _StoreBase:
         """Return once the store is connected (bounded); see ``until_ready``."""
         raise NotImplementedError
 
+    def populate_rules(self) -> Mapping[str, PopulateRule]:
+        """moleculer-db's ``settings.populates`` of this store (none: ``populate`` is refused)."""
+        return {}
+
     @property
     def batches(self) -> OpenBatches | None:
         """The projector's open batches, for a store that a projector writes."""
@@ -51,7 +57,11 @@ class _StoreBase:
         """Run a store action, on the projector's open batch when called from one."""
         await self.wait_ready()
         view = self.batches.view_for(ctx.meta) if self.batches is not None else None
-        return await getattr(StoreActions(view or self.adapter), action)(ctx.params)
+        # moleculer-db's populate calls the related services from the caller's context.
+        rules = self.populate_rules()
+        populator = Populator(rules, ctx.call) if rules else None
+        actions = StoreActions(view or self.adapter, populator=populator)
+        return await getattr(actions, action)(ctx.params)
 
     async def _announce(self, what: str, payload: dict[str, Any]) -> None:
         await self.port.broadcast(f"{self.name}.{what}", payload)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from moleculerpy_cqrs.errors import Conflict, EntityNotFound, InvalidInput
 from moleculerpy_cqrs.stores.base import Adapter
 from moleculerpy_cqrs.stores.fields import ID, MAX_INT, FieldType, Record, check_count, check_id
+from moleculerpy_cqrs.stores.populate import Populator, requested
 from moleculerpy_cqrs.stores.query import Query, parse_condition, parse_find, parse_projection
 
 DEFAULT_PAGE_SIZE: Final = 10
@@ -37,11 +39,21 @@ class Readable(Protocol):
 
 
 class StoreActions:
-    """find / count / list / get / create / insert / update / remove over one adapter."""
+    """find / count / list / get / create / insert / update / remove over one adapter.
 
-    def __init__(self, adapter: Readable, *, max_page_size: int = MAX_PAGE_SIZE) -> None:
+    ``populator``: the ``populates`` rules and how to call their services (the broker layer
+    gives them); without it, ``populate`` is refused, saying that no rule is declared."""
+
+    def __init__(
+        self,
+        adapter: Readable,
+        *,
+        max_page_size: int = MAX_PAGE_SIZE,
+        populator: Populator | None = None,
+    ) -> None:
         self.adapter = adapter
         self.max_page_size = max_page_size
+        self.populator = populator
 
     @property
     def writable(self) -> Adapter:
@@ -54,9 +66,9 @@ class StoreActions:
 
     async def find(self, params: Mapping[str, Any]) -> list[Record]:
         params = _params(params)
-        excluded = self._read_options(params)
-        query = parse_find(self.adapter.fields, params, extra=_ROW_OPTIONS)
-        return _exclude(await self.adapter.find(query), excluded)
+        shape = self._shape(params)
+        query = parse_find(self.adapter.fields, shape.unshaped(params), extra=_ROW_OPTIONS)
+        return await shape.apply(self, await self.adapter.find(query))
 
     async def count(self, params: Mapping[str, Any]) -> int:
         params = _params(params)
@@ -66,13 +78,17 @@ class StoreActions:
 
     async def list_page(self, params: Mapping[str, Any]) -> dict[str, Any]:
         params = _params(params)
-        excluded = self._read_options(params)
+        shape = self._shape(params)
         # moleculer-db computes limit and offset from page and pageSize, over any given.
         params = {k: v for k, v in params.items() if k not in ("limit", "offset")}
         size = _page_size(params.get("pageSize"), self.max_page_size)
         # The page's offset must fit in the 64-bit integer every backend takes.
         page = check_count("page", params.get("page", 1), minimum=1, maximum=MAX_INT // size)
-        base = parse_find(self.adapter.fields, params, extra=_ROW_OPTIONS | {"page", "pageSize"})
+        base = parse_find(
+            self.adapter.fields,
+            shape.unshaped(params),
+            extra=_ROW_OPTIONS | {"page", "pageSize"},
+        )
         query = Query(
             where=base.where,
             sort=base.sort,
@@ -83,7 +99,7 @@ class StoreActions:
         total = await self.adapter.count(base)
         rows = await self.adapter.find(query)
         return {
-            "rows": _exclude(rows, excluded),
+            "rows": await shape.apply(self, rows),
             "total": total,
             "page": page,
             "pageSize": size,
@@ -95,41 +111,42 @@ class StoreActions:
         _only(params, {"id", "fields", "excludeFields", "mapping", "populate"}, "get")
         if "id" not in params:
             raise InvalidInput("id field required!", field="id")
-        excluded = self._read_options(params)
+        shape = self._shape(params, always=True)
         mapping = params.get("mapping", False)
         if not isinstance(mapping, bool):
             raise InvalidInput("mapping must be true or false", field="mapping", got=mapping)
-        projection = parse_projection(self.adapter.fields, params.get("fields"))
         raw = params["id"]
         if isinstance(raw, list):
             rows = await self.adapter.get_many(raw)
-            shaped = _exclude([_project(r, projection) for r in rows], excluded)
+            ids = [row[ID] for row in rows]
+            shaped = await shape.apply(self, rows)
             if not mapping:
                 return shaped
             # moleculer-db's mapping: an object keyed by id (JSON keys are text), which is how
             # its populate fetches related rows from another service.
-            return {str(row[ID]): out for row, out in zip(rows, shaped, strict=True)}
+            return {str(i): out for i, out in zip(ids, shaped, strict=True)}
         row = await self.adapter.get(raw)
         if row is None:
             raise EntityNotFound(raw, store=self.adapter.name)
-        out = _exclude([_project(row, projection)], excluded)[0]
-        return {str(row[ID]): out} if mapping else out
+        entity_id = row[ID]
+        out = (await shape.apply(self, [row]))[0]
+        return {str(entity_id): out} if mapping else out
 
-    def _read_options(self, params: Mapping[str, Any]) -> frozenset[str]:
-        """Check moleculer-db's row options: refuse ``populate``, answer the excluded fields."""
-        populate = params.get("populate")
-        if populate not in (None, "", []):
-            raise InvalidInput(
-                "populate is not supported: an aggregate declares no populates (moleculer-db's "
-                "settings.populates), so it has no rule saying which service holds the related "
-                "rows; fetch them with that service's get {id: [...], mapping: true}",
-                field="populate",
-                got=populate,
-            )
+    def _shape(self, params: Mapping[str, Any], *, always: bool = False) -> _Shape:
+        """moleculer-db's row options, checked: ``populate``, then ``fields``, then
+        ``excludeFields``, in its order. ``fields`` goes to the query unless rows are
+        populated first (or ``always``: ``get`` projects its rows itself)."""
+        rules = self.populator.rules if self.populator is not None else {}
+        wanted = requested(rules, params.get("populate"))
+        names = {k: self.adapter.fields.get(k, "json") for k in rules}
+        known = {**self.adapter.fields, **names}
+        projection = exclusion = None
+        if wanted or always:
+            projection = parse_projection(known, params.get("fields"))
         raw = params.get("excludeFields")
-        if raw is None:
-            return frozenset()
-        return frozenset(parse_projection(self.adapter.fields, raw) or ())
+        if raw is not None:
+            exclusion = frozenset(parse_projection(known, raw) or ())
+        return _Shape(wanted, projection, exclusion, own=bool(wanted) or always)
 
     async def create(self, params: Mapping[str, Any]) -> Record:
         params = _params(params)
@@ -192,6 +209,27 @@ _ROW_OPTIONS: Final = frozenset({"excludeFields", "populate"})
 _COUNT_DROPS: Final = frozenset(
     {"limit", "offset", "sort", "fields", "excludeFields", "populate", "page", "pageSize"}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    populate: Mapping[str, list[str]]
+    fields: tuple[str, ...] | None
+    exclude: frozenset[str] | None
+    own: bool  # fields are applied here, after populate, not by the query
+
+    def unshaped(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The params for the query: without ``fields`` when they are applied here."""
+        return {k: v for k, v in params.items() if k != "fields"} if self.own else params
+
+    async def apply(self, actions: StoreActions, rows: list[Record]) -> list[Record]:
+        if self.populate:
+            assert actions.populator is not None
+            rows = [dict(r) for r in rows]
+            await actions.populator.populate(rows, self.populate)
+        if self.own:
+            rows = [_project(r, self.fields) for r in rows]
+        return _exclude(rows, self.exclude or frozenset())
 
 
 def _page_size(raw: Any, maximum: int) -> int:

@@ -16,9 +16,15 @@ Conditions (``query`` and top-level declared fields, ANDed)::
     {"total": {"between": [1, 5]}}             inclusive; also "not between"
     {"country": {"!=": None}}                  IS NOT NULL
     {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely
+    {"$not": {...}}                            the rows the query does not match, nulls too
+    {"note": {"$exists": True}}                IS NOT NULL (False: IS NULL)
+    {"country": {"$in": ["NZ", None]}}         a null in an in list matches NULL
+    {"tags": "green"}                          a json array holding "green" (or the value)
 
-NULL behaves as in SQL: a comparison with a NULL column is never true (only IS NULL matches).
-``search`` matches a substring in ``searchFields`` (default: every string field), ignoring
+NULL behaves as in SQL: a comparison with a NULL column is never true (only IS NULL matches);
+``$not`` is the complement of what its query matches, NULL rows included, as in NeDB.
+``search`` matches a substring in ``searchFields`` (default: every string field; an integer
+field is searched in its decimal text), ignoring
 case as moleculer-db does: both sides through Unicode lowercasing (:func:`fold_case`).
 ``sort`` is ``"-total country"`` or a list; ascending puts NULLs first,
 descending last, and ``id`` breaks ties so paging is stable.
@@ -83,6 +89,22 @@ class IsNull:
 
 
 @dataclass(frozen=True, slots=True)
+class Contains:
+    """A json field holds ``value``: it is an array with an element equal to it, or it is
+    that value (moleculer-db's NeDB matches ``{tags: "green"}`` so)."""
+
+    field: str
+    value: str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    """The rows ``item`` does not match, rows with NULLs included (NeDB's ``$not``)."""
+
+    item: Condition
+
+
+@dataclass(frozen=True, slots=True)
 class Search:
     text: str
     fields: tuple[str, ...]
@@ -98,7 +120,7 @@ class Or:
     items: tuple[Condition, ...]
 
 
-Condition = Compare | Like | In | Between | IsNull | Search | And | Or
+Condition = Compare | Like | In | Between | IsNull | Contains | Search | Not | And | Or
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +148,22 @@ _LIKE: Final = {"like": False, "$like": False, "not like": True, "$nlike": True}
 _IN: Final = {"in": False, "$in": False, "not in": True, "$nin": True}
 _BETWEEN: Final = {"between": False, "$between": False, "not between": True, "$nbetween": True}
 _OR: Final = frozenset({"or", "$or"})
+_NOT: Final = frozenset({"not", "$not"})
+_EXISTS: Final = frozenset({"exists", "$exists"})
+_UNSUPPORTED: Final = {
+    "$regex": "a regular expression runs differently (or not at all) on each backend and its "
+    "cost has no bound; use like",
+    "$size": "an array's length is not indexed by any backend; keep a count field",
+    "$elemMatch": "json arrays of objects are not queried inside; declare the field you look "
+    "for as a field of its own",
+    "$where": "a function cannot be sent in a query",
+    "$nor": "use $not with $or",
+}
 _AND: Final = frozenset({"and", "$and"})
 _ORDERED: Final = frozenset({"string", "integer", "float", "datetime"})
+_SEARCHABLE: Final = frozenset({"string", "integer"})
+"""Field types ``search`` looks in: an integer by its decimal text, as moleculer-db's
+MemoryAdapter (``String(v)``) and SQL's ``CAST(v AS TEXT)`` write it."""
 FIND_PARAMS: Final = frozenset(
     {"query", "sort", "limit", "offset", "fields", "search", "iSearch", "searchFields"}
 )
@@ -270,6 +306,15 @@ def _parse_condition(fields: Fields, raw: Any, depth: int) -> Condition:
             parts = tuple(_parse_condition(fields, v, depth + 1) for v in value)
             items.append(Or(parts) if key in _OR else And(parts))
             continue
+        if key in _NOT:
+            items.append(Not(_parse_condition(fields, value, depth + 1)))
+            continue
+        if isinstance(key, str) and key.startswith("$") and key not in fields:
+            raise InvalidInput(
+                f"{key!r} is not supported at the top of a query: "
+                f"{_UNSUPPORTED.get(key, 'use $and, $or, $not or a declared field')}",
+                field=key,
+            )
         kind = _field_type(fields, key)
         if isinstance(value, Mapping):
             if not value:
@@ -341,8 +386,13 @@ def _search_fields(fields: Fields, raw: Any) -> tuple[str, ...]:
         if not names:
             raise InvalidInput("searchFields must name at least one string field", got=raw)
     for name in names:
-        if name == ID or fields[name] != "string":
-            raise InvalidInput(f"searchFields must be string fields; {name!r} is not", field=name)
+        if name != ID and fields[name] not in _SEARCHABLE:
+            raise InvalidInput(
+                f"searchFields must be string or integer fields; {name!r} is {fields[name]}: "
+                "its text is not the same in JavaScript, Python and SQL (3.0 or 3, 1e-05 or "
+                "0.00001, true or 1)",
+                field=name,
+            )
     return names
 
 
@@ -354,10 +404,21 @@ def _parse_operator(name: str, kind: FieldType | None, op: str, arg: Any) -> Con
                 raise InvalidInput(f"{name!r}: {op!r} cannot compare with null", field=name)
             return IsNull(name, negate=cop == "!=")
         if kind == "json":
-            raise InvalidInput(f"json field {name!r} supports only null checks", field=name)
+            if cop == "=":
+                return _contains(name, arg)
+            raise InvalidInput(
+                f"json field {name!r} takes membership ({{{name!r}: value}} or $in) and null "
+                f"checks, not {op!r}; negate with {{'$not': {{{name!r}: value}}}}",
+                field=name,
+            )
         if cop not in ("=", "!=") and kind not in _ORDERED and kind is not None:
             raise InvalidInput(f"{name!r} ({kind}) supports only = and !=", field=name)
         return Compare(name, cop, _operand(name, kind, arg))
+    if op in _EXISTS:
+        if not isinstance(arg, bool):
+            raise InvalidInput(f"{name!r}: {op!r} takes true or false", field=name, got=arg)
+        # Every row has every declared field: a field exists when it holds a value.
+        return IsNull(name, negate=arg)
     if op in _LIKE:
         if kind != "string":
             raise InvalidInput(f"like needs a string field; {name!r} is not", field=name)
@@ -371,18 +432,7 @@ def _parse_operator(name: str, kind: FieldType | None, op: str, arg: Any) -> Con
             )
         return Like(name, arg, negate=_LIKE[op])
     if op in _IN:
-        if not isinstance(arg, list):
-            raise InvalidInput(f"{name!r}: {op!r} takes a list", field=name, got=arg)
-        if kind == "json":
-            raise InvalidInput(f"json field {name!r} supports only null checks", field=name)
-        if len(arg) > MAX_IN_VALUES:
-            raise InvalidInput(
-                f"{name!r}: an in list may hold at most {MAX_IN_VALUES} values", field=name
-            )
-        values = tuple(_operand(name, kind, v) for v in arg if v is not None)
-        if len(values) != len(arg):
-            raise InvalidInput(f"{name!r}: {op!r} list may not hold null", field=name)
-        return In(name, values, negate=_IN[op])
+        return _parse_in(name, kind, op, arg)
     if op in _BETWEEN:
         if not isinstance(arg, list) or len(arg) != 2 or None in arg:
             raise InvalidInput(f"{name!r}: {op!r} takes [low, high]", field=name, got=arg)
@@ -390,10 +440,69 @@ def _parse_operator(name: str, kind: FieldType | None, op: str, arg: Any) -> Con
             raise InvalidInput(f"{name!r} ({kind}) cannot be compared by range", field=name)
         low, high = (_operand(name, kind, v) for v in arg)
         return Between(name, low, high, negate=_BETWEEN[op])
+    if op in _NOT:
+        raise InvalidInput(
+            f"{name!r}: $not takes a whole query, as in NeDB: {{'$not': {{{name!r}: {{...}}}}}}",
+            field=name,
+        )
+    if op in _UNSUPPORTED:
+        raise InvalidInput(f"{name!r}: {op} is not supported: {_UNSUPPORTED[op]}", field=name)
     raise InvalidInput(
         f"unknown operator {op!r} for {name!r}: use = != > >= < <= like 'not like' in "
-        "'not in' between 'not between' (or their $ forms)",
+        "'not in' between 'not between' exists (or their $ forms)",
         field=name,
+    )
+
+
+def _parse_in(name: str, kind: FieldType | None, op: str, arg: Any) -> Condition:
+    """An in list; a null in it matches NULL (``$in``) or is left out (``$nin``, which never
+    matches NULL anyway), as NeDB compares null with null."""
+    if not isinstance(arg, list):
+        raise InvalidInput(f"{name!r}: {op!r} takes a list", field=name, got=arg)
+    if len(arg) > MAX_IN_VALUES:
+        raise InvalidInput(
+            f"{name!r}: an in list may hold at most {MAX_IN_VALUES} values", field=name
+        )
+    negate = _IN[op]
+    with_null = None in arg
+    if kind == "json":
+        if negate:
+            raise InvalidInput(
+                f"json field {name!r} takes $in, not {op!r}; negate with "
+                f"{{'$not': {{{name!r}: {{'$in': [...]}}}}}}",
+                field=name,
+            )
+        if len(arg) > MAX_CONDITIONS:
+            raise InvalidInput(
+                f"{name!r}: $in on a json field takes at most {MAX_CONDITIONS} values",
+                field=name,
+            )
+        members: list[Condition] = [_contains(name, v) for v in arg if v is not None]
+        if with_null:
+            members.append(IsNull(name))
+        if not members:
+            return In(name, ())
+        return members[0] if len(members) == 1 else Or(tuple(members))
+    found = In(name, tuple(_operand(name, kind, v) for v in arg if v is not None), negate)
+    if not with_null or negate:
+        return found
+    return Or((found, IsNull(name))) if found.values else IsNull(name)
+
+
+def _contains(name: str, value: Any) -> Contains:
+    if isinstance(value, bool):
+        return Contains(name, value)
+    if isinstance(value, int):
+        return Contains(name, check_value(name, "integer", value))
+    if isinstance(value, float):
+        return Contains(name, check_value(name, "float", value))
+    if isinstance(value, str):
+        return Contains(name, check_value(name, "string", value))
+    raise InvalidInput(
+        f"json field {name!r}: membership takes a string, number or boolean (an array or "
+        "object is not compared by value)",
+        field=name,
+        got=value,
     )
 
 
@@ -435,6 +544,9 @@ def _check_size(cond: Condition | None) -> None:
         if isinstance(item, And | Or):
             stack.extend(item.items)
             continue
+        if isinstance(item, Not):
+            stack.append(item.item)
+            continue
         conditions += 1
         if isinstance(item, In):
             values += len(item.values)
@@ -464,6 +576,13 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
             return any(matches(c, record) for c in items)
         case IsNull(name, negate):
             return (record.get(name) is None) != negate
+        case Not(item):
+            return not matches(item, record)
+        case Contains(name, value):
+            got = record.get(name)
+            if isinstance(got, list):
+                return any(json_equal(element, value) for element in got)
+            return json_equal(got, value)
         case Compare(name, op, value):
             got = record.get(name)
             return got is not None and _COMPARATORS[op](got, value)
@@ -478,10 +597,25 @@ def matches(cond: Condition | None, record: Mapping[str, Any]) -> bool:
             return got is not None and (low <= got <= high) != negate
         case Search(text, names):
             needle = fold_case(text)
-            return any(
-                isinstance(record.get(n), str) and needle in fold_case(record[n]) for n in names
-            )
+            texts = (_search_text(record.get(n)) for n in names)
+            return any(t is not None and needle in fold_case(t) for t in texts)
     raise AssertionError(f"unknown condition {cond!r}")
+
+
+def _search_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    # An integer field (or id) by its decimal text; NULL never matches.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def json_equal(element: Any, value: str | int | float | bool) -> bool:
+    """Whether a json element is ``value``, as JSON compares them (true is not 1)."""
+    if isinstance(element, bool) or isinstance(value, bool):
+        return element is value
+    if isinstance(element, str) or isinstance(value, str):
+        return isinstance(element, str) and isinstance(value, str) and element == value
+    return isinstance(element, int | float) and element == value
 
 
 @functools.lru_cache(maxsize=256)
@@ -606,7 +740,8 @@ _COMPARATORS: Final = {
 }
 
 __all__ = [
-    "ALL", "And", "Between", "Compare", "Condition", "In", "IsNull", "Like", "Or", "Query",
+    "ALL", "And", "Between", "Compare", "Condition", "Contains", "In", "IsNull", "Like", "Not",
+    "Or", "Query",
     "Search", "ascii_lower", "escape_like", "fold_case", "like_match", "like_regex", "matches",
     "parse_condition", "parse_find", "parse_projection", "parse_sort", "sort_key",
 ]  # fmt: skip

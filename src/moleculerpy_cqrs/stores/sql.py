@@ -19,9 +19,11 @@ from moleculerpy_cqrs.stores.query import (
     Between,
     Compare,
     Condition,
+    Contains,
     In,
     IsNull,
     Like,
+    Not,
     Or,
     Query,
     Search,
@@ -55,6 +57,16 @@ class Dialect(ABC):
         """SQL for a LIKE of ``column`` lowercased as :func:`fold_case` does (the pattern is
         lowercased so already)."""
         return f"lower({column}) LIKE {self.placeholder} ESCAPE '\\'"
+
+    def contains_text(self, column: str) -> str:
+        """SQL for a LIKE of an integer ``column``'s decimal text (``search`` in an integer
+        field; digits have no case)."""
+        return f"CAST({column} AS TEXT) LIKE {self.placeholder} ESCAPE '\\'"
+
+    def json_contains(self, column: str, value: str | int | float | bool) -> tuple[str, Params]:
+        """SQL (and its parameters) for: the json ``column`` is an array with an element equal
+        to ``value`` as JSON compares (true is not 1, 1 is 1.0), or is that value itself."""
+        raise NotImplementedError(f"{type(self).__name__} has no json membership")
 
     def in_list(self, column: str, kind: FieldType | None, negate: bool, count: int) -> str:
         """SQL for ``column`` (NOT) IN the values, which are bound as :meth:`in_params`."""
@@ -236,6 +248,13 @@ class Compiler:
                 return "(" + " OR ".join(self._cond(c, params) for c in items) + ")"
             case IsNull(name, negate):
                 return f"({quote(name)} IS {'NOT ' if negate else ''}NULL)"
+            case Not(item):
+                # The complement, NULL rows included: NOT of an unknown is made false first.
+                return f"(NOT COALESCE({self._cond(item, params)}, FALSE))"
+            case Contains(name, value):
+                sql, bound = self.dialect.json_contains(quote(name), value)
+                params.extend(bound)
+                return f"({sql})"
             case Compare(name, op, value):
                 params.append(enc(self.kind(name), value))
                 sql_op = "<>" if op == "!=" else op
@@ -257,6 +276,9 @@ class Compiler:
                 parts = []
                 for name in names:
                     params.append(pattern)
-                    parts.append(self.dialect.contains_ci(quote(name)))
+                    if self.kind(name) in (None, "integer"):
+                        parts.append(self.dialect.contains_text(quote(name)))
+                    else:
+                        parts.append(self.dialect.contains_ci(quote(name)))
                 return "(" + " OR ".join(parts) + ")"
         raise AssertionError(f"unknown condition {cond!r}")

@@ -62,6 +62,7 @@ from moleculerpy_cqrs.testing.conformance_base import (
     promptly,
 )
 from moleculerpy_cqrs.testing.conformance_indexes import IndexCases, SchemaCases
+from moleculerpy_cqrs.testing.conformance_mdb import MoleculerDbQueryCases
 
 KEYED_FIELDS: dict[str, str] = {"event": "string", "key": "string", "n": "integer"}
 
@@ -1303,6 +1304,7 @@ class AdapterConformance(
     HostileInputCases,
     PropertyCases,
     UniqueKeyCases,
+    MoleculerDbQueryCases,
 ):
     """Every case: subclass this and implement :meth:`AdapterCase.make_adapter`."""
 

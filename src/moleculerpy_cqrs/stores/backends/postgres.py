@@ -149,6 +149,15 @@ class _PgDialect(Dialect):
         # locales one character at a time. ICU's root locale maps as query.fold_case does.
         return f"lower({column} COLLATE \"und-x-icu\") LIKE %s ESCAPE '\\'"
 
+    def json_contains(self, column: str, value: str | int | float | bool) -> tuple[str, list[Any]]:
+        # jsonb containment: an array holds the element (a scalar in it, not in a nested
+        # array or an object), and JSON equality (1 is 1.0, true is not 1) for a scalar.
+        element = _dump_json(value)
+        return (
+            f"{column}::jsonb @> %s::jsonb OR {column}::jsonb = %s::jsonb",
+            [f"[{element}]", element],
+        )
+
 
 _DIALECT: Final = _PgDialect()
 

@@ -179,6 +179,22 @@ class _Dialect(Dialect):
         # SQLite's lower() folds ASCII only: every connection gets query.fold_case instead.
         return f"{_FOLD_CASE}({column}) LIKE ? ESCAPE '\\'"
 
+    def json_contains(self, column: str, value: str | int | float | bool) -> tuple[str, list[Any]]:
+        # json_each walks an array's elements, or a scalar itself; never an object's values.
+        # Its type column tells true from 1 and "1" from 1 (the types are a fixed choice).
+        params: list[Any] = [] if isinstance(value, bool) else [value]
+        if isinstance(value, bool):
+            test = f"type = '{'true' if value else 'false'}'"
+        elif isinstance(value, str):
+            test = "type = 'text' AND value = ?"
+        else:
+            test = "type IN ('integer', 'real') AND value = ?"
+        return (
+            f"json_type({column}) <> 'object' AND EXISTS (SELECT 1 FROM json_each({column}) "
+            f"WHERE {test})",
+            params,
+        )
+
 
 _DIALECT: Final = _Dialect()
 
