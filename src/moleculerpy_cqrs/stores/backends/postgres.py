@@ -152,7 +152,7 @@ class _PgDialect(Dialect):
     def json_contains(self, column: str, value: str | int | float | bool) -> tuple[str, list[Any]]:
         # jsonb containment: an array holds the element (a scalar in it, not in a nested
         # array or an object), and JSON equality (1 is 1.0, true is not 1) for a scalar.
-        element = _dump_json(value)
+        element = encode_json(value)
         return (
             f"{column}::jsonb @> %s::jsonb OR {column}::jsonb = %s::jsonb",
             [f"[{element}]", element],
