@@ -716,7 +716,7 @@ class KeyedRun:
         self.halted = False
         self.slots = asyncio.Semaphore(max(projector.concurrency, 1))
         self.remote = remote.KeyedCalls(projector.port, view.fields)
-        self.nodes: dict[Binding, str | None] = {}  # the batch node of each binding, once
+        self.local: set[Binding] = set()  # bindings no other node serves, in this batch
 
     def _dependencies(self) -> list[int]:
         deps: list[int] = []
@@ -755,10 +755,11 @@ class KeyedRun:
     async def _first_try(self, event: Record, binding: Binding) -> Outcome:
         """The unit's first call: in a request with others when another node serves it
         (with its key's rows when the key is a field), else on its own."""
-        if binding in self.nodes:
-            node = self.nodes[binding]
-        else:
-            node = self.nodes[binding] = self.p._batch_node(binding)
+        # Only "no other node" is kept for the batch: a node is picked per event, so calls are
+        # balanced across the nodes that serve the action (and a dead one's are taken over).
+        node = None if binding in self.local else self.p._batch_node(binding)
+        if node is None:
+            self.local.add(binding)
         if node is not None:
             rows = None
             # The rows of its key, for a binding that changes them (a create adds rows: its
