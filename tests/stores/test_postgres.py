@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from moleculerpy_cqrs.errors import StoreError
+from moleculerpy_cqrs.errors import ConflictError, StoreError
 from moleculerpy_cqrs.stores.backends.postgres import _DATABASES, PostgresAdapter
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Declarations, Record
@@ -548,3 +548,33 @@ async def test_keys_are_looked_up_through_the_unique_index(
         await adapter.close()
     assert "log$key$ux" in plan, plan  # the unique index (stores.sql.index_name)
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_unique_field_not_in_lower_case_refuses_with_a_conflict_naming_it(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # The server quotes such a column in its error detail ("idempotencyKey"): it must still be
+    # the caller's 409 naming the field and value, not a store error; a keyed append of a held
+    # key is answered its holder (the append tries a plain insert first).
+    adapter = PostgresAdapter(
+        "log",
+        {"event": "string", "idempotencyKey": "string"},
+        dsn=postgres_dsn,
+        options={"schema": pg_schema},
+    )
+    adapter.declare_unique("idempotencyKey")
+    await adapter.connect()
+    try:
+        held = await adapter.insert({"event": "a", "idempotencyKey": "k"})
+        with pytest.raises(ConflictError) as refused:
+            await adapter.insert({"event": "b", "idempotencyKey": "k"})
+        assert refused.value.data["field"] == "idempotencyKey"
+        assert refused.value.data["value"] == "k"
+        rows = [adapter.check_row({"event": "c", "idempotencyKey": k}) for k in ("j", "k")]
+        fresh, again = await adapter.append_keyed(rows, "idempotencyKey")
+        assert fresh.stored
+        assert not again.stored
+        assert again.row == held
+        assert await adapter.count() == 2
+    finally:
+        await adapter.close()

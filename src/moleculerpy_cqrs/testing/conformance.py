@@ -1278,6 +1278,23 @@ class UniqueKeyCases(AdapterCase):
         with pytest.raises(ConflictError):
             await a.insert({"event": "c", "key": "k"})
 
+    async def test_a_keyed_batch_refused_by_another_unique_field_stores_nothing(self) -> None:
+        # A keyed append may try a plain insert first: a refusal by another unique field
+        # must still reach the caller (not be taken for a held key), with nothing stored.
+        a = await self.make_adapter(
+            "keyed", {**KEYED_FIELDS, "event": {"type": "string", "unique": True}}
+        )
+        a.declare_unique("key")
+        self._opened.append(a)
+        await a.connect()
+        (held,) = await a.append_keyed(self.rows(a, "k0"), "key")  # event "e0"
+        with pytest.raises(ConflictError) as refused:
+            await a.append_keyed(self.rows(a, "k1", "k0"), "key")  # "e0" again, then a repeat
+        assert refused.value.data["field"] == "event"
+        with pytest.raises(ConflictError):
+            await a.append_keyed(self.rows(a, "k2"), "key")  # event "e0" once more
+        assert await a.find() == [held.row]
+
     async def test_only_declared_string_fields_can_be_unique(self) -> None:
         a = await self.make_adapter("keyed", KEYED_FIELDS)
         self._opened.append(a)

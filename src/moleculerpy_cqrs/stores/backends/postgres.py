@@ -117,7 +117,10 @@ _TO_JSON: Final[dict[FieldType, Callable[[Any], str]]] = {
 }
 _INTERNAL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
-_UNIQUE_DETAIL: Final = re.compile(r"Key \((\w+)\)=\((.*)\) already exists\.?$", re.DOTALL)
+# The column as the server shows it: quoted when not all lower case (idempotencyKey).
+_UNIQUE_DETAIL: Final = re.compile(
+    r'Key \((\w+|"(?:[^"]|"")+")\)=\((.*)\) already exists\.?$', re.DOTALL
+)
 _INDEXES_OF: Final = (
     "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
     "WHERE i.indrelid = to_regclass(%s)"
@@ -552,6 +555,8 @@ class PostgresAdapter(Adapter):
             table = e.diag.table_name or self.name
             if found is not None:
                 field, text = found.group(1), found.group(2)
+                if field.startswith('"'):
+                    field = field[1:-1].replace('""', '"')
                 value: Any = (
                     int(text) if field == ID or self.fields.get(field) == "integer" else text
                 )
@@ -745,12 +750,21 @@ class PostgresAdapter(Adapter):
     # ------------------------------------------------------------------ event log
 
     async def _append_keyed(self, rows: list[CheckedRow], key: str) -> list[Keyed]:
+        # A key is seldom a repeat: outside a transaction the rows are first appended as a
+        # plain append does (its own transaction, under the table's write lock, so a writer
+        # of the same key on another connection has committed before). Only when the unique
+        # index refuses a key (nothing was stored) are they written again the careful way.
+        db = self._require()
+        joined = db.current() is not None
+        if not joined:
+            try:
+                return [Keyed(row, True) for row in await self._append(rows)]
+            except ConflictError:
+                pass  # a key held already (another unique field refuses the rows again below)
         # INSERT ... ON CONFLICT DO NOTHING: a key committed by another connection meanwhile,
         # or being committed (the insert waits for that transaction), stores nothing and is
         # no error. The holders of the keys not stored are read back after it (a statement
         # of its own: it sees what the other writer committed).
-        db = self._require()
-        joined = db.current() is not None
         column = list(self.fields).index(key)
         async with self._session(write=joined) as conn:
             params: list[Any] = [self._batch_document(rows)]

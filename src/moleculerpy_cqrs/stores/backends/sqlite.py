@@ -577,8 +577,8 @@ class SqliteAdapter(Adapter):
             except BaseException as error:
                 conn.execute("ROLLBACK TO cqrs_keyed")
                 conn.execute("RELEASE cqrs_keyed")
-                if isinstance(error, ConflictError) and error.data.get("field") == key:
-                    return self._append_new_keys(rows, column, key, conn)
+                if isinstance(error, ConflictError):  # a key held already (or another unique
+                    return self._append_new_keys(rows, column, key, conn)  # field: raised again)
                 raise
             conn.execute("RELEASE cqrs_keyed")
             return [Keyed({ID: first + i, **r.record}, True) for i, r in enumerate(rows)]
