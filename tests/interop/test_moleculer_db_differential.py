@@ -474,3 +474,77 @@ def readme_differences() -> list[str]:
 
 def test_the_list_of_differences_is_the_readmes_table() -> None:
     assert readme_differences() == [d.moleculer_db for d in DIFFERENCES.values()]
+
+
+POPULATING_NODE = """
+const { ServiceBroker } = require("moleculer");
+const DbService = require("moleculer-db");
+const broker = new ServiceBroker({
+    nodeID: "js-mdb", transporter: process.argv[2], logger: false, requestTimeout: 20000,
+});
+broker.createService({
+    name: "reviews",
+    mixins: [DbService],
+    settings: {
+        populates: {
+            order: "orders.get",
+            orderTotal: { field: "order", action: "orders.get", params: { fields: ["total"] } },
+            orderList: { field: "orders", action: "orders.get", params: { fields: "key" } },
+        },
+    },
+});
+(async () => {
+    await broker.start();
+    await broker.waitForServices(["orders"], 20000);
+    await broker.call("reviews.insert", { entities: [
+        { _id: 1, text: "fine", order: 3, orders: [2, 999, 1] },
+        { _id: 2, text: "late", order: 999, orders: [] },
+        { _id: 3, text: "none", order: null, orders: [5] },
+    ] });
+    const out = {
+        find: await broker.call("reviews.find", { populate: "order orderList", sort: "_id" }),
+        get: await broker.call(
+            "reviews.get", { id: [3, 1], populate: ["orderTotal"], mapping: true },
+        ),
+    };
+    console.log(JSON.stringify(out));
+    await broker.stop();
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+async def test_a_moleculer_db_service_populates_from_an_aggregate(
+    node_modules: Path, tmp_path: Path, nats_url: str
+) -> None:
+    """moleculer-db's populate on the Moleculer.js node calls the aggregate's ``get {id: [...],
+    mapping: true}`` on this node, over NATS, and places what it answers."""
+    events = EventStore("orderEventStore", stores.memory())
+    orders = Aggregate("orders", stores.memory(fields=FIELDS), write_actions=True)
+
+    class Orders(events.mixin(), orders.mixin(), Service):  # type: ignore[misc]
+        name = "ordersService"
+
+    script = tmp_path / "populating.js"
+    script.write_text(POPULATING_NODE)
+    async with running_broker(Orders(), transporter=nats_url, node_id="py-node") as broker:
+        await broker.call("orders.insert", {"entities": ROWS[:5]})
+        row = {r["id"]: r for r in await broker.call("orders.find", {})}
+        process = await asyncio.create_subprocess_exec(
+            "node", str(script), nats_url,
+            env={**os.environ, "NODE_PATH": str(node_modules)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    fine = {"_id": 1, "text": "fine", "orders": [2, 999, 1]}
+    assert answer["find"] == [
+        {**fine, "order": row[3], "orderList": [{"key": 2}, {"key": 1}]},
+        {"_id": 2, "text": "late", "orders": [], "orderList": []},  # no order 999: left out
+        {"_id": 3, "text": "none", "orders": [5], "orderList": [{"key": 5}]},
+    ]
+    assert answer["get"] == {
+        "3": {"_id": 3, "text": "none", "order": None, "orders": [5]},
+        "1": {**fine, "order": 3, "orderTotal": {"total": row[3]["total"]}},
+    }
