@@ -21,6 +21,7 @@ import os
 import random
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from moleculerpy.errors import MoleculerError
 
 from moleculerpy_cqrs import Aggregate, EventStore, stores
 from moleculerpy_cqrs.testing.brokers import running_broker
+from tests.interop.test_http_gateway import Node, http, node, summary_once
+
+__all__ = ["node"]  # the web example's node, a fixture
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -48,7 +52,7 @@ const plain = (e) => ({
 });
 (async () => {
     await broker.start();
-    await broker.call("users.insert", { entities: users });
+    if (users.length) await broker.call("users.insert", { entities: users });
     await broker.call("orders.insert", { entities: rows });
     const out = [];
     for (const [action, params] of calls) {
@@ -188,6 +192,14 @@ DIFFERENCES: dict[str, Difference] = {
         "two rules reading one field, one of them replacing it: the other may find the row put "
         "there, and leaves its key out",
         [("find", {"query": KNOWN_BUYERS, "populate": "buyer buyerName", "limit": 3})],
+    ),
+    "sort-list": Difference(
+        "`sort` is text; a list (a repeated `?sort=`) is a 422",
+        [("find", {"sort": ["-total", "key"], "fields": "key", "limit": 3})],
+    ),
+    "query-not-json": Difference(
+        "`query` text that is not JSON is a `SyntaxError` (500)",
+        [("count", {"query": "{not json"})],
     ),
     "number-text": Difference(
         'numbers as text go through JavaScript\'s `Number()` (`"1e2"`, `"0x10"`, `" 5 "`)',
@@ -407,13 +419,21 @@ async def _ours() -> list[Answer]:
     return out
 
 
-async def _reference(node_modules: Path, tmp_path: Path) -> list[Answer]:
+async def _reference(
+    node_modules: Path,
+    tmp_path: Path,
+    calls: list[Call] = CALLS,
+    rows: list[dict[str, Any]] | None = None,
+) -> list[Answer]:
+    """moleculer-db's answers to ``calls`` (on ``orders``, holding ``rows``; by default the
+    rows and users above, with their keys for ids)."""
     script, data = tmp_path / "reference.js", tmp_path / "calls.json"
     script.write_text(REFERENCE)
-    rows = [{"_id": r["key"], **r} for r in ROWS]
-    users = [{"_id": u["key"], **u} for u in USERS]
+    users = [{"_id": u["key"], **u} for u in USERS] if rows is None else []
+    rows = [{"_id": r["key"], **r} for r in ROWS] if rows is None else rows
+    populates = POPULATES if users else {}
     data.write_text(
-        json.dumps({"rows": rows, "users": users, "populates": POPULATES, "calls": CALLS})
+        json.dumps({"rows": rows, "users": users, "populates": populates, "calls": calls})
     )
     process = await asyncio.create_subprocess_exec(
         "node", str(script), str(data),
@@ -548,3 +568,96 @@ async def test_a_moleculer_db_service_populates_from_an_aggregate(
         "3": {"_id": 3, "text": "none", "order": None, "orders": [5]},
         "1": {**fine, "order": 3, "orderTotal": {"total": row[3]["total"]}},
     }
+
+
+COUNTRIES_HTTP = ["NZ", "AU", "US", "FR", "DE", "BR", "NZ", "AU", "NZ", "CH", "US", "NZ"]
+PROFILES = [
+    {"name": f"p{n}", "country": c, "married": n % 3 == 0, "student": n % 4 == 1}
+    for n, c in enumerate(COUNTRIES_HTTP)
+]
+ROUTES = {  # the web example's aliases: path -> the action they call
+    "profile-summary": "list",
+    "profile-summary-rows": "find",
+    "profile-summary-count": "count",
+}
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+QUERY_STRINGS: list[str] = [
+    "profile-summary-rows?query=" + _q('{"total":{"$gt":1}}') + "&sort=country",
+    "profile-summary-rows?limit=0&sort=-total,country",
+    "profile-summary-rows?limit=2&offset=1&sort=country",
+    "profile-summary-rows?fields=country%20total&sort=country",
+    "profile-summary-rows?fields=country,totalMarried&sort=-total%20country",
+    "profile-summary-rows?search=z&searchFields=country&sort=country",
+    "profile-summary-rows?search=1&searchFields=total%20country&sort=country",
+    "profile-summary-rows?query="
+    + _q('{"$not":{"country":{"$in":["NZ","AU"]}}}')
+    + "&sort=country",
+    "profile-summary-rows?query=" + _q('{"totalStudents":{"$exists":true}}') + "&fields=country",
+    "profile-summary-rows?excludeFields=totalStudents%20eventId&sort=country",
+    "profile-summary?pageSize=0&sort=country",
+    "profile-summary?pageSize=2&page=2&sort=country",
+    "profile-summary?pageSize=500&sort=-total,country",
+    "profile-summary?query=" + _q('{"country":{"$nin":["NZ"]}}') + "&pageSize=3&sort=country",
+    "profile-summary-count?query=" + _q('{"totalMarried":{"$gte":1}}'),
+    "profile-summary-count?search=n&searchFields=country",
+    "profile-summary-count?limit=1&offset=2",
+    "profile-summary-rows?limit=-1",
+    "profile-summary?page=0",
+    "profile-summary/999999",
+]
+
+
+def _as_call(query_string: str) -> Call:
+    """The action and params moleculer-web passes for a request (query string values are
+    text; a repeated one is a list)."""
+    path, _, query = query_string.partition("?")
+    if path.startswith("profile-summary/"):
+        return "get", {"id": path.rpartition("/")[2]}
+    params: dict[str, Any] = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        params[key] = (
+            [*params[key], value]
+            if isinstance(params.get(key), list)
+            else ([params[key], value] if key in params else value)
+        )
+    return ROUTES[path], params
+
+
+def _over_http(node: Node, query_string: str) -> Answer:
+    status, body = http("GET", f"{node.base}/{query_string}")
+    if status == 200:
+        return {"answer": body}
+    return {"error": {k: body.get(k) for k in ("name", "code", "type", "data", "message")}}
+
+
+def test_the_web_example_answers_query_strings_as_moleculer_db_does(
+    node: Node, node_modules: Path, tmp_path: Path
+) -> None:
+    """Query strings sent over HTTP to the web example (moleculerpy-web in front of the
+    profile example), compared with moleculer-db's answers to the same text params (as its
+    gateway passes them; moleculer-db's sanitizeParams reads them)."""
+    for profile in PROFILES:
+        assert http("POST", f"{node.base}/profile/update", profile)[0] == 200
+    totals: dict[str, int] = {}
+    for country in COUNTRIES_HTTP:
+        totals[country] = totals.get(country, 0) + 1
+    summary_once(node, totals)
+    _, rows = http("GET", f"{node.base}/profile-summary-rows?limit=0")
+    stored = [
+        {"_id": r["id"], **{k: v for k, v in r.items() if k not in ("id", "eventId")}} for r in rows
+    ]
+    calls = [_as_call(q) for q in QUERY_STRINGS]
+    reference = asyncio.run(_reference(node_modules, tmp_path, calls, stored))
+    applied: set[str] = set()
+    differences = []
+    for query_string, call, theirs in zip(QUERY_STRINGS, calls, reference, strict=True):
+        expected, got = _compare(call, theirs, _over_http(node, query_string), applied)
+        if got != expected:
+            differences.append(f"{query_string}:\n  moleculer-db {expected}\n  here {got}")
+    assert not differences, "\n".join(differences)
+    assert {"ids", "validation-data", "not-found-message"} <= applied
