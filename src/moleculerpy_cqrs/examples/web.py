@@ -5,6 +5,8 @@
          -d '{"name": "Ann", "country": "NZ", "married": true}'
     curl 'localhost:3000/api/profile-summary?page=1&pageSize=10'
     curl localhost:3000/api/profile-summary/1
+    curl -G localhost:3000/api/profile-summary-rows --data-urlencode 'query={"total":{"$gt":1}}'
+    curl 'localhost:3000/api/profile-summary-count?search=n&searchFields=country'
     curl 'localhost:3000/api/profile-events?sort=-id&pageSize=5'   # the log itself
 
 The gateway only calls actions through the broker, so it may as well run on a node of its own
@@ -15,7 +17,11 @@ free port, which uvicorn's start-up line names) say where it listens. Errors kee
 status: a bad parameter is 422 (``profile.update`` declares its params schema: a profile
 without a country, or with a country that is not text, is refused and nothing is stored), a
 body that is not JSON 415, malformed JSON 400, a missing id 404, each with a JSON body that
-names the problem.
+names the problem (an action's client error keeps its name, code, type and data, as
+moleculer-web sends them). The read actions take their params from the query string as moleculer-db
+reads them (``?query={...}`` as JSON text, ``?limit=0``, ``?fields=country total``,
+``?sort=-total``, ``?search=nz&searchFields=country``); a test holds these to moleculer-db's
+own answers (tests/interop/test_moleculer_db_differential.py).
 
 Retries are safe with the ``Idempotency-Key`` header (the IETF httpapi draft; quoted or not):
 it becomes ``meta.idempotencyKey``, so a repeat of a POST is answered the event stored first
@@ -30,6 +36,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from moleculerpy.errors import MoleculerError
 from moleculerpy_web import ApiGatewayService, GatewayError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -51,10 +58,31 @@ class UnsupportedMediaTypeError(GatewayError):  # type: ignore[misc]
         )
 
 
-class _ConflictsStay409:
-    """The broker as the gateway calls it, but a 409 (a repeated key with other params) is
-    answered 409: moleculerpy-web answers every client error other than 401, 403 and 404 as
-    400, and a client must tell "you sent this key with another command" apart."""
+class ActionError(GatewayError):  # type: ignore[misc]
+    """A client error (4xx) of an action, answered as moleculer-web answers it: with the
+    action's own name, code, type and data (moleculerpy-web renames them, e.g. a
+    ``ValidationError`` to ``UnprocessableEntityError``, and answers every client error other
+    than 401, 403, 404 and 422 as 400, where a client must tell a 409 apart)."""
+
+    def __init__(self, error: MoleculerError) -> None:
+        plain = error.to_dict()
+        data = plain.get("data")
+        super().__init__(str(error), int(plain["code"]), plain.get("type"), data)
+        self.name = plain.get("name") or type(error).__name__
+        self.data = data  # as it is: moleculer-db's data may be a list, or null
+
+    def to_response_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "message": self.message,
+            "code": self.status_code,
+            "type": self.type,
+            "data": self.data,
+        }
+
+
+class _ClientErrorsAsTheyAre:
+    """The broker as the gateway calls it, but an action's client error keeps its shape."""
 
     def __init__(self, broker: Any) -> None:
         self._broker = broker
@@ -65,12 +93,11 @@ class _ConflictsStay409:
     async def call(self, action: str, params: Any = None, **options: Any) -> Any:
         try:
             return await self._broker.call(action, params, **options)
-        except Exception as error:
-            if getattr(error, "code", None) != 409:
+        except MoleculerError as error:
+            code = getattr(error, "code", None)
+            if not isinstance(code, int) or not 400 <= code < 500:
                 raise
-            data = getattr(error, "data", None)
-            kind = str(getattr(error, "type", None) or "CONFLICT")
-            raise GatewayError(str(error), 409, kind, dict(data or {})) from error
+            raise ActionError(error) from error
 
 
 async def before_call(ctx: Any, route: Any, request: Any) -> None:
@@ -81,7 +108,7 @@ async def before_call(ctx: Any, route: Any, request: Any) -> None:
         if len(key) >= 2 and key[0] == key[-1] == '"':
             key = key[1:-1]
         ctx.meta["idempotencyKey"] = key
-    ctx.broker = _ConflictsStay409(ctx.broker)
+    ctx.broker = _ClientErrorsAsTheyAre(ctx.broker)
 
 
 class ProfileGateway(ApiGatewayService):  # type: ignore[misc]
@@ -98,6 +125,8 @@ class ProfileGateway(ApiGatewayService):  # type: ignore[misc]
                     "POST /profile/update": "profile.update",
                     "GET /profile-summary": "profileSummaryAggregate.list",
                     "GET /profile-summary/{id}": "profileSummaryAggregate.get",
+                    "GET /profile-summary-rows": "profileSummaryAggregate.find",
+                    "GET /profile-summary-count": "profileSummaryAggregate.count",
                     "GET /profile-events": "profileEventStore.list",
                 },
             }

@@ -103,17 +103,36 @@ class Populator:
         return requested(self.rules, raw)
 
     async def populate(self, rows: list[Record], wanted: Mapping[str, list[str]]) -> None:
-        """Set each wanted rule's key in ``rows`` (in place) to the related row(s)."""
-        await asyncio.gather(*(self._one(rows, self.rules[k], wanted[k]) for k in wanted))
+        """Set each wanted rule's key in ``rows`` (in place) to the related row(s). Every
+        rule reads the ids as the rows hold them before any is replaced (two rules may read
+        one field, as ``author`` and ``writer`` do)."""
+        rules = [self.rules[k] for k in wanted]
+        held = [[row.get(rule.field) for row in rows] for rule in rules]
+        found = await asyncio.gather(
+            *(
+                self._fetch(rule, wanted[rule.key], ids)
+                for rule, ids in zip(rules, held, strict=True)
+            )
+        )
+        for rule, ids, related in zip(rules, held, found, strict=True):
+            if related is None:
+                continue  # as moleculer-db: no id asked, the rows keep what they hold
+            for row, value in zip(rows, ids, strict=True):
+                if isinstance(value, list):
+                    got = (related.get(js_key(v)) for v in _flat(value))
+                    row[rule.key] = [r for r in got if r]
+                else:
+                    row[rule.key] = None if value is None else related.get(js_key(value))
 
-    async def _one(self, rows: list[Record], rule: PopulateRule, deeper: list[str]) -> None:
+    async def _fetch(
+        self, rule: PopulateRule, deeper: list[str], held: list[Any]
+    ) -> Mapping[str, Any] | None:
         ids: dict[str, Any] = {}
-        for row in rows:
-            for value in _flat(row.get(rule.field)):
-                if value is not None and value is not False and value != 0 and value != "":
-                    ids.setdefault(js_key(value), value)
+        for value in _flat(held):
+            if value is not None and value is not False and value != 0 and value != "":
+                ids.setdefault(js_key(value), value)
         if not ids:
-            return  # as moleculer-db: nothing asked, the rows keep what they hold
+            return None
         params: dict[str, Any] = {"id": list(ids.values()), "mapping": True}
         nested = [*deeper, *rule.populate]
         if nested:
@@ -125,13 +144,7 @@ class Populator:
                 f"populate {rule.key!r}: {rule.action} answered {type(found).__name__}, not an "
                 "object keyed by id (it is called with mapping: true)"
             )
-        for row in rows:
-            value = row.get(rule.field)
-            if isinstance(value, list):
-                related = (found.get(js_key(v)) for v in _flat(value))
-                row[rule.key] = [r for r in related if r]
-            else:
-                row[rule.key] = None if value is None else found.get(js_key(value))
+        return found
 
 
 def requested(rules: Mapping[str, PopulateRule], raw: Any) -> dict[str, list[str]]:
