@@ -75,7 +75,10 @@ class MetaCases(AdapterCase):
                 await a.count()
                 await a.count()
 
-        await promptly(asyncio.gather(outside(unit()), outside(unit())))
+        async def both() -> None:
+            await asyncio.gather(outside(unit()), outside(unit()))
+
+        await promptly(both())
         return a
 
     async def wait_long(self, a: Adapter) -> None:
