@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from moleculerpy_cqrs.errors import ConflictError, InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter, Changes, unique_conflict
+from moleculerpy_cqrs.stores.base import unique_conflict
 from moleculerpy_cqrs.stores.fields import (
     ID,
     FieldType,
@@ -39,6 +39,7 @@ from moleculerpy_cqrs.stores.fields import (
     check_record,
     check_value,
 )
+from moleculerpy_cqrs.stores.ports import Changes, ReadModel
 from moleculerpy_cqrs.stores.query import (
     ALL,
     And,
@@ -157,7 +158,7 @@ class IdCounter:
     def __init__(self) -> None:
         self.last: int | None = None  # None: not read yet (or to be read again)
 
-    async def load(self, adapter: Adapter) -> int:
+    async def load(self, adapter: ReadModel) -> int:
         if self.last is None:
             stored = int(await adapter.get_meta(LAST_ID_KEY) or 0)
             top = await adapter.find(Query(sort=((ID, True),), limit=1, fields=(ID,)))
@@ -171,7 +172,7 @@ class IdCounter:
 class BatchView:
     """Reads and writes of one batch over ``adapter`` (see the module docstring)."""
 
-    def __init__(self, adapter: Adapter, ids: IdCounter) -> None:
+    def __init__(self, adapter: ReadModel, ids: IdCounter) -> None:
         self.adapter = adapter
         self.name = adapter.name
         self.fields: dict[str, FieldType] = adapter.fields

@@ -5,7 +5,7 @@ Appends queue up while a write is in flight; the next write takes everything que
 events; with one writer it costs nothing. Every caller gets its row once it is durable.
 
 Rows may carry an idempotency key (the unique field ``key_field``): a batch holding any goes
-through :meth:`~moleculerpy_cqrs.stores.base.Adapter.append_keyed`, which stores a key once and
+through :meth:`~moleculerpy_cqrs.stores.ports.Log.append_keyed`, which stores a key once and
 answers every row with the row that holds its key. Batches are written one after another, so a
 repeat queued behind the batch writing its key finds it stored.
 """
@@ -16,8 +16,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Final
 
-from moleculerpy_cqrs.stores.base import Adapter, CheckedRow, Keyed
 from moleculerpy_cqrs.stores.fields import Record
+from moleculerpy_cqrs.stores.ports import CheckedRow, Keyed, Log
 
 MAX_BATCH: Final = 1000
 
@@ -25,7 +25,7 @@ MAX_BATCH: Final = 1000
 class GroupCommitter:
     def __init__(
         self,
-        adapter: Adapter,
+        adapter: Log,
         on_commit: Callable[[list[Record]], None],
         *,
         max_batch: int = MAX_BATCH,

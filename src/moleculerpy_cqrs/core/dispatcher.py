@@ -22,8 +22,8 @@ from moleculerpy_cqrs.core.log import Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort
 from moleculerpy_cqrs.core.records import ORIGIN_KEY, EventType, Status, delivered, now_ms
 from moleculerpy_cqrs.core.upcast import Upcasters, UpcastFailed
-from moleculerpy_cqrs.stores.base import Adapter, Changes
 from moleculerpy_cqrs.stores.fields import Record
+from moleculerpy_cqrs.stores.ports import Changes, EventTable
 
 CURSOR_KEY: Final = "dispatch.cursor"
 SETTLE_INTERVAL: Final = 0.1
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     def __init__(
         self,
-        adapter: Adapter,
+        adapter: EventTable,
         port: BrokerPort,
         *,
         batch_size: int = 100,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from moleculerpy_cqrs.stores.base import Adapter
+from moleculerpy_cqrs.stores.ports import Checkpoints
 
 DEFAULT_TTL: Final = 5.0
 
@@ -29,7 +29,7 @@ class Grant:
 
 
 class Lease:
-    def __init__(self, adapter: Adapter, key: str, node: str, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(self, adapter: Checkpoints, key: str, node: str, ttl: float = DEFAULT_TTL) -> None:
         self.adapter = adapter
         self.key = key
         self.owner = f"{node}/{secrets.token_hex(4)}"

@@ -33,8 +33,8 @@ from moleculerpy_cqrs.core.slices import prefetch_keys
 from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
-from moleculerpy_cqrs.stores.base import Adapter, Changes, MetaMoved
 from moleculerpy_cqrs.stores.fields import ID, Record
+from moleculerpy_cqrs.stores.ports import Changes, MetaMoved, ReadModel, Table
 from moleculerpy_cqrs.stores.query import ALL, In, Query, parse_condition
 
 CHECKPOINT_KEY: Final = "checkpoint"
@@ -117,8 +117,8 @@ class Projector:
     def __init__(
         self,
         name: str,
-        adapter: Adapter,
-        dead_letters: Adapter,
+        adapter: ReadModel,
+        dead_letters: Table,
         source: EventLog,
         bindings: list[Binding],
         port: BrokerPort,
@@ -390,8 +390,8 @@ class Projector:
 
     async def apply_batch(
         self,
-        target: Adapter,
-        dead_letters: Adapter,
+        target: ReadModel,
+        dead_letters: Table,
         events: list[Record],
         expected: int,
         ids: IdCounter,

@@ -18,13 +18,11 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from moleculerpy_cqrs.errors import (
     ConfigurationError,
     ConflictError,
-    CqrsError,
     InvalidInput,
     StoreError,
 )
@@ -39,30 +37,18 @@ from moleculerpy_cqrs.stores.fields import (
     check_record,
     declare_specs,
 )
+from moleculerpy_cqrs.stores.ports import (
+    Backups,
+    Changes,
+    CheckedRow,
+    Checkpoints,
+    Keyed,
+    Lifecycle,
+    Log,
+    MetaMoved,
+    Table,
+)
 from moleculerpy_cqrs.stores.query import ALL, Query
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs a call per field to build
-class CheckedRow:
-    """A record checked and encoded by :meth:`Adapter.check_row`, ready to append; treat it
-    as read-only."""
-
-    adapter: Adapter
-    record: Record
-    """The checked record (every declared field, normalised): what the append answers."""
-    json: Mapping[str, str]
-    """The stored JSON text of each non-null json field."""
-    values: tuple[Any, ...]
-    """What the backend writes, one value per declared field in order."""
-
-
-@dataclass(slots=True)
-class Keyed:
-    """One answer of :meth:`Adapter.append_keyed`: the row holding the key, and whether this
-    append stored it (false: it was there before, or an earlier row of the batch holds it)."""
-
-    row: Record
-    stored: bool
 
 
 class StoreFactory(Protocol):
@@ -80,33 +66,9 @@ class StoreFactory(Protocol):
     ) -> Adapter: ...
 
 
-@dataclass
-class Changes:
-    """Row changes for one table, written in one go by :meth:`Adapter.apply`.
-
-    Values are already checked (:func:`~moleculerpy_cqrs.stores.fields.check_record`); ids
-    are chosen by the caller, so a batch can refer to rows it has not written yet.
-    """
-
-    inserts: list[Record] = field(default_factory=list)  # whole rows; without ``id``: new ids
-    updates: dict[int, Record] = field(default_factory=dict)  # id -> the fields to change
-    deletes: list[int] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)  # key -> value (None deletes)
-
-    def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.deletes or self.meta)
-
-
-class MetaMoved(CqrsError):
-    """:meth:`Adapter.apply` found a meta value other than the one it was told to expect."""
-
-    def __init__(self, key: str, stored: int, expected: int) -> None:
-        super().__init__(f"{key} is {stored}, expected {expected}")
-        self.key, self.stored, self.expected = key, stored, expected
-
-
-class Adapter(ABC):
-    """One table of declared fields plus the implicit integer primary key ``id``."""
+class Adapter(Log, Table, Checkpoints, Backups, Lifecycle, ABC):
+    """One table of declared fields plus the implicit integer primary key ``id``: every port
+    of :mod:`~moleculerpy_cqrs.stores.ports` at once, which is what a backend implements."""
 
     def __init__(self, name: str, fields: Mapping[str, FieldDeclaration] | None = None) -> None:
         if not name.isidentifier() or not name.isascii():
@@ -273,7 +235,7 @@ class Adapter(ABC):
         changes: Changes,
         *,
         advance: tuple[str, int, int] | None = None,
-        also: Sequence[tuple[Adapter, Changes]] = (),
+        also: Sequence[tuple[Table, Changes]] = (),
     ) -> None:
         """Write ``changes`` (and those of sibling tables in ``also``) in one transaction,
         joining an enclosing one: inserts, then updates, then deletes, then meta.
@@ -284,12 +246,14 @@ class Adapter(ABC):
         ids this table hands out itself are past them. This is the projector's bulk path: one
         round trip to the database where the backend can manage it.
         """
-        for sibling, _ in also:
+        work: list[tuple[Adapter, Changes]] = [(self, changes)]
+        for sibling, sibling_changes in also:
             self._check_sibling(sibling)
-        await self._apply([(self, changes), *also], advance)
+            work.append((cast(Adapter, sibling), sibling_changes))
+        await self._apply(work, advance)
 
     @abstractmethod
-    def _check_sibling(self, other: Adapter) -> None:
+    def _check_sibling(self, other: Table) -> None:
         """Raise :class:`ConfigurationError` unless ``other`` shares this table's database
         and transactions (a sibling)."""
 
@@ -476,3 +440,17 @@ def unique_conflict(store: str, field: str, value: Any = None) -> ConflictError:
 def describe(adapter: Adapter) -> dict[str, Any]:
     """The declared fields as the user wrote them, with ``id`` (for status answers)."""
     return {ID: "integer", **adapter.fields}
+
+
+__all__ = [
+    "Adapter",
+    "Changes",
+    "CheckedRow",
+    "Keyed",
+    "MetaMoved",
+    "StoreFactory",
+    "describe",
+    "encode_json",
+    "rows_missing",
+    "unique_conflict",
+]

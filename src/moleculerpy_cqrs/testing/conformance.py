@@ -63,6 +63,7 @@ from moleculerpy_cqrs.testing.conformance_base import (
 )
 from moleculerpy_cqrs.testing.conformance_indexes import IndexCases, SchemaCases
 from moleculerpy_cqrs.testing.conformance_mdb import MoleculerDbQueryCases
+from moleculerpy_cqrs.testing.conformance_meta import MetaCases
 
 KEYED_FIELDS: dict[str, str] = {"event": "string", "key": "string", "n": "integer"}
 
@@ -823,54 +824,6 @@ class EventLogCases(AdapterCase):
             assert [r["id"] for r in batch] == sorted(r["id"] for r in batch)
             out += batch
         return out
-
-
-class MetaCases(AdapterCase):
-    @pytest.mark.parametrize(
-        "value",
-        [0, 17, -2.5, "text", True, [1, "two"], {"nested": {"ü": ["😀", None]}}, 2**70],
-    )
-    async def test_set_then_get(self, value: Any) -> None:
-        a = await self.open()
-        assert await a.get_meta("k") is None
-        await a.set_meta("k", value)
-        assert await a.get_meta("k") == value
-
-    async def test_overwrite_and_delete(self) -> None:
-        a = await self.open()
-        await a.set_meta("checkpoint", 1)
-        await a.set_meta("checkpoint", 2)
-        await a.set_meta("other", "x")
-        assert await a.get_meta("checkpoint") == 2
-        await a.set_meta("checkpoint", None)
-        assert await a.get_meta("checkpoint") is None
-        assert await a.get_meta("other") == "x"
-
-    async def test_meta_belongs_to_its_table(self) -> None:
-        items = await self.open()
-        log = await self.open_sibling(items, "items_log")
-        await items.set_meta("k", "items")
-        await log.set_meta("k", "log")
-        assert (await items.get_meta("k"), await log.get_meta("k")) == ("items", "log")
-
-    async def test_meta_joins_the_transaction(self) -> None:
-        a = await self.open()
-        await a.set_meta("checkpoint", 1)
-        async with doomed(a):
-            await a.insert({"name": "x"})
-            await a.set_meta("checkpoint", 2)
-            assert await a.get_meta("checkpoint") == 2
-        assert await a.get_meta("checkpoint") == 1
-        async with a.transaction():
-            await a.insert({"name": "y"})
-            await a.set_meta("checkpoint", 3)
-        assert (await a.get_meta("checkpoint"), await a.count()) == (3, 1)
-
-    @pytest.mark.parametrize(("key", "value"), [("k", {1, 2}), ("k", float("nan")), ("", 1)])
-    async def test_bad_meta_is_refused(self, key: Any, value: Any) -> None:
-        a = await self.open()
-        with pytest.raises(InvalidInput):
-            await a.set_meta(key, value)
 
 
 class BackupCases(AdapterCase):

@@ -36,6 +36,7 @@ from moleculerpy_cqrs.stores.fields import (
     check_value,
     declare_fields,
 )
+from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 from moleculerpy_cqrs.stores.transactions import Joinable, Unit
 
@@ -421,7 +422,7 @@ class MemoryAdapter(Adapter):
                     out.append(Keyed(self._out(work.insert(self._own(row.record))), True))
             return out
 
-    def _check_sibling(self, other: Adapter) -> None:
+    def _check_sibling(self, other: Table) -> None:
         if not isinstance(other, MemoryAdapter) or other._database is not self._database:
             raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
 

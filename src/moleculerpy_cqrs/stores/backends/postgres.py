@@ -41,6 +41,7 @@ from moleculerpy_cqrs.stores.base import (
 )
 from moleculerpy_cqrs.stores.encoding import encode_json
 from moleculerpy_cqrs.stores.fields import ID, Declarations, FieldType, Record, check_meta
+from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import Compare, Query
 from moleculerpy_cqrs.stores.registry import Registry, SharedDatabase
 from moleculerpy_cqrs.stores.sql import (
@@ -719,7 +720,7 @@ class PostgresAdapter(Adapter):
             cur = await conn.execute(_q(sql), params)
             return max(cur.rowcount, 0)
 
-    def _check_sibling(self, other: Adapter) -> None:
+    def _check_sibling(self, other: Table) -> None:
         if not (
             isinstance(other, PostgresAdapter)
             and other._require() is self._require()

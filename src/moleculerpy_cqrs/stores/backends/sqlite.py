@@ -57,6 +57,7 @@ from moleculerpy_cqrs.stores.fields import (
     check_meta,
     declare_fields,
 )
+from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import Compare, In, Query, fold_case
 from moleculerpy_cqrs.stores.registry import Registry, SharedDatabase
 from moleculerpy_cqrs.stores.sql import (
@@ -691,7 +692,7 @@ class SqliteAdapter(Adapter):
 
         await self._write(job)
 
-    def _check_sibling(self, other: Adapter) -> None:
+    def _check_sibling(self, other: Table) -> None:
         if not isinstance(other, SqliteAdapter) or other._db() is not self._db():
             raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
 
