@@ -14,7 +14,7 @@ import copy
 import hashlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
 from moleculerpy_cqrs.stores.backup_files import (
@@ -484,6 +484,7 @@ class MemoryAdapter(Adapter):
     # ------------------------------------------------------------------ meta
 
     async def get_meta(self, key: str) -> Any:
+        check_meta(key, None)
         text = self._view().get_meta(key)
         return None if text is None else decode_json(text)
 
@@ -537,17 +538,8 @@ class MemoryAdapter(Adapter):
         async with self._unit() as tx:
             tx.work(self.name).replace(data)
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        if (
-            not isinstance(shadow, MemoryAdapter)
-            or shadow._database is not self._database
-            or shadow.name == self.name
-        ):
-            raise ConfigurationError("replace_with takes another table of the same database")
-        if shadow.fields != self.fields:
-            raise ConfigurationError(
-                f"cannot replace {self.name!r} with {shadow.name!r}: their fields differ"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(MemoryAdapter, other)
         shadow._open()
         async with self._unit() as tx:
             source, target = tx.work(shadow.name), tx.work(self.name)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -963,18 +963,8 @@ class PostgresAdapter(Adapter):
         finally:
             await asyncio.to_thread(source.close)
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        if not isinstance(shadow, PostgresAdapter) or (shadow.dsn, shadow.schema) != (
-            self.dsn,
-            self.schema,
-        ):
-            raise ConfigurationError(
-                f"replace_with needs a sibling of {self.name!r} in the same PostgreSQL schema"
-            )
-        if shadow.fields != self.fields or shadow.name == self.name:
-            raise ConfigurationError(
-                f"replace_with: {shadow.name!r} must be another table with the same fields"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(PostgresAdapter, other)
         async with self._session(atomic=True) as conn:
             await self._lock_ddl(conn)
             await conn.execute(

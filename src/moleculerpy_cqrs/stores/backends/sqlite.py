@@ -758,18 +758,8 @@ class SqliteAdapter(Adapter):
                 await self._write(partial(_drop_table, shadow))
             raise
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        database = self._db()
-        if (
-            not isinstance(shadow, SqliteAdapter)
-            or shadow.name == self.name
-            or shadow._db() is not database
-        ):
-            raise ConfigurationError("replace_with takes another table of the same database")
-        if shadow.fields != self.fields:
-            raise ConfigurationError(
-                f"cannot replace {self.name!r} with {shadow.name!r}: their fields differ"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(SqliteAdapter, other)
 
         def job(conn: sqlite3.Connection) -> None:
             seq = max(_seq(conn, self.name), _seq(conn, shadow.name))
