@@ -53,15 +53,22 @@ async def test_tables_of_other_databases_are_separate() -> None:
     assert await second.count() == 0
 
 
-async def test_backup_is_one_json_file_named_after_the_table(tmp_path: Path) -> None:
+async def test_backup_is_json_lines_and_a_manifest_named_after_the_table(tmp_path: Path) -> None:
     adapter = MemoryDatabase().adapter("things", ITEM_FIELDS)
     await adapter.connect()
     await adapter.insert({"name": "x"})
+    await adapter.set_meta("checkpoint", 3)
     size = await adapter.backup(str(tmp_path))
-    assert file_names(tmp_path) == ["things.json"]
-    document = json.loads((tmp_path / "things.json").read_bytes())
-    assert document["rows"][0][:2] == [1, "x"]
-    assert size == len(json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode())
+    assert file_names(tmp_path) == ["things.manifest.json", "things.rows"]
+    rows = (tmp_path / "things.rows").read_bytes()
+    assert [json.loads(line)[:2] for line in rows.splitlines()] == [[1, "x"]]
+    manifest = json.loads((tmp_path / "things.manifest.json").read_bytes())
+    assert (manifest["rows_format"], manifest["rows"], manifest["meta"]) == (
+        "json-lines",
+        1,
+        {"checkpoint": "3"},
+    )
+    assert size == len(rows) + (tmp_path / "things.manifest.json").stat().st_size
 
 
 async def test_restore_refuses_a_backup_with_a_field_of_another_type(tmp_path: Path) -> None:

@@ -361,7 +361,7 @@ async def test_a_damaged_backup_changes_nothing(make: Make, tmp_path: Path) -> N
     backup = tmp_path / "b"
     await table.backup(str(backup))
     await table.insert({"n": 3})
-    rows = backup / "agg.pgcopy"
+    rows = backup / "agg.rows"
     rows.write_bytes(rows.read_bytes().replace(b"2", b"7"))  # same size, other content
     with pytest.raises(StoreError, match="damaged"):
         await table.restore(str(backup))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -177,15 +178,19 @@ async def test_driver_errors_become_store_errors_with_their_cause(tmp_path: Path
     assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
 
 
-async def test_backup_is_a_sqlite_file_named_after_the_table(tmp_path: Path) -> None:
+async def test_backup_is_a_sqlite_rows_file_and_a_manifest(tmp_path: Path) -> None:
     async with sqlite_adapter("things", ITEM_FIELDS, tmp_path / "db") as a:
         await a.insert({"name": "x"})
+        await a.set_meta("checkpoint", 3)
         size = await a.backup(str(tmp_path / "bk"))
-    backup = tmp_path / "bk" / "things.sqlite3"
-    assert file_names(backup.parent) == ["things.sqlite3"]
-    assert backup.stat().st_size == size
-    with closing(sqlite3.connect(backup)) as conn:
+    rows, manifest = tmp_path / "bk" / "things.rows", tmp_path / "bk" / "things.manifest.json"
+    assert file_names(rows.parent) == ["things.manifest.json", "things.rows"]
+    assert rows.stat().st_size + manifest.stat().st_size == size
+    with closing(sqlite3.connect(rows)) as conn:
         assert conn.execute('SELECT "id", "name" FROM cqrs_rows').fetchall() == [(1, "x")]
+    described = json.loads(manifest.read_bytes())
+    assert (described["rows_format"], described["rows"]) == ("sqlite", 1)
+    assert described["meta"]["checkpoint"] == "3"
 
 
 async def test_restore_refuses_a_backup_with_a_field_of_another_type(tmp_path: Path) -> None:

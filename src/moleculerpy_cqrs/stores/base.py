@@ -411,10 +411,21 @@ class Adapter(Log, Table, Checkpoints, Backups, Lifecycle, ABC):
         a reader sees the old table or the restored one, never a mix or an empty table.
         A missing or damaged backup raises and changes nothing."""
 
-    @abstractmethod
     async def replace_with(self, shadow: Adapter) -> None:
         """Atomically make this table hold what the sibling ``shadow`` holds (rows, ids and
-        meta); ``shadow`` is left empty. Readers see old or new, never a mix."""
+        meta); ``shadow`` is left empty. Readers see old or new, never a mix. ``shadow``
+        must be another table of this database with the same fields (ConfigurationError)."""
+        self._check_sibling(shadow)
+        if shadow.name == self.name or shadow.fields != self.fields:
+            raise ConfigurationError(
+                f"replace_with: {shadow.name!r} must be another table of {self.name!r}'s "
+                "database with the same fields"
+            )
+        await self._replace_with(shadow)
+
+    @abstractmethod
+    async def _replace_with(self, shadow: Adapter) -> None:
+        """:meth:`replace_with`, ``shadow`` checked (a sibling of the same fields)."""
 
 
 def rows_missing(store: str) -> StoreError:

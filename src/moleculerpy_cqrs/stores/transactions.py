@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import cast
+from typing import Any
 
 
 class Unit:
@@ -25,7 +25,8 @@ class Unit:
         self.active = True
 
 
-_CURRENT: ContextVar[Mapping[Joinable[Unit], Unit]] = ContextVar(
+# Keyed by database; typed loosely so that looking up needs no cast (a call) on every read.
+_CURRENT: ContextVar[Mapping[object, Any]] = ContextVar(
     "moleculerpy_cqrs_transaction", default=MappingProxyType({})
 )
 
@@ -37,14 +38,14 @@ class Joinable[T: Unit]:
 
     def current(self) -> T | None:
         """The transaction this call joins, None outside one."""
-        tx = _CURRENT.get().get(cast(Joinable[Unit], self))
-        return cast(T, tx) if tx is not None and tx.active else None
+        tx: T | None = _CURRENT.get().get(self)
+        return tx if tx is not None and tx.active else None
 
     @contextmanager
     def joined(self, tx: T) -> Iterator[T]:
         """Make ``tx`` the current transaction of this database for the block (and for the
         tasks started in it); it is marked ended when the block is left, however."""
-        token = _CURRENT.set({**_CURRENT.get(), cast(Joinable[Unit], self): tx})
+        token = _CURRENT.set({**_CURRENT.get(), self: tx})
         try:
             yield tx
         finally:

@@ -60,6 +60,13 @@ class MetaCases(AdapterCase):
             await a.set_meta("checkpoint", 3)
         assert (await a.get_meta("checkpoint"), await a.count()) == (3, 1)
 
+    @pytest.mark.parametrize("key", ["", 7, None, "a\x00b"])
+    async def test_a_bad_meta_key_is_refused_by_every_meta_method(self, key: Any) -> None:
+        a = await self.open()
+        for call in (a.get_meta, a.get_meta_for_update, lambda k: a.set_meta(k, 1)):
+            with pytest.raises(InvalidInput):
+                await call(key)
+
     @pytest.mark.parametrize(("key", "value"), [("k", {1, 2}), ("k", float("nan")), ("", 1)])
     async def test_bad_meta_is_refused(self, key: Any, value: Any) -> None:
         a = await self.open()

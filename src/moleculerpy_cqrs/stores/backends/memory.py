@@ -11,15 +11,21 @@ from __future__ import annotations
 import asyncio
 import bisect
 import copy
-import json
+import hashlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime
-from pathlib import Path
-from typing import Any, Final
+from typing import Any, cast
 
-from moleculerpy_cqrs.errors import ConfigurationError, StoreError
-from moleculerpy_cqrs.stores.backends.files import write_atomically
+from moleculerpy_cqrs.errors import ConfigurationError, InvalidInput, StoreError
+from moleculerpy_cqrs.stores.backup_files import (
+    BackupFiles,
+    Manifest,
+    damaged,
+    json_lines,
+    parse_json_lines,
+    read_manifest,
+    write_backup,
+)
 from moleculerpy_cqrs.stores.base import (
     Adapter,
     Changes,
@@ -28,20 +34,16 @@ from moleculerpy_cqrs.stores.base import (
     rows_missing,
     unique_conflict,
 )
+from moleculerpy_cqrs.stores.encoding import decode_json, plain_value
 from moleculerpy_cqrs.stores.fields import (
     ID,
     Declarations,
     Record,
     check_meta,
-    check_value,
-    declare_fields,
 )
 from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import And, Compare, Condition, In, Query, matches, sort_key
 from moleculerpy_cqrs.stores.transactions import Joinable, Unit
-
-_FORMAT: Final = "moleculerpy-cqrs memory backup"
-_VERSION: Final = 1
 
 
 class _Data:
@@ -482,14 +484,15 @@ class MemoryAdapter(Adapter):
     # ------------------------------------------------------------------ meta
 
     async def get_meta(self, key: str) -> Any:
+        check_meta(key, None)
         text = self._view().get_meta(key)
-        return None if text is None else json.loads(text)
+        return None if text is None else decode_json(text)
 
     async def get_meta_for_update(self, key: str) -> Any:
         check_meta(key, None)
         async with self._unit() as tx:  # a transaction holds the database's lock
             text = tx.work(self.name).get_meta(key)
-        return None if text is None else json.loads(text)
+        return None if text is None else decode_json(text)
 
     async def set_meta(self, key: str, value: Any) -> None:
         text = check_meta(key, value)
@@ -500,51 +503,43 @@ class MemoryAdapter(Adapter):
 
     async def backup(self, location: str) -> int:
         view = self._view()
-        kinds = {ID: "integer", **self.fields}
-        document = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "table": self.name,
-            "fields": self.fields,
-            "seq": view.seq,
-            "meta": view.all_meta(),
-            "rows": [[_encode(kinds[c], r.get(c)) for c in kinds] for r in view.scan()],
-        }
-        data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-        path = Path(location) / f"{self.name}.json"
-        await asyncio.to_thread(write_atomically, path, data)
-        return len(data)
+        kinds = self.fields.items()
+        rows = [[r[ID], *[plain_value(k, r.get(n)) for n, k in kinds]] for r in view.scan()]
+        data = json_lines(rows)
+        manifest = Manifest(
+            rows_format="json-lines",
+            table=self.name,
+            fields=dict(self.fields),
+            sequence=view.seq,
+            meta=view.all_meta(),
+            rows=len(rows),
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        files = BackupFiles.of(location, self.name)
+        return await asyncio.to_thread(write_backup, files, data, manifest)
 
     async def restore(self, location: str) -> None:
-        path = Path(location) / f"{self.name}.json"
+        files, manifest = await asyncio.to_thread(
+            read_manifest, location, self.name, self.fields, "json-lines"
+        )
         try:
-            raw = await asyncio.to_thread(path.read_bytes)
-        except OSError as e:
-            raise StoreError(
-                f"no backup of {self.name!r} in {location!r}: {e.strerror}", store=self.name
-            ) from e
-        try:
-            data = self._load(json.loads(raw))
-            data.fields = dict(self.fields)
-            data.ensure_indexes(self.name, self.indexes)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise StoreError(
-                f"the backup of {self.name!r} in {location!r} is damaged: {e}", store=self.name
-            ) from e
+            raw = await asyncio.to_thread(files.rows.read_bytes)
+            names = list(manifest.fields)
+            rows = {
+                values[0]: {ID: values[0], **dict(zip(names, values[1:], strict=True))}
+                for values in parse_json_lines(raw, manifest, self.fields)
+            }
+        except (OSError, ValueError, InvalidInput) as e:
+            raise damaged(self.name, location, str(e)) from e
+        data = _Data(rows, manifest.sequence, dict(manifest.meta))
+        data.fields = dict(self.fields)
+        data.ensure_indexes(self.name, self.indexes)
         async with self._unit() as tx:
             tx.work(self.name).replace(data)
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        if (
-            not isinstance(shadow, MemoryAdapter)
-            or shadow._database is not self._database
-            or shadow.name == self.name
-        ):
-            raise ConfigurationError("replace_with takes another table of the same database")
-        if shadow.fields != self.fields:
-            raise ConfigurationError(
-                f"cannot replace {self.name!r} with {shadow.name!r}: their fields differ"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(MemoryAdapter, other)
         shadow._open()
         async with self._unit() as tx:
             source, target = tx.work(shadow.name), tx.work(self.name)
@@ -584,42 +579,6 @@ class MemoryAdapter(Adapter):
     def _out(self, row: Record, names: tuple[str, ...] | None = None) -> Record:
         out = {n: row.get(n) for n in (names or (ID, *self.fields))}
         return self._own(out) if self._json else out
-
-    def _load(self, document: Any) -> _Data:
-        if not isinstance(document, dict) or document.get("format") != _FORMAT:
-            raise ValueError("not a memory-store backup")
-        if document["version"] != _VERSION:
-            raise ValueError(f"unknown backup version {document['version']!r}")
-        saved = declare_fields(document["fields"])
-        for name, kind in saved.items():
-            if self.fields.get(name) != kind:
-                raise ValueError(f"field {name!r} ({kind}) is not declared so in this store")
-        rows: dict[int, Record] = {}
-        last = 0
-        for values in document["rows"]:
-            if len(values) != len(saved) + 1:
-                raise ValueError("a row has the wrong number of values")
-            entity_id = values[0]
-            if not isinstance(entity_id, int) or entity_id <= last:
-                raise ValueError("row ids are not increasing integers")
-            last = entity_id
-            row: Record = {ID: entity_id}
-            for (name, kind), value in zip(saved.items(), values[1:], strict=True):
-                row[name] = check_value(name, kind, value)
-            rows[entity_id] = row
-        meta = document["meta"]
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ValueError("meta is not a map of JSON texts")
-        for text in meta.values():
-            json.loads(text)
-        seq = document["seq"]
-        if not isinstance(seq, int):
-            raise ValueError("seq is not an integer")
-        return _Data(rows, seq, dict(meta))
-
-
-def _encode(kind: str, value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) and kind == "datetime" else value
 
 
 def _candidates(work: _Work, where: Condition | None) -> Iterator[Record]:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
 import re
-from collections.abc import AsyncIterator, Buffer, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final, cast
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -30,7 +27,15 @@ from moleculerpy_cqrs.errors import (
     InvalidInput,
     StoreError,
 )
-from moleculerpy_cqrs.stores.backends.files import write_atomically
+from moleculerpy_cqrs.stores.backup_files import (
+    CHUNK,
+    BackupFiles,
+    Manifest,
+    RowsWriter,
+    damaged,
+    read_manifest,
+    write_manifest,
+)
 from moleculerpy_cqrs.stores.base import (
     Adapter,
     Changes,
@@ -39,7 +44,7 @@ from moleculerpy_cqrs.stores.base import (
     rows_missing,
     unique_conflict,
 )
-from moleculerpy_cqrs.stores.encoding import encode_json
+from moleculerpy_cqrs.stores.encoding import decode_json, encode_json
 from moleculerpy_cqrs.stores.fields import ID, Declarations, FieldType, Record, check_meta
 from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import Compare, Query
@@ -58,10 +63,7 @@ from moleculerpy_cqrs.stores.transactions import Joinable, Unit
 Conn = psycopg.AsyncConnection[Any]
 
 META_TABLE: Final = "cqrs_meta"
-BACKUP_FORMAT: Final = "moleculerpy-cqrs/postgres-copy"
-BACKUP_VERSION: Final = 1
 _MAX_IDENTIFIER: Final = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
-_CHUNK: Final = 1 << 20
 _OPTIONS: Final = frozenset({"schema", "min_size", "max_size", "timeout"})
 
 _COLUMN_TYPES: Final[dict[FieldType, str]] = {
@@ -891,8 +893,8 @@ class PostgresAdapter(Adapter):
     # ------------------------------------------------------------------ backup
 
     async def backup(self, location: str) -> int:
-        rows_path, manifest_path = _backup_paths(location, self.name)
-        rows = _RowsFile(rows_path)
+        files = BackupFiles.of(location, self.name)
+        rows = RowsWriter(files.rows)
         await asyncio.to_thread(rows.open)
         try:
             async with self._snapshot() as conn:
@@ -902,7 +904,7 @@ class PostgresAdapter(Adapter):
                         if rows.add(chunk):
                             await asyncio.to_thread(rows.flush)
                 cur = await conn.execute(
-                    _q(f"SELECT key, value FROM {self._meta} WHERE tbl = %s ORDER BY key"),
+                    _q(f"SELECT key, value::text FROM {self._meta} WHERE tbl = %s ORDER BY key"),
                     [self.name],
                 )
                 meta = dict(await cur.fetchall())
@@ -911,20 +913,17 @@ class PostgresAdapter(Adapter):
         except BaseException:
             await asyncio.to_thread(rows.abort)
             raise
-        manifest = {
-            "format": BACKUP_FORMAT,
-            "version": BACKUP_VERSION,
-            "table": self.name,
-            "columns": {ID: "integer", **self.fields},
-            "rows": rows.count,
-            "bytes": rows.size,
-            "sha256": rows.hasher.hexdigest(),
-            "sequence": sequence,
-            "meta": meta,
-        }
-        data = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
-        await asyncio.to_thread(write_atomically, manifest_path, data)
-        return rows.size + len(data)
+        manifest = Manifest(
+            rows_format="pg-copy-text",
+            table=self.name,
+            fields=dict(self.fields),
+            sequence=sequence,
+            meta=meta,
+            rows=rows.count,
+            size=rows.size,
+            sha256=rows.hasher.hexdigest(),
+        )
+        return rows.size + await asyncio.to_thread(write_manifest, files, manifest)
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[Conn]:
@@ -943,27 +942,16 @@ class PostgresAdapter(Adapter):
             raise self._error(e) from e
 
     async def restore(self, location: str) -> None:
-        rows_path, manifest_path = _backup_paths(location, self.name)
+        files, manifest = await asyncio.to_thread(
+            read_manifest, location, self.name, self.fields, "pg-copy-text"
+        )
         try:
-            manifest = await asyncio.to_thread(_read_manifest, manifest_path, rows_path)
-        except FileNotFoundError as e:
-            raise StoreError(
-                f"no backup of {self.name!r} in {location!r}: {e.filename} is missing",
-                store=self.name,
-            ) from e
-        except (OSError, ValueError) as e:
-            raise self._damaged(location, str(e)) from e
-        columns: dict[str, str] = manifest["columns"]
-        for column, kind in columns.items():
-            if column != ID and self.fields.get(column) != kind:
-                raise self._damaged(location, f"field {column!r} ({kind}) is not declared so here")
-        try:
-            meta = [(self.name, k, check_meta(k, v)) for k, v in manifest["meta"].items()]
+            meta = [(self.name, k, check_meta(k, decode_json(v))) for k, v in manifest.meta.items()]
         except InvalidInput as e:
-            raise self._damaged(location, f"its meta is not valid: {e}") from e
+            raise damaged(self.name, location, f"its meta is not valid: {e}") from e
         shadow = f"{quote(self.schema)}.{_internal(self.name, 'restore')}"
         shadow_pkey = _internal(self.name, "restore$pkey")
-        source = await asyncio.to_thread(rows_path.open, "rb")
+        source = await asyncio.to_thread(files.rows.open, "rb")
         try:
             async with self._session(atomic=True) as conn:
                 # The shadow fills while readers and writers use the table; only the swap
@@ -972,22 +960,22 @@ class PostgresAdapter(Adapter):
                 await conn.execute(_q(f"DROP TABLE IF EXISTS {shadow}"))
                 await conn.execute(_q(self._create_sql(shadow, shadow_pkey)))
                 hasher = hashlib.sha256()
-                names = ", ".join(quote(c) for c in columns)
+                names = ", ".join(quote(c) for c in (ID, *manifest.fields))
                 async with conn.cursor() as cur:
                     async with cur.copy(_q(f"COPY {shadow} ({names}) FROM STDIN")) as copy:
-                        while chunk := await asyncio.to_thread(source.read, _CHUNK):
+                        while chunk := await asyncio.to_thread(source.read, CHUNK):
                             hasher.update(chunk)
                             await copy.write(chunk)
                     loaded = cur.rowcount
-                if hasher.hexdigest() != manifest["sha256"] or loaded != manifest["rows"]:
-                    raise self._damaged(location, "its rows do not match its manifest")
+                if hasher.hexdigest() != manifest.sha256 or loaded != manifest.rows:
+                    raise damaged(self.name, location, "its rows do not match its manifest")
                 # Built before the swap, so readers wait only for the renames.
                 shadow_name = f"{self.name}$restore"
                 for statement in index_statements(shadow_name, shadow, self.indexes):
                     await conn.execute(_q(statement))
                 await self._swap(conn, shadow, shadow_pkey)
                 await self._sync_indexes(conn, renamed_from=shadow_name)
-                await self._advance_sequence(conn, manifest["sequence"])
+                await self._advance_sequence(conn, manifest.sequence)
                 await conn.execute(_q(f"DELETE FROM {self._meta} WHERE tbl = %s"), [self.name])
                 if meta:
                     async with conn.cursor() as cur:
@@ -998,18 +986,8 @@ class PostgresAdapter(Adapter):
         finally:
             await asyncio.to_thread(source.close)
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        if not isinstance(shadow, PostgresAdapter) or (shadow.dsn, shadow.schema) != (
-            self.dsn,
-            self.schema,
-        ):
-            raise ConfigurationError(
-                f"replace_with needs a sibling of {self.name!r} in the same PostgreSQL schema"
-            )
-        if shadow.fields != self.fields or shadow.name == self.name:
-            raise ConfigurationError(
-                f"replace_with: {shadow.name!r} must be another table with the same fields"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(PostgresAdapter, other)
         async with self._session(atomic=True) as conn:
             await self._lock_ddl(conn)
             await conn.execute(
@@ -1053,11 +1031,6 @@ class PostgresAdapter(Adapter):
             [self._seq, await _sequence_value(conn, self._seq), at_least],
         )
 
-    def _damaged(self, location: str, why: str) -> StoreError:
-        return StoreError(
-            f"the backup of {self.name!r} in {location!r} is damaged: {why}", store=self.name
-        )
-
 
 # ---------------------------------------------------------------------- helpers
 
@@ -1072,79 +1045,3 @@ async def _sequence_value(conn: Conn, seq: str) -> int:
     cur = await conn.execute("SELECT coalesce(pg_sequence_last_value(%s::regclass), 0)", [seq])
     row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-def _backup_paths(location: str, table: str) -> tuple[Path, Path]:
-    folder = Path(location)
-    return folder / f"{table}.pgcopy", folder / f"{table}.manifest.json"
-
-
-class _RowsFile:
-    """The COPY text of a backup, written to a temporary name and renamed when complete."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.buffer = bytearray()
-        self.hasher = hashlib.sha256()
-        self.size = 0
-        self.count = 0
-        self._file: IO[bytes] | None = None
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.tmp.open("wb")
-
-    def add(self, chunk: Buffer) -> bool:
-        """Buffer a chunk; answers whether the buffer wants flushing (in a thread)."""
-        self.buffer += chunk
-        return len(self.buffer) >= _CHUNK
-
-    def flush(self) -> None:
-        assert self._file is not None
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        self._file.write(data)
-        self.hasher.update(data)
-        self.size += len(data)
-        self.count += data.count(b"\n")  # COPY text escapes newlines inside values
-
-    def finish(self) -> None:
-        assert self._file is not None
-        self.flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _read_manifest(manifest_path: Path, rows_path: Path) -> dict[str, Any]:
-    manifest = json.loads(manifest_path.read_bytes())
-    if not isinstance(manifest, dict) or manifest.get("format") != BACKUP_FORMAT:
-        raise ValueError("it is not a PostgreSQL store backup")
-    if manifest.get("version") != BACKUP_VERSION:
-        raise ValueError(f"its version {manifest.get('version')!r} is not {BACKUP_VERSION}")
-    shape: dict[str, type] = {
-        "columns": dict,
-        "rows": int,
-        "bytes": int,
-        "sha256": str,
-        "sequence": int,
-        "meta": dict,
-    }
-    for key, kind in shape.items():
-        if not isinstance(manifest.get(key), kind):
-            raise ValueError(f"its manifest has no valid {key!r}")
-    if manifest["columns"].get(ID) != "integer":
-        raise ValueError("its rows have no id column")
-    size = rows_path.stat().st_size
-    if size != manifest["bytes"]:
-        raise ValueError(
-            f"{rows_path.name} has {size} bytes, its manifest says {manifest['bytes']}"
-        )
-    return manifest

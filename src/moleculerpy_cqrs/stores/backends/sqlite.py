@@ -39,6 +39,15 @@ from typing import Any, Final, cast
 from urllib.request import pathname2url
 
 from moleculerpy_cqrs.errors import ConfigurationError, ConflictError, CqrsError, StoreError
+from moleculerpy_cqrs.stores.backup_files import (
+    BackupFiles,
+    Manifest,
+    damaged,
+    file_sha256,
+    fsync_path,
+    read_manifest,
+    write_manifest,
+)
 from moleculerpy_cqrs.stores.base import (
     Adapter,
     Changes,
@@ -55,7 +64,6 @@ from moleculerpy_cqrs.stores.fields import (
     FieldType,
     Record,
     check_meta,
-    declare_fields,
 )
 from moleculerpy_cqrs.stores.ports import Table
 from moleculerpy_cqrs.stores.query import Compare, In, Query, fold_case
@@ -95,8 +103,6 @@ _DECODERS: Final[dict[FieldType, Callable[[Any], Any] | None]] = {
 _ID_CHUNK: Final = 500
 _KEYS_PER_SELECT: Final = 500
 _RESTORE_BATCH: Final = 5000
-_BACKUP_FORMAT: Final = "moleculerpy-cqrs sqlite backup"
-_BACKUP_VERSION: Final = "1"
 _FIELDS_KEY: Final = "$fields"  # meta: the declared type of each column, as made
 _COLUMN_KINDS: Final[dict[str, FieldType]] = {
     "TEXT": "string",
@@ -744,8 +750,7 @@ class SqliteAdapter(Adapter):
 
     async def backup(self, location: str) -> int:
         database = self._db()
-        dest = Path(location) / f"{self.name}.sqlite3"
-        job = partial(_backup, self.name, self.fields, dest)
+        job = partial(_backup, self.name, self.fields, BackupFiles.of(location, self.name))
         if database.current() is not None:
             return await database.writer.run(job, self.name)
         if database.reader is None:
@@ -756,8 +761,11 @@ class SqliteAdapter(Adapter):
         return await asyncio.to_thread(_call, self.name, _with_connection, opener, job)
 
     async def restore(self, location: str) -> None:
-        source = Path(location) / f"{self.name}.sqlite3"
-        saved = await asyncio.to_thread(_call, self.name, _inspect, self.name, self.fields, source)
+        files, saved = await asyncio.to_thread(
+            read_manifest, location, self.name, self.fields, "sqlite"
+        )
+        await asyncio.to_thread(_call, self.name, _inspect, location, files, saved)
+        source = files.rows
         shadow = f"{self.name}__restoring"
         names = [ID, *saved.fields]
         insert = Compiler(shadow, saved.fields, _DIALECT).insert(names)
@@ -769,7 +777,7 @@ class SqliteAdapter(Adapter):
             await self._fill_and_swap(source, saved, shadow, names, insert)
 
     async def _fill_and_swap(
-        self, source: Path, saved: _Saved, shadow: str, names: list[str], insert: str
+        self, source: Path, saved: Manifest, shadow: str, names: list[str], insert: str
     ) -> None:
         try:
             await self._write(partial(_recreate_table, shadow, self.fields))
@@ -786,18 +794,8 @@ class SqliteAdapter(Adapter):
                 await self._write(partial(_drop_table, shadow))
             raise
 
-    async def replace_with(self, shadow: Adapter) -> None:
-        database = self._db()
-        if (
-            not isinstance(shadow, SqliteAdapter)
-            or shadow.name == self.name
-            or shadow._db() is not database
-        ):
-            raise ConfigurationError("replace_with takes another table of the same database")
-        if shadow.fields != self.fields:
-            raise ConfigurationError(
-                f"cannot replace {self.name!r} with {shadow.name!r}: their fields differ"
-            )
+    async def _replace_with(self, other: Adapter) -> None:
+        shadow = cast(SqliteAdapter, other)
 
         def job(conn: sqlite3.Connection) -> None:
             seq = max(_seq(conn, self.name), _seq(conn, shadow.name))
@@ -1035,11 +1033,12 @@ def _with_connection[T](opener: Callable[[], sqlite3.Connection], job: Job[T]) -
 
 
 def _backup(
-    table: str, fields: Mapping[str, FieldType], dest: Path, conn: sqlite3.Connection
+    table: str, fields: Mapping[str, FieldType], files: BackupFiles, conn: sqlite3.Connection
 ) -> int:
-    """Copy ``table`` and its meta, read in one transaction of ``conn``, into ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    """Back ``table`` and its meta, read in one transaction of ``conn``, up into ``files``:
+    the rows as a SQLite file of one table, ``cqrs_rows`` (SQLite's own bulk copy)."""
+    files.rows.parent.mkdir(parents=True, exist_ok=True)
+    tmp = files.rows.with_name(files.rows.name + ".tmp")
     tmp.unlink(missing_ok=True)
     names = [ID, *fields]
     out = sqlite3.connect(tmp, isolation_level=None)
@@ -1048,9 +1047,7 @@ def _backup(
         out.execute("PRAGMA journal_mode = OFF")
         out.execute("PRAGMA synchronous = OFF")
         out.execute("BEGIN")
-        out.execute("CREATE TABLE cqrs_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         out.execute(_table_sql("cqrs_rows", fields))
-        out.execute("CREATE TABLE cqrs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         own = not conn.in_transaction
         if own:
             conn.execute("BEGIN")
@@ -1060,78 +1057,51 @@ def _backup(
             )
             out.executemany(Compiler("cqrs_rows", fields, _DIALECT).insert(names), cursor)
             meta = conn.execute(f"SELECT key, value FROM {_META} WHERE tbl = ?", (table,))
-            out.executemany("INSERT INTO cqrs_meta (key, value) VALUES (?, ?)", meta)
+            meta_texts = dict(meta.fetchall())
             seq = _seq(conn, table)
         finally:
             if own:
                 conn.execute("COMMIT")
         count = out.execute("SELECT count(*) FROM cqrs_rows").fetchone()[0]
-        info = {
-            "format": _BACKUP_FORMAT,
-            "version": _BACKUP_VERSION,
-            "table": table,
-            "fields": encode_json(fields),
-            "seq": str(seq),
-            "rows": str(count),
-        }
-        out.executemany("INSERT INTO cqrs_info (key, value) VALUES (?, ?)", info.items())
         out.execute("COMMIT")
     finally:
         out.close()
-    _fsync(tmp)
-    os.replace(tmp, dest)
-    _fsync(dest.parent)
-    return dest.stat().st_size
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True, slots=True)
-class _Saved:
-    fields: dict[str, FieldType]
-    seq: int
-    rows: int
-    meta: list[tuple[str, str]]
+    fsync_path(tmp)
+    os.replace(tmp, files.rows)
+    manifest = Manifest(
+        rows_format="sqlite",
+        table=table,
+        fields=dict(fields),
+        sequence=seq,
+        meta=meta_texts,
+        rows=count,
+        size=files.rows.stat().st_size,
+        sha256=file_sha256(files.rows),
+    )
+    return manifest.size + write_manifest(files, manifest)
 
 
 def _open_backup(source: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{pathname2url(str(source.absolute()))}?mode=ro", uri=True)
 
 
-def _inspect(store: str, fields: Mapping[str, FieldType], source: Path) -> _Saved:
-    """Check that ``source`` is a whole backup that fits this table, before changing anything."""
-    if not source.is_file():
-        raise StoreError(f"no backup of {store!r} at {str(source)!r}", store=store)
-    conn = _open_backup(source)
+def _inspect(location: str, files: BackupFiles, saved: Manifest) -> None:
+    """Check that the rows file is the whole one its manifest describes, before changing
+    anything."""
     try:
-        if conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
-            raise ValueError("it fails SQLite's integrity check")
-        info = dict(conn.execute("SELECT key, value FROM cqrs_info").fetchall())
-        if info.get("format") != _BACKUP_FORMAT or info.get("version") != _BACKUP_VERSION:
-            raise ValueError("it is not a backup of this format")
-        saved = declare_fields(decode_json(info["fields"]))
-        for name, kind in saved.items():
-            if fields.get(name) != kind:
-                raise ValueError(f"its field {name!r} ({kind}) is not declared so here")
-        count = conn.execute("SELECT count(*) FROM cqrs_rows").fetchone()[0]
-        if count != int(info["rows"]):
-            raise ValueError(f"it holds {count} rows of {info['rows']}")
-        meta = conn.execute("SELECT key, value FROM cqrs_meta").fetchall()
-        for _, text in meta:
-            decode_json(text)
-        return _Saved(saved, int(info["seq"]), count, meta)
-    except (sqlite3.DatabaseError, ValueError, KeyError, TypeError, CqrsError) as e:
-        raise StoreError(
-            f"the backup of {store!r} at {str(source)!r} is damaged: {e}", store=store
-        ) from e
-    finally:
-        conn.close()
+        if file_sha256(files.rows) != saved.sha256:
+            raise ValueError("its rows do not match its manifest")
+        conn = _open_backup(files.rows)
+        try:
+            if conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
+                raise ValueError("it fails SQLite's integrity check")
+            count = conn.execute("SELECT count(*) FROM cqrs_rows").fetchone()[0]
+        finally:
+            conn.close()
+        if count != saved.rows:
+            raise ValueError(f"it holds {count} rows of {saved.rows}")
+    except (sqlite3.DatabaseError, ValueError) as e:
+        raise damaged(saved.table, location, str(e)) from e
 
 
 def _read_rows(source: Path, names: list[str], after: int) -> list[tuple[Any, ...]]:
@@ -1147,21 +1117,21 @@ def _read_rows(source: Path, names: list[str], after: int) -> list[tuple[Any, ..
 def _swap_in(
     table: str,
     shadow: str,
-    saved: _Saved,
+    saved: Manifest,
     indexes: Mapping[str, bool],
     conn: sqlite3.Connection,
 ) -> None:
     (count,) = conn.execute(f"SELECT count(*) FROM {quote(shadow)}").fetchone()
     if count != saved.rows:
         raise StoreError(f"the backup of {table!r} changed while it was restored", store=table)
-    seq = max(_seq(conn, table), _seq(conn, shadow), saved.seq)
+    seq = max(_seq(conn, table), _seq(conn, shadow), saved.sequence)
     conn.execute(f"DROP TABLE {quote(table)}")
     conn.execute(f"ALTER TABLE {quote(shadow)} RENAME TO {quote(table)}")
     _sync_indexes(table, indexes, conn)
     conn.execute(f"DELETE FROM {_META} WHERE tbl = ?", (table,))
     conn.executemany(
         f"INSERT INTO {_META} (tbl, key, value) VALUES (?, ?, ?)",
-        [(table, key, text) for key, text in saved.meta],
+        [(table, key, text) for key, text in saved.meta.items()],
     )
     _set_seq(conn, table, seq)
 
