@@ -165,6 +165,7 @@ DIFFERENCES: dict[str, Difference] = {
         [
             ("count", {"query": {"tags": {"$size": 2}}}),
             ("count", {"query": {"tags": {"$ne": "red"}}}),
+            ("count", {"query": {"total": {"$not": {"$gt": 3}}}}),
         ],
     ),
     "exists-null": Difference(
@@ -332,8 +333,18 @@ def _generated(count: int, seed: int) -> list[Call]:
             params["fields"] = rng.choice(["key total", ["key", "name"], "key,country,tags"])
         if action != "count" and rng.random() < 0.15:
             params["excludeFields"] = rng.choice(["note", ["tags", "buyer"]])
+        if action != "count" and "search" not in params and rng.random() < 0.15:
+            # only rows whose buyer is known (DIFFERENCES["left-out"]), one rule at a time
+            # (DIFFERENCES["populate-shared-field"]); search ignores query (["search-and-query"])
+            params["populate"] = rng.choice(["buyer", ["buyerName"], "buyerName"])
+            params["query"] = {"$and": [KNOWN_BUYERS, _as_object(params.get("query", {}))]}
         out.append((action, params))
     return out
+
+
+def _as_object(query: Any) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(query) if isinstance(query, str) else query
+    return parsed
 
 
 KNOWN_CALLS = [(name, call) for name, d in DIFFERENCES.items() for call in d.calls]
