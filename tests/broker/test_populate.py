@@ -136,3 +136,12 @@ async def test_a_rule_reading_an_undeclared_field_is_refused_at_the_start() -> N
     with pytest.raises(ConfigurationError, match="'editorId', which is not a declared field"):
         async with running_broker(_services({"editor": {"field": "editorId", "action": "x"}})):
             pass
+
+
+async def test_two_rules_reading_one_field_both_see_the_stored_id(broker: ServiceBroker) -> None:
+    # moleculer-db lets the first answer replace "author" before the second reads it.
+    for populate in ("author writer", "writer author"):
+        one = await broker.call(
+            "posts.get", {"id": 1, "populate": populate, "fields": "writer author"}
+        )
+        assert one == {"writer": {"name": "Ann"}, "author": ANN}

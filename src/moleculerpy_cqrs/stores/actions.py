@@ -138,8 +138,9 @@ class StoreActions:
         populated first (or ``always``: ``get`` projects its rows itself)."""
         rules = self.populator.rules if self.populator is not None else {}
         wanted = requested(rules, params.get("populate"))
-        names = {k: self.adapter.fields.get(k, "json") for k in rules}
-        known = {**self.adapter.fields, **names}
+        known = self.adapter.fields
+        if rules:  # a rule's key may be named in fields and excludeFields too
+            known = {**known, **{k: known.get(k, "json") for k in rules}}
         projection = exclusion = None
         if wanted or always:
             projection = parse_projection(known, params.get("fields"))

@@ -15,7 +15,7 @@ Conditions (``query`` and top-level declared fields, ANDed)::
     {"id": {"in": [1, 2]}}                     also "not in", $in, $nin
     {"total": {"between": [1, 5]}}             inclusive; also "not between"
     {"country": {"!=": None}}                  IS NOT NULL
-    {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely
+    {"or": [{...}, {...}]}                     also "and", $or, $and; nest freely ({}: every row)
     {"$not": {...}}                            the rows the query does not match, nulls too
     {"note": {"$exists": True}}                IS NOT NULL (False: IS NULL)
     {"country": {"$in": ["NZ", None]}}         a null in an in list matches NULL
@@ -323,7 +323,8 @@ def _parse_condition(fields: Fields, raw: Any, depth: int) -> Condition:
         else:
             items.append(_parse_operator(key, kind, "=", value))
     if not items:
-        raise InvalidInput("a query object must not be empty")
+        # As NeDB and MongoDB: {} matches every row ({"$or": [{}, ...]} too).
+        return And(())
     cond = _and(items)
     assert cond is not None
     return cond

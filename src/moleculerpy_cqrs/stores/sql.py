@@ -242,6 +242,8 @@ class Compiler:
         p = self.dialect.placeholder
         enc = self.dialect.encode
         match cond:
+            case And(()):
+                return "(1 = 1)"  # {}: every row
             case And(items):
                 return "(" + " AND ".join(self._cond(c, params) for c in items) + ")"
             case Or(items):

@@ -1,5 +1,6 @@
 """Conformance cases for the query features moleculer-db users write (issue 18): ``$exists``,
-``$not``, ``$in`` holding null, membership in a json array, ``search`` in an integer field.
+``$not``, ``$in`` holding null, membership in a json array, ``search`` in an integer field,
+``{}`` (every row) inside ``$and``, ``$or`` and ``$not``.
 
 Every backend answers them alike, as moleculer-db's MemoryAdapter (NeDB) does on rows that
 hold every field (see the README's table for where NULL makes the two differ).
@@ -69,6 +70,10 @@ class MoleculerDbQueryCases(AdapterCase):
             ({"query": {"tags": {"$in": ["yellow", None]}}}, [1, 2]),
             ({"query": {"tags": {"$in": []}}}, []),
             ({"query": {"$not": {"tags": "green"}}}, [1, 2, 4, 5, 6]),
+            ({"query": {"$or": [{}, {"n": 7}]}}, [0, 1, 2, 3, 4, 5, 6]),
+            ({"query": {"$and": [{}, {"n": 7}]}}, [4]),
+            ({"query": {"$not": {}}}, []),
+            ({"query": {"$not": {"$and": [{}]}}, "n": 7}, []),
             ({"search": "12", "searchFields": "n"}, [0, 3]),
             ({"search": "-", "searchFields": ["n", "name"]}, [1]),
             ({"search": "0", "searchFields": "n"}, [3, 5]),
