@@ -11,7 +11,7 @@ from typing import Any
 
 from benchmarks import bench_ours as ours
 from benchmarks import bench_raw as raw
-from benchmarks import harness
+from benchmarks import harness, paired
 from benchmarks._common import table
 
 from moleculerpy_cqrs import stores
@@ -117,3 +117,12 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert "sustained: dispatcher lag" in text
     assert "transformation on another node over NATS: read-then-update, no key" in text
     assert [r.scenario for r in rows if r.ours is None and not r.scenario.startswith("peak")] == []
+
+
+async def test_the_paired_keyed_benchmark_runs(tmp_path: Path) -> None:
+    log = stores.sqlite(tmp_path / "large")
+    await ours.prefill_keyed(log, 500)
+    for mode, factories in (("keys", [log]), ("large", [stores.sqlite(tmp_path / "empty"), log])):
+        rates = await paired.measure(factories, mode, callers=4, pairs=2, window=0.1)
+        assert [len(v) for v in rates.values()] == [2, 2], mode
+        assert all(rate > 0 for v in rates.values() for rate in v), mode
