@@ -264,8 +264,7 @@ async def prefill_keyed(store: StoreFactory, count: int) -> Figures:
     """Fill the log with ``count`` keyed events fast, straight through its adapter (batches
     of 10,000 rows: COPY on PostgreSQL, one executemany on SQLite; the unique index kept up
     as they go), all settled, so a broker on it has nothing to dispatch."""
-    adapter = store(EVENT_STORE, EVENT_FIELDS, {})
-    adapter.declare_unique(IDEMPOTENCY_KEY)
+    adapter = store(EVENT_STORE, EVENT_FIELDS, {})  # the key's unique index declared there
     await adapter.connect()
     started = time.perf_counter()
     try:

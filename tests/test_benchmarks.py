@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from benchmarks import bench_ours as ours
 from benchmarks import bench_raw as raw
-from benchmarks import harness
+from benchmarks import harness, paired
 from benchmarks._common import table
 
 from moleculerpy_cqrs import stores
@@ -126,3 +126,12 @@ def test_entity_rows_are_read_as_a_list_of_positive_counts() -> None:
     for bad in ("", "1000,x", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             harness.row_counts(bad)
+
+
+async def test_the_paired_keyed_benchmark_runs(tmp_path: Path) -> None:
+    log = stores.sqlite(tmp_path / "large")
+    await ours.prefill_keyed(log, 500)
+    for mode, factories in (("keys", [log]), ("large", [stores.sqlite(tmp_path / "empty"), log])):
+        rates = await paired.measure(factories, mode, callers=4, pairs=2, window=0.1)
+        assert [len(v) for v in rates.values()] == [2, 2], mode
+        assert all(rate > 0 for v in rates.values() for rate in v), mode

@@ -11,7 +11,11 @@ import pytest
 from moleculerpy import Service, ServiceBroker
 
 from moleculerpy_cqrs import ConflictError, EventStore, InvalidInput
-from moleculerpy_cqrs.stores import StoreFactory
+from moleculerpy_cqrs.broker.port import MoleculerPort
+from moleculerpy_cqrs.core.eventstore import EventStoreRuntime
+from moleculerpy_cqrs.core.records import EVENT_FIELDS
+from moleculerpy_cqrs.errors import ConfigurationError
+from moleculerpy_cqrs.stores import StoreFactory, memory
 from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.core.conftest import MakeStore
 
@@ -205,3 +209,39 @@ def _same(repeat: dict[str, Any], first: dict[str, Any]) -> bool:
     """A repeat is answered the stored event as it is now: its dispatch status may have
     moved on since the first answer; all else is the same."""
     return {**repeat, "status": None} == {**first, "status": None}
+
+
+async def test_a_log_made_before_keys_gets_the_unique_key_at_start(make_store: MakeStore) -> None:
+    # A log an earlier version made (no idempotencyKey column, no index): the start adds the
+    # column and the unique index the event store's declared fields hold.
+    factory = make_store()
+    before = {k: v for k, v in EVENT_FIELDS.items() if k != KEY}
+    old = factory("orderEventStore", {**before, "tenant": "string"}, {})
+    await old.connect()
+    (kept,) = await old.append([{"event": "order.placed", "payload": {"item": "old"}}])
+    await old.close()
+    _, service = _service(factory)
+    async with running_broker(service) as broker:
+        first = await broker.call("orders.place", {"item": "a"}, meta={KEY: "k-1"})
+        again = await broker.call("orders.place", {"item": "a"}, meta={KEY: "k-1"})
+        stored = await _stored(broker)
+    assert _same(again, first)
+    assert [e["id"] for e in stored] == [kept["id"], first["id"]]
+    log = factory("orderEventStore", {**EVENT_FIELDS, "tenant": "string"}, {})
+    await log.connect()
+    try:
+        with pytest.raises(ConflictError):  # the index is in the database, not only declared
+            await log.insert({"event": "x", KEY: "k-1"})
+    finally:
+        await log.close()
+
+
+async def test_an_event_store_refuses_an_adapter_without_the_unique_key() -> None:
+    fields = {**EVENT_FIELDS, KEY: "string"}  # the key's column, but not unique
+    async with running_broker() as broker:
+        with pytest.raises(ConfigurationError, match="idempotencyKey"):
+            EventStoreRuntime(
+                "orderEventStore",
+                lambda: memory()("orderEventStore", fields),
+                MoleculerPort(broker),
+            )

@@ -69,7 +69,11 @@ class EventStoreRuntime:
     def _build(self) -> None:
         """Fresh parts around a fresh adapter (an adapter is not reopened once closed)."""
         self.adapter = self._make_adapter()
-        self.adapter.declare_unique(IDEMPOTENCY_KEY)
+        if self.adapter.indexes.get(IDEMPOTENCY_KEY) is not True:
+            raise ConfigurationError(
+                f"event store {self.name!r}: its adapter must declare {IDEMPOTENCY_KEY!r} "
+                "unique (make it from core.records.EVENT_FIELDS, which does)"
+            )
         self.committer = GroupCommitter(self.adapter, self._committed, key_field=IDEMPOTENCY_KEY)
         self.lease = Lease(self.adapter, "dispatch.lease", self.node_id, self.lease_ttl)
         self.dispatcher = Dispatcher(
@@ -346,7 +350,7 @@ def check_idempotency_key(key: Any) -> str | None:
         )
     if "\x00" in key:
         raise InvalidInput("the idempotency key must not hold NUL", field=IDEMPOTENCY_KEY)
-    if _SURROGATE.search(key):
+    if not key.isascii() and _SURROGATE.search(key):
         raise InvalidInput(
             "the idempotency key must be valid Unicode (it holds a lone surrogate)",
             field=IDEMPOTENCY_KEY,

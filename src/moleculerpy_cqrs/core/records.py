@@ -6,7 +6,7 @@ import time
 from enum import IntEnum
 from typing import Any, Final
 
-from moleculerpy_cqrs.stores.fields import Record
+from moleculerpy_cqrs.stores.fields import FieldDeclaration, Record
 
 
 class EventType(IntEnum):
@@ -28,7 +28,7 @@ class Status(IntEnum):
     RETRYING = 4
 
 
-EVENT_FIELDS: Final[dict[str, str]] = {
+EVENT_FIELDS: Final[dict[str, FieldDeclaration]] = {
     "event": "string",
     "version": "integer",
     "created": "integer",
@@ -39,10 +39,12 @@ EVENT_FIELDS: Final[dict[str, str]] = {
     "meta": "json",
     "attempts": "integer",
     "error": "string",
-    "idempotencyKey": "string",
+    "idempotencyKey": {"type": "string", "unique": True},
 }
 """Columns of every event store (``created``/``updated`` in Unix milliseconds;
-``idempotencyKey`` unique, NULL for events stored without a key)."""
+``idempotencyKey`` NULL for events stored without a key). The key's unique index is part of the
+declaration, so every adapter made from it has the index: created by ``connect`` (on a table an
+earlier version made too), kept by restore and replace."""
 
 IDEMPOTENCY_KEY: Final = "idempotencyKey"
 """The event store's unique column, and the ``ctx.meta`` entry a caller sets it with."""

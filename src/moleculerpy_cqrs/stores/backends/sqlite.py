@@ -572,22 +572,27 @@ class SqliteAdapter(Adapter):
         # In the writer's transaction (no other writer of the file runs meanwhile). A key is
         # seldom a repeat: the rows are first inserted as a plain append inserts them, under a
         # savepoint; only when the unique index refuses one are the batch's keys looked up
-        # (through the index) and the rows whose key is new inserted again.
+        # (through the index) and the rows whose key is new inserted again. One row needs no
+        # savepoint: a refused statement leaves nothing behind.
         column = list(self.fields).index(key)
+        savepoint = len(rows) > 1
 
         def job(conn: sqlite3.Connection) -> list[Keyed]:
-            conn.execute("SAVEPOINT cqrs_keyed")
+            if savepoint:
+                conn.execute("SAVEPOINT cqrs_keyed")
             try:
                 first = _insert_rows(
                     self.name, self._field_names, self._insert_sql, [r.values for r in rows], conn
                 )
             except BaseException as error:
-                conn.execute("ROLLBACK TO cqrs_keyed")
-                conn.execute("RELEASE cqrs_keyed")
+                if savepoint:
+                    conn.execute("ROLLBACK TO cqrs_keyed")
+                    conn.execute("RELEASE cqrs_keyed")
                 if isinstance(error, ConflictError):  # a key held already (or another unique
                     return self._append_new_keys(rows, column, key, conn)  # field: raised again)
                 raise
-            conn.execute("RELEASE cqrs_keyed")
+            if savepoint:
+                conn.execute("RELEASE cqrs_keyed")
             return [Keyed({ID: first + i, **r.record}, True) for i, r in enumerate(rows)]
 
         return await self._write(job)
