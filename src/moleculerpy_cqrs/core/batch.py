@@ -171,8 +171,13 @@ class IdCounter:
 class BatchView:
     """Reads and writes of one batch over ``adapter`` (see the module docstring)."""
 
-    def __init__(self, adapter: Adapter, ids: IdCounter) -> None:
+    def __init__(self, adapter: Adapter, ids: IdCounter, *, after: BatchView | None = None) -> None:
         self.adapter = adapter
+        # Where committed rows are read: the table, or the batch before this one while its
+        # write may still be under way (the projector's pipeline; see :meth:`rebase`).
+        self._source: Adapter | BatchView = adapter if after is None else after
+        self._after = after
+        self.writing = False  # set once this batch's write has started (see count)
         self.name = adapter.name
         self.fields: dict[str, FieldType] = adapter.fields
         self._ids = ids
@@ -227,10 +232,18 @@ class BatchView:
         counted: int | None = None
         if pinned is not None:
             counted = sum(1 for r in pinned if matches(query.where, r))
+        elif self.writing and self._rows:
+            # The table may hold this batch's changes already, or not yet: count the rows it
+            # did not touch (the same either way), then the batch's own.
+            untouched = In(ID, tuple(self._rows), True)
+            where = untouched if query.where is None else And((query.where, untouched))
+            self.store_reads += 1
+            counted = await self._source.count(Query(where=where))
+            return counted + len(_matching(self._rows, self._now, query.where))
         else:
             counted = self._counted.get(query) if _hashable(query) else None
             if counted is None:
-                counted = await self.adapter.count(query)
+                counted = await self._source.count(query)
                 self.store_reads += 1
                 if _hashable(query):
                     self._counted[query] = counted
@@ -266,7 +279,7 @@ class BatchView:
         keys = list(wanted)
         for start in range(0, len(keys), PREFETCH_CHUNK):
             chunk = tuple(keys[start : start + PREFETCH_CHUNK])
-            rows = await self.adapter.find(Query(where=In(field, chunk)))
+            rows = await self._source.find(Query(where=In(field, chunk)))
             self.store_reads += 1
             for value in chunk:
                 known[value] = []
@@ -358,11 +371,28 @@ class BatchView:
         if self._last_id is not None:
             self._ids.last = self._last_id
 
+    def rebase(self) -> None:
+        """The batch this view was opened after is written: read the table from now on.
+
+        What this view read through that batch is what the table holds now, so its caches
+        and the rows it holds as committed stay true."""
+        self._source = self.adapter
+        self._after = None
+
+    def latest_id(self) -> int | None:
+        """The last id given to a row by this batch or an unwritten one before it."""
+        if self._last_id is not None:
+            return self._last_id
+        return None if self._after is None else self._after.latest_id()
+
     # ------------------------------------------------------------------ plumbing
 
     async def _next_id(self) -> int:
         if self._last_id is None:
-            self._last_id = await self._ids.load(self.adapter)
+            inherited = None if self._after is None else self._after.latest_id()
+            self._last_id = (
+                inherited if inherited is not None else await self._ids.load(self.adapter)
+            )
         self._last_id += 1
         return self._last_id
 
@@ -371,7 +401,7 @@ class BatchView:
         if entity_id in self._rows:
             return self._rows[entity_id]
         if entity_id not in self._got:
-            self._got[entity_id] = await self.adapter.get(entity_id)
+            self._got[entity_id] = await self._source.get(entity_id)
             self.store_reads += 1
         return self._got[entity_id]
 
@@ -453,11 +483,11 @@ class BatchView:
             return held[query.offset : end]
         if not _hashable(query):
             self.store_reads += 1
-            return await self.adapter.find(query)
+            return await self._source.find(query)
         rows = self._found.get(query)
         if rows is None:
             self.store_reads += 1
-            rows = self._found[query] = await self.adapter.find(query)
+            rows = self._found[query] = await self._source.find(query)
             for row in rows:
                 if query.fields is None:
                     self._got.setdefault(row[ID], row)
