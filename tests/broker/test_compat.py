@@ -456,7 +456,7 @@ async def test_a_local_call_keeps_moleculerpys_context_and_skips_the_uuid(
     assert answer == {"n": 3, "meta": {"outer": True, "inner": 1}}
     outer, inner = chain.seen
     assert (outer.level, inner.level) == (1, 2)
-    assert outer.request_id == outer.id == inner.request_id == inner.parent_id
+    assert str(outer.request_id) == str(outer.id) == str(inner.request_id) == inner.parent_id
     assert inner.node_id == broker.nodeID
     assert outer.id != inner.id
     # The short path: ids from one per-broker prefix and a counter, not a uuid4 each.

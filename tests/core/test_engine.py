@@ -122,6 +122,11 @@ def test_a_batch_reads_what_the_table_will_hold(
             for q in early:
                 await _answers(view, q)
             await _run_ops(view, ops, early)
+            for key in ("a", "b", "c"):  # a transformation's find {k: key}, the short way
+                quick = view.find_by_key({"k": key})
+                assert (quick is not None) == (key in (prefetched or ()))
+                if quick is not None:
+                    assert quick == await view.find(parse_find(FIELDS, {"k": key}))
             asked_too = [*asked, *PROBES]
             seen = [await _answers(view, q) for q in asked_too]
             await table.apply(view.changes())

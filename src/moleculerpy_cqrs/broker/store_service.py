@@ -51,6 +51,10 @@ class _StoreBase:
         """Run a store action, on the projector's open batch when called from one."""
         await self.wait_ready()
         view = self.batches.view_for(ctx.meta) if self.batches is not None else None
+        if view is not None and action == "find":
+            found = view.find_by_key(ctx.params)  # a prefetched key's rows: no parsing
+            if found is not None:
+                return found
         return await getattr(StoreActions(view or self.adapter), action)(ctx.params)
 
     async def _announce(self, what: str, payload: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ from moleculerpy_cqrs.stores.query import (
 )
 
 LAST_ID_KEY: Final = "lastId"
+_KEY_TYPES: Final = frozenset({str, int, float})  # values find_by_key takes (not bool, null)
 PREFETCH_CHUNK: Final = 10_000  # values per prefetch query (far below every backend's limit)
 _ABSENT: Final = object()
 
@@ -217,6 +218,35 @@ class BatchView:
         rows = [r for r in await self._committed(wide) if r[ID] not in self._rows]
         rows += _matching(self._rows, self._now, where)
         return self._page(rows, query)
+
+    def find_by_key(self, params: Any) -> list[Record] | None:
+        """``find {field: value}`` (a transformation looking up its row by a key) when the
+        batch prefetched that value of that field: answered from the prefetched rows and the
+        overlay's index, as :meth:`find` would answer the parsed query. None for any other
+        params, which take the general way (parsing, checking, :meth:`find`)."""
+        if type(params) is not dict or len(params) != 1:
+            return None
+        ((name, value),) = params.items()
+        known = self._prefetched.get(name)
+        if known is None or type(value) not in _KEY_TYPES:
+            return None
+        try:
+            checked = check_value(name, self.fields[name], value)
+        except (InvalidInput, TypeError):
+            return None  # the general way refuses it, with its own message
+        held = known.get(checked)
+        if held is None:
+            return None
+        changed = self._rows
+        rows = [r for r in held if r[ID] not in changed] if changed else list(held)
+        if changed:
+            for entity_id in self._now.candidates(Compare(name, "=", checked)) or ():
+                row = changed.get(entity_id)
+                if row is not None:
+                    rows.append(row)
+        if len(rows) > 1:
+            rows.sort(key=_by_id)
+        return [self._out(r) for r in rows]
 
     def _page(self, rows: list[Record], query: Query) -> list[Record]:
         """``rows`` (every match) sorted, paged and projected as the database would."""
@@ -499,6 +529,10 @@ class BatchView:
             if name in out and isinstance(out[name], dict | list):
                 out[name] = copy.deepcopy(out[name])
         return out
+
+
+def _by_id(row: Record) -> Any:
+    return row[ID]
 
 
 def _hashable(query: Query) -> bool:
