@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -119,32 +119,116 @@ def test_a_batch_reads_what_the_table_will_hold(
             view = BatchView(table, IdCounter())
             if prefetched is not None:
                 await view.prefetch("k", prefetched)
-            marks = [0]
             for q in early:
                 await _answers(view, q)
-            for op, a, b in ops:
-                if op == "mark":
-                    marks.append(view.mark())
-                elif op == "undo":
-                    view.undo(marks.pop() if len(marks) > 1 else 0)
-                elif op == "create":
-                    await view.create({"k": a, "n": b})
-                elif op == "update":
-                    if await view.get(a) is not None:
-                        await view.update(a, {"n": b})
-                elif op == "rekey":
-                    if await view.get(a) is not None:
-                        await view.update(a, {"k": b})
-                elif op == "remove":
-                    await view.remove(a)
-                else:
-                    await view.remove_where(parse_find(FIELDS, {"k": a}).where)
-                if op == "create" and a == "b":  # now and then, reads between changes
-                    for q in early:
-                        await _answers(view, q)
+            await _run_ops(view, ops, early)
+            for key in ("a", "b", "c"):  # a transformation's find {k: key}, the short way
+                quick = view.find_by_key({"k": key})
+                assert (quick is not None) == (key in (prefetched or ()))
+                if quick is not None:
+                    assert quick == await view.find(parse_find(FIELDS, {"k": key}))
             asked_too = [*asked, *PROBES]
             seen = [await _answers(view, q) for q in asked_too]
             await table.apply(view.changes())
+            assert seen == [await _answers(table, q) for q in asked_too]
+
+    asyncio.run(check())
+
+
+async def _run_ops(
+    view: BatchView,
+    ops: list[tuple[str, Any, Any]],
+    early: list[dict[str, Any]],
+    between: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """Apply ``ops`` to ``view`` (with reads between now and then); ``between(i)`` runs
+    before op ``i``."""
+    marks = [0]
+    for i, (op, a, b) in enumerate(ops):
+        if between is not None:
+            await between(i)
+        if op == "mark":
+            marks.append(view.mark())
+        elif op == "undo":
+            view.undo(marks.pop() if len(marks) > 1 else 0)
+        elif op == "create":
+            await view.create({"k": a, "n": b})
+        elif op == "update":
+            if await view.get(a) is not None:
+                await view.update(a, {"n": b})
+        elif op == "rekey":
+            if await view.get(a) is not None:
+                await view.update(a, {"k": b})
+        elif op == "remove":
+            await view.remove(a)
+        else:
+            await view.remove_where(parse_find(FIELDS, {"k": a}).where)
+        if op == "create" and a == "b":  # now and then, reads between changes
+            for q in early:
+                await _answers(view, q)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    initial=st.lists(st.tuples(keys, values), max_size=8),
+    prefetched=st.one_of(st.none(), st.lists(keys, max_size=3)),
+    first=operations,
+    second=operations,
+    landed_at=st.integers(0, 30),
+    rebased=st.booleans(),
+    asked=queries,
+    early=queries,
+)
+def test_a_batch_after_an_unwritten_one_reads_what_the_table_will_hold(
+    initial: list[tuple[str | None, int | None]],
+    prefetched: list[str | None] | None,
+    first: list[tuple[str, Any, Any]],
+    second: list[tuple[str, Any, Any]],
+    landed_at: int,
+    rebased: bool,
+    asked: list[dict[str, Any]],
+    early: list[dict[str, Any]],
+) -> None:
+    """The projector's pipeline: a batch's view opened after an earlier batch whose write may
+    land at any point of it (before any of its changes, between two, after its reads, or not
+    before its own write) answers every read as the table will once both are written; the
+    earlier view, its write landed, still answers as the table does (its counts too); and
+    after the earlier write has landed the later view may read the table directly
+    (``rebase``)."""
+
+    async def check() -> None:
+        async with stores.sqlite(":memory:")("t", FIELDS) as table:
+            await table.insert_many([{"k": k, "n": n} for k, n in initial])
+            ids = IdCounter()
+            one = BatchView(table, ids)
+            await _run_ops(one, first, early)
+            one.writing = True
+            two = BatchView(table, ids, after=one)
+            if prefetched is not None:
+                await two.prefetch("k", prefetched)
+            landed = False
+
+            async def land(i: int) -> None:
+                nonlocal landed
+                if i == landed_at and not landed:
+                    await table.apply(one.changes())
+                    one.written()
+                    landed = True
+                    probes = [*asked, *PROBES]
+                    assert [await _answers(one, q) for q in probes] == [
+                        await _answers(table, q) for q in probes
+                    ]
+
+            await _run_ops(two, second, early, land)
+            await land(len(second))
+            if landed and rebased:
+                two.rebase()
+            asked_too = [*asked, *PROBES]
+            seen = [await _answers(two, q) for q in asked_too]
+            if not landed:
+                await table.apply(one.changes())
+                one.written()
+            await table.apply(two.changes())
             assert seen == [await _answers(table, q) for q in asked_too]
 
     asyncio.run(check())
@@ -520,6 +604,33 @@ async def test_a_keyed_batch_reads_its_rows_in_one_query(
         rows = await broker.call("accounts.find", {})
     totals: dict[str, int] = {}
     for account, amount in first + later:
+        totals[account] = totals.get(account, 0) + amount
+    assert {r["accountId"]: r["balance"] for r in rows} == totals
+    assert len(rows) == len(totals)
+
+
+async def test_batches_overlap_their_writes_and_see_each_others_effects(
+    make_store: MakeStore,
+) -> None:
+    """The pipeline: a batch's transformations run while the write of the batch before it
+    is under way, and still read its effects (the same few accounts in every batch)."""
+    accounts, service = _accounts_service(make_store, "accountId", None)
+    rng = random.Random(5)
+    deposits = [(f"acc{rng.randrange(4)}", rng.randrange(1, 9)) for _ in range(300)]
+    async with running_broker(service()) as broker:
+        runtime = accounts.runtime(broker)
+        async with held(runtime):
+            assert runtime.projector is not None
+            runtime.projector.batch_size = 40
+            runtime.projector.pipeline_seconds = 3600.0  # one step for the whole log
+            for account, amount in deposits:
+                await broker.call("bank.deposit", {"accountId": account, "amount": amount})
+        await asyncio.wait_for(runtime.wait_caught_up(), 30)
+        assert runtime.projector.stats.overlapped == 7  # 8 batches, each but the first
+        assert runtime.projector.stats.batches == 8
+        rows = await broker.call("accounts.find", {})
+    totals: dict[str, int] = {}
+    for account, amount in deposits:
         totals[account] = totals.get(account, 0) + amount
     assert {r["accountId"]: r["balance"] for r in rows} == totals
     assert len(rows) == len(totals)

@@ -57,6 +57,10 @@ class _StoreBase:
         """Run a store action, on the projector's open batch when called from one."""
         await self.wait_ready()
         view = self.batches.view_for(ctx.meta) if self.batches is not None else None
+        if view is not None and action == "find":
+            found = view.find_by_key(ctx.params)  # a prefetched key's rows: no parsing
+            if found is not None:
+                return found
         # moleculer-db's populate calls the related services from the caller's context.
         rules = self.populate_rules()
         populator = Populator(rules, ctx.call) if rules else None

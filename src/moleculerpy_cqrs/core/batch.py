@@ -53,6 +53,7 @@ from moleculerpy_cqrs.stores.query import (
 )
 
 LAST_ID_KEY: Final = "lastId"
+_KEY_TYPES: Final = frozenset({str, int, float})  # values find_by_key takes (not bool, null)
 PREFETCH_CHUNK: Final = 10_000  # values per prefetch query (far below every backend's limit)
 _ABSENT: Final = object()
 
@@ -172,8 +173,13 @@ class IdCounter:
 class BatchView:
     """Reads and writes of one batch over ``adapter`` (see the module docstring)."""
 
-    def __init__(self, adapter: ReadModel, ids: IdCounter) -> None:
+    def __init__(self, adapter: ReadModel, ids: IdCounter, *, after: BatchView | None = None) -> None:
         self.adapter = adapter
+        # Where committed rows are read: the table, or the batch before this one while its
+        # write may still be under way (the projector's pipeline; see :meth:`rebase`).
+        self._source: ReadModel | BatchView = adapter if after is None else after
+        self._after = after
+        self.writing = False  # set once this batch's write has started (see count)
         self.name = adapter.name
         self.fields: dict[str, FieldType] = adapter.fields
         self._ids = ids
@@ -214,6 +220,35 @@ class BatchView:
         rows += _matching(self._rows, self._now, where)
         return self._page(rows, query)
 
+    def find_by_key(self, params: Any) -> list[Record] | None:
+        """``find {field: value}`` (a transformation looking up its row by a key) when the
+        batch prefetched that value of that field: answered from the prefetched rows and the
+        overlay's index, as :meth:`find` would answer the parsed query. None for any other
+        params, which take the general way (parsing, checking, :meth:`find`)."""
+        if type(params) is not dict or len(params) != 1:
+            return None
+        ((name, value),) = params.items()
+        known = self._prefetched.get(name)
+        if known is None or type(value) not in _KEY_TYPES:
+            return None
+        try:
+            checked = check_value(name, self.fields[name], value)
+        except (InvalidInput, TypeError):
+            return None  # the general way refuses it, with its own message
+        held = known.get(checked)
+        if held is None:
+            return None
+        changed = self._rows
+        rows = [r for r in held if r[ID] not in changed] if changed else list(held)
+        if changed:
+            for entity_id in self._now.candidates(Compare(name, "=", checked)) or ():
+                row = changed.get(entity_id)
+                if row is not None:
+                    rows.append(row)
+        if len(rows) > 1:
+            rows.sort(key=_by_id)
+        return [self._out(r) for r in rows]
+
     def _page(self, rows: list[Record], query: Query) -> list[Record]:
         """``rows`` (every match) sorted, paged and projected as the database would."""
         if len(rows) > 1:
@@ -228,10 +263,18 @@ class BatchView:
         counted: int | None = None
         if pinned is not None:
             counted = sum(1 for r in pinned if matches(query.where, r))
+        elif self.writing and self._rows:
+            # The table may hold this batch's changes already, or not yet: count the rows it
+            # did not touch (the same either way), then the batch's own.
+            untouched = In(ID, tuple(self._rows), True)
+            where = untouched if query.where is None else And((query.where, untouched))
+            self.store_reads += 1
+            counted = await self._source.count(Query(where=where))
+            return counted + len(_matching(self._rows, self._now, query.where))
         else:
             counted = self._counted.get(query) if _hashable(query) else None
             if counted is None:
-                counted = await self.adapter.count(query)
+                counted = await self._source.count(query)
                 self.store_reads += 1
                 if _hashable(query):
                     self._counted[query] = counted
@@ -267,7 +310,7 @@ class BatchView:
         keys = list(wanted)
         for start in range(0, len(keys), PREFETCH_CHUNK):
             chunk = tuple(keys[start : start + PREFETCH_CHUNK])
-            rows = await self.adapter.find(Query(where=In(field, chunk)))
+            rows = await self._source.find(Query(where=In(field, chunk)))
             self.store_reads += 1
             for value in chunk:
                 known[value] = []
@@ -359,11 +402,28 @@ class BatchView:
         if self._last_id is not None:
             self._ids.last = self._last_id
 
+    def rebase(self) -> None:
+        """The batch this view was opened after is written: read the table from now on.
+
+        What this view read through that batch is what the table holds now, so its caches
+        and the rows it holds as committed stay true."""
+        self._source = self.adapter
+        self._after = None
+
+    def latest_id(self) -> int | None:
+        """The last id given to a row by this batch or an unwritten one before it."""
+        if self._last_id is not None:
+            return self._last_id
+        return None if self._after is None else self._after.latest_id()
+
     # ------------------------------------------------------------------ plumbing
 
     async def _next_id(self) -> int:
         if self._last_id is None:
-            self._last_id = await self._ids.load(self.adapter)
+            inherited = None if self._after is None else self._after.latest_id()
+            self._last_id = (
+                inherited if inherited is not None else await self._ids.load(self.adapter)
+            )
         self._last_id += 1
         return self._last_id
 
@@ -372,7 +432,7 @@ class BatchView:
         if entity_id in self._rows:
             return self._rows[entity_id]
         if entity_id not in self._got:
-            self._got[entity_id] = await self.adapter.get(entity_id)
+            self._got[entity_id] = await self._source.get(entity_id)
             self.store_reads += 1
         return self._got[entity_id]
 
@@ -454,11 +514,11 @@ class BatchView:
             return held[query.offset : end]
         if not _hashable(query):
             self.store_reads += 1
-            return await self.adapter.find(query)
+            return await self._source.find(query)
         rows = self._found.get(query)
         if rows is None:
             self.store_reads += 1
-            rows = self._found[query] = await self.adapter.find(query)
+            rows = self._found[query] = await self._source.find(query)
             for row in rows:
                 if query.fields is None:
                     self._got.setdefault(row[ID], row)
@@ -470,6 +530,10 @@ class BatchView:
             if name in out and isinstance(out[name], dict | list):
                 out[name] = copy.deepcopy(out[name])
         return out
+
+
+def _by_id(row: Record) -> Any:
+    return row[ID]
 
 
 def _hashable(query: Query) -> bool:

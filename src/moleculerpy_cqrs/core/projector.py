@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -42,6 +42,7 @@ LEASE_KEY: Final = "projector.lease"
 CONCURRENCY: Final = 16
 BATCH_SIZE: Final = 1000  # events per batch; a batch is one short transaction
 LINGER: Final = 0.005  # after a wake-up from idle, so that one batch takes several commits
+PIPELINE_SECONDS: Final = 0.5  # a step's batches overlap their writes for this long at most
 WARN_AFTER: Final = 3.0  # seconds a projector waits for its transformations before it warns
 Kind = Literal["create", "create_many", "update", "remove"]
 Transform = str | Callable[[dict[str, Any]], Awaitable[Any]]
@@ -107,6 +108,7 @@ class ProjectorStats:
     batches: int = 0
     dead_letters: int = 0
     store_reads: int = 0  # reads of the aggregate's store made by batches (prefetches too)
+    overlapped: int = 0  # batches transformed while the write of the one before was under way
     stale: int = 0
     last_error: str | None = None
     halted_at: int | None = None
@@ -142,6 +144,7 @@ class Projector:
         self.source = source
         self.port = port
         self.batch_size = batch_size
+        self.pipeline_seconds = PIPELINE_SECONDS
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.on_error = on_error
@@ -378,15 +381,55 @@ class Projector:
         await asyncio.Event().wait()
 
     async def _step(self) -> bool:
+        """Apply the batches after the checkpoint, pipelined: while one batch's write is under
+        way, the next batch's transformations run on a view opened after it (they see its
+        effects through that view, whether the write has landed or not). A batch is written
+        only once the one before it has landed (its checkpoint compare-and-set expects it), and
+        every write has landed when the step ends, so between steps (snapshots, dead-letter
+        retries, leases) nothing is in flight. A step pipelines for ``pipeline_seconds`` at
+        most (and a quarter of the lease's time), then lets others in."""
         events = await self.source.read_after(self.checkpoint, self.batch_size)
         if not events:
             return False
-        self.checkpoint = await self.apply_batch(
-            self.adapter, self.dead_letters, events, self.checkpoint, self.ids
-        )
+        seconds = self.pipeline_seconds
+        if self.lease is not None:
+            seconds = min(seconds, self.lease.ttl / 4)
+        until = time.monotonic() + seconds
+        writing: _Writing | None = None
+        try:
+            while events:
+                after = None if writing is None else writing.batch.view
+                expected = self.checkpoint if writing is None else writing.batch.last
+                batch = await self._prepare(
+                    self.adapter, self.dead_letters, events, expected, self.ids, after=after
+                )
+                if writing is not None:
+                    self.stats.overlapped += 1
+                    landing, writing = writing, None
+                    await self._landed(landing)
+                    batch.view.rebase()
+                writing = self._start_write(batch)
+                if batch.halted is not None or time.monotonic() > until:
+                    break
+                events = await self.source.read_after(batch.last, self.batch_size)
+            last, writing = writing, None
+            assert last is not None
+            await self._landed(last)
+        except BaseException:
+            if writing is not None:  # it lands (or fails) before anything else happens
+                with suppress(Exception):
+                    await self._landed(writing)
+            raise
+        return True
+
+    def _start_write(self, batch: _Batch) -> _Writing:
+        batch.view.writing = True
+        return _Writing(batch, asyncio.ensure_future(self._write(batch)))
+
+    async def _landed(self, writing: _Writing) -> None:
+        self.checkpoint = await writing.task
         self.stats.batches += 1
         await self._advanced()
-        return True
 
     async def apply_batch(
         self,
@@ -405,7 +448,23 @@ class Projector:
         the stored checkpoint is not ``expected``: two nodes running one aggregate never both
         apply an event.
         """
-        view = BatchView(target, ids)
+        batch = await self._prepare(target, dead_letters, events, expected, ids)
+        batch.view.writing = True
+        return await self._write(batch)
+
+    async def _prepare(
+        self,
+        target: Adapter,
+        dead_letters: Adapter,
+        events: list[Record],
+        expected: int,
+        ids: IdCounter,
+        *,
+        after: BatchView | None = None,
+    ) -> _Batch:
+        """Run the transformations of ``events`` (no transaction open) on a new view (opened
+        ``after`` an unwritten batch, if given); answers what :meth:`_write` writes."""
+        view = BatchView(target, ids, after=after)
         units = [(e, b) for e in events for b in self._relevant(e)]
         await prefetch_keys(view, units)  # the rows keyed bindings will read, in one query
         with self.batches.open(view) as token:
@@ -425,13 +484,24 @@ class Projector:
                 break
             dead.append(_dead_letter(event, failure))
             errors.append((event, failure))
-        also = [(dead_letters, Changes(inserts=dead))] if dead else []
+        return _Batch(
+            target, dead_letters, ids, view, units, failures, halted, dead, errors, expected, last
+        )
+
+    async def _write(self, batch: _Batch) -> int:
+        """Write a prepared batch (changes, dead letters, checkpoint) in one transaction; then
+        count and report it. Answers the new checkpoint; raises :class:`_Halt` after writing
+        the events before a halting one."""
+        view, ids, dead, failures = batch.view, batch.ids, batch.dead, batch.failures
+        also = [(batch.dead_letters, Changes(inserts=dead))] if dead else []
         await asyncio.sleep(0)  # a backend that never suspends (memory) still lets others in
         try:
-            await target.apply(view.changes(), advance=(CHECKPOINT_KEY, expected, last), also=also)
+            await batch.target.apply(
+                view.changes(), advance=(CHECKPOINT_KEY, batch.expected, batch.last), also=also
+            )
         except MetaMoved as moved:
             ids.forget()
-            raise StaleCheckpoint(moved.stored, expected) from None
+            raise StaleCheckpoint(moved.stored, batch.expected) from None
         except BaseException:
             ids.forget()  # the ids this batch counted on may be taken: read them again
             raise
@@ -446,13 +516,13 @@ class Projector:
                     "with `cqrs dead-letters %s`",
                     self.name, letter["eventId"], letter["event"], letter["error"], self.name,
                 )  # fmt: skip
-        for event, failed in errors:
+        for event, failed in batch.errors:
             await self._report(event, failed)
-        if halted is not None:
-            failure = failures[halted]
+        if batch.halted is not None:
+            failure = failures[batch.halted]
             assert failure is not None
-            raise _Halt(units[halted][0]["id"], failure, last)
-        return last
+            raise _Halt(batch.units[batch.halted][0]["id"], failure, batch.last)
+        return batch.last
 
     def _relevant(self, event: Record) -> list[Binding]:
         if event.get("eventType") != EventType.COMMAND or UPCAST_ERROR in event:
@@ -691,6 +761,29 @@ class Projector:
 
 
 Unit = tuple[Record, Binding]
+
+
+@dataclass
+class _Batch:
+    """A batch whose transformations have run: what :meth:`Projector._write` writes."""
+
+    target: Adapter
+    dead_letters: Adapter
+    ids: IdCounter
+    view: BatchView
+    units: list[Unit]
+    failures: list[TransformFailed | None]
+    halted: int | None  # the unit the projector halts at (on_error="halt")
+    dead: list[Record]
+    errors: list[tuple[Record, TransformFailed]]
+    expected: int  # the checkpoint the write moves from
+    last: int  # ... and to
+
+
+@dataclass
+class _Writing:
+    batch: _Batch
+    task: asyncio.Future[int]
 
 
 class KeyedRun:
