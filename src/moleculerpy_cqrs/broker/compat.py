@@ -377,6 +377,7 @@ class _Compat:
         self.transit = broker.transit
         self.repeats = _Repeats()
         self.logger = _BrokerLogger(broker.logger, self.repeats)
+        self.sessions = remote.Sessions()  # of $cqrs.callMany (serial requests) served here
         self.stopping = False
         # Keyed by id(); holding the service keeps a replaced one's id from being reused.
         self.started: dict[int, Service] = {}
@@ -668,7 +669,9 @@ class _Compat:
 
     async def _run_request(self, action_name: str, ctx: Context, endpoint: Action | None) -> Any:
         if action_name == remote.CALL_MANY:  # the toolkit's own: no service registers it
-            return await remote.serve_many(self.broker, ctx, self._serves_here, _error_payload)
+            return await remote.serve_many(
+                self.broker, ctx, self._serves_here, _error_payload, self.sessions
+            )
         handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
         if endpoint is None or handler is None:
             raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from moleculerpy_cqrs.core.joins import ITEM_KEY, BatchToken, OpenBatches
-from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyCall, Outcome, Read
+from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyAnswers, ManyCall, Outcome, Read
 from moleculerpy_cqrs.stores.actions import StoreActions
 from moleculerpy_cqrs.stores.query import Compare, Query
 
@@ -49,7 +52,8 @@ if TYPE_CHECKING:
 
 MAX_CALLS: Final = 256  # calls in one request
 IN_FLIGHT: Final = 4  # requests to one node at once, for one keyed batch
-FIRST_CHUNK: Final = 16  # calls in a projector's first serial request
+DEPTH: Final = 3  # serial requests to one node at once, for one batch
+FIRST_CHUNK: Final = 16  # calls in the first request of a session (then twice as many each)
 KNOWN_READS: Final = 64  # find params whose answers a serial request carries
 KNOWN_ROWS: Final = 100  # rows in one such answer at most (a larger one is left out)
 
@@ -136,34 +140,132 @@ async def key_rows(view: BatchView, field: str, value: Any) -> KeyRows | None:
     return KeyRows(field, value, rows) if len(rows) <= KNOWN_ROWS else None
 
 
-async def serial_chunk(
-    port: BrokerPort,
-    node: str,
-    calls: Sequence[ManyCall],
-    view: BatchView,
-    reads: ReadSet,
-    batches: OpenBatches,
-    token: BatchToken,
-) -> list[tuple[Outcome, list[Read] | None]]:
-    """Make ``calls`` (events of bindings without a key) on ``node`` in one serial request,
-    with the answers of the reads in ``reads`` as ``view`` holds them; answers each call's
-    outcome and reads (at least one: a failed request answers its failure for the first).
-    A call that read the aggregate unrecorded has its reads None."""
-    numbered = [
-        ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: i}, c.rows, c.kind)
-        for i, c in enumerate(calls)
-    ]
-    batches.take_unrecorded(token)
-    try:
-        known = await reads.known(view)
-        answers = await port.call_many(node, numbered, serial=True, fields=view.fields, known=known)
-    except Exception as error:
-        return [((False, error), None)]
-    got = list(zip(answers.outcomes, answers.reads, strict=False))
-    unrecorded = batches.take_unrecorded(token)
-    if unrecorded is not None:
-        got = [(o, None if i >= unrecorded else r) for i, (o, r) in enumerate(got)]
-    return got or [((False, RuntimeError(f"{node} answered none of the calls")), None)]
+@dataclass
+class _Sent:
+    """A serial request out: the place of its first unit in the batch, its calls' item
+    numbers, and the task that answers it."""
+
+    start: int
+    items: list[int]
+    head: bool  # its first call reads the batch as it is (nothing before it unapplied)
+    task: asyncio.Task[ManyAnswers]
+
+
+class Pipeline:
+    """The serial requests of one batch to other nodes (see the module docstring), up to
+    ``DEPTH`` out at once to one node.
+
+    The requests of one pipeline form a *session* on the serving node, which runs them one
+    after another in the order sent and keeps their finds' answers and their keys' rows from
+    one request to the next, patched by the answers since: a call of the next request sees the
+    effects of this one's calls before the projector has applied them. The first request of a
+    session (its *head*) carries the answers of the reads lately made (``known``); the
+    session ends (:meth:`reset`) when an answer is dropped, and the next request, sent once
+    every earlier answer is applied, starts a new one.
+    """
+
+    def __init__(
+        self,
+        port: BrokerPort,
+        view: BatchView,
+        reads: ReadSet,
+        sizer: ChunkSizer,
+        batches: OpenBatches,
+        token: BatchToken,
+    ) -> None:
+        self.port = port
+        self.view = view
+        self.reads = reads
+        self.sizer = sizer
+        self.batches = batches
+        self.token = token
+        self.node: str | None = None
+        self._out: deque[_Sent] = deque()
+        self._session = ""
+        self._seq = 0
+        self._item = 0  # the last item number given (0 is a head's first call)
+        self._ramp = FIRST_CHUNK
+
+    @property
+    def out(self) -> int:
+        return len(self._out)
+
+    def takes(self, node: str) -> bool:
+        """Whether a request to ``node`` may leave now."""
+        return len(self._out) < DEPTH and (not self._out or node == self.node)
+
+    def size(self) -> int:
+        """How many calls the next request may carry."""
+        return min(self.sizer.size, self._ramp)
+
+    async def rows_for(self, field: str | None, value: Any) -> KeyRows | None:
+        """The rows of a key, to send with a call (the serving node uses its own when the
+        session has them: these may be older)."""
+        return None if field is None else await key_rows(self.view, field, value)
+
+    async def send(self, node: str, start: int, calls: Sequence[ManyCall]) -> None:
+        """Send ``calls`` (the units from ``start`` on) to ``node``."""
+        head = not self._out
+        if head:  # nothing before ``start`` is unapplied: a new session
+            self._session, self._seq, self._ramp = secrets.token_hex(8), 0, FIRST_CHUNK
+        items = []
+        for i in range(len(calls)):
+            if head and i == 0:
+                items.append(0)
+            else:
+                self._item += 1
+                items.append(self._item)
+        numbered = [
+            ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: n}, c.rows, c.kind)
+            for c, n in zip(calls, items, strict=True)
+        ]
+        known = await self.reads.known(self.view) if head else []
+        session = (self._session, self._seq)
+        self._seq += 1
+        self._ramp = min(self._ramp * 2, MAX_CALLS)
+        self.node = node
+        task = asyncio.create_task(
+            self.port.call_many(
+                node, numbered, serial=True, fields=self.view.fields, known=known, session=session
+            )
+        )
+        self._out.append(_Sent(start, items, head, task))
+
+    async def answers(self) -> tuple[int, bool, list[tuple[Outcome, list[Read] | None]], bool]:
+        """The oldest request's answers: (its first unit's place, whether it is a head, each
+        call's outcome and reads, whether the request as a whole failed). A call that read
+        the aggregate here unrecorded has its reads None."""
+        sent = self._out.popleft()
+        try:
+            answers = await sent.task
+        except Exception as error:
+            return sent.start, sent.head, [((False, error), None)], True
+        unrecorded = self.batches.unrecorded(self.token)
+        got = [
+            (o, None if n in unrecorded else r)
+            for n, o, r in zip(sent.items, answers.outcomes, answers.reads, strict=False)
+        ]
+        if not got:
+            failed = RuntimeError(f"{self.node} answered none of the calls")
+            return sent.start, sent.head, [((False, failed), None)], True
+        return sent.start, sent.head, got, False
+
+    def reset(self) -> None:
+        """Drop the requests still out (their answers were made on what is no longer so)."""
+        for sent in self._out:
+            sent.task.cancel()
+            sent.task.add_done_callback(_quiet)
+        self._out.clear()
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self._out]
+        self.reset()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _quiet(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a dropped request's failure is of no interest
 
 
 async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
@@ -171,6 +273,8 @@ async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
     the one it would give now (a transformation is a function of its event and its reads)."""
     if reads is None:
         return False
+    if not reads:
+        return True
     actions = StoreActions(view)
     for method, params, answer in reads:
         if method not in ("find", "count", "get"):
@@ -179,7 +283,7 @@ async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
             now = await getattr(actions, method)(params)
         except Exception:
             return False
-        if _plain(now) != _plain(answer):
+        if now != answer and _plain(now) != _plain(answer):
             return False
     return True
 
