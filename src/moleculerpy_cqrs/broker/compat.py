@@ -56,9 +56,11 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
 
 Not a workaround, but hooked in the same places: the request handler also serves the toolkit's
 own ``$cqrs.callMany`` (many transformation calls in one request, ``broker/remote.py``; no
-service registers it, and the node's INFO metadata says it is served), and an outgoing request
-made by one of those calls for a read of the projector's aggregate is answered on this node
-from the rows the call carries when it can be, and recorded (``remote.around_read``).
+service registers it, and the node's INFO metadata says it is served), and a read of the
+projector's aggregate made by one of those calls is answered on this node when it can be
+(from the rows the call carries, or what its session kept), and recorded: ``broker.call``
+answers it before making a context (``remote.answer_here``); an outgoing request for it is
+marked recorded (``remote.around_read``).
 
 Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
 ``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
@@ -400,6 +402,8 @@ class _Compat:
         transit._packet_handlers[Topic.REQUEST] = self.on_request_packet
         self._original_request: _AsyncFn = transit.request
         transit.request = self.request
+        self._original_call: _AsyncFn = broker.call
+        broker.call = self.call
         self._original_request_without_endpoint: _AsyncFn = transit.request_without_endpoint
         transit.request_without_endpoint = self.request_without_endpoint
         self._original_disconnect: _AsyncFn = transit.disconnect
@@ -737,6 +741,27 @@ class _Compat:
     async def disconnect(self) -> None:
         await self.drain_requests(cancel=True)
         await self._original_disconnect()
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        action_name: Any,
+        params: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        parent_ctx: Context | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """``broker.call``; a read of the projector's aggregate that a transformation running
+        here for ``$cqrs.callMany`` makes is answered here when it can be, before a context
+        and a request are made for it (``remote.answer_here``)."""
+        if remote.serving():
+            answer = await remote.answer_here(str(action_name), params, meta)
+            if answer is not remote.NOT_HERE:
+                return answer
+        return await self._original_call(
+            action_name, params, meta, parent_ctx=parent_ctx, timeout=timeout
+        )
 
     # ------------------------------------------------------------------ timeouts
 

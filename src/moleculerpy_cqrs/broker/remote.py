@@ -55,6 +55,7 @@ CALL_MANY: Final = "$cqrs.callMany"
 CAPABILITY: Final = "cqrsCallMany"  # in a node's INFO metadata: it serves CALL_MANY
 AT_ONCE: Final = 64  # calls of one non-serial request running at once on the serving node
 SESSIONS_KEPT: Final = 16  # serial sessions a serving node keeps (the least recently used go)
+PARSED_KEPT: Final = 1024  # plain find params a session keeps parsed
 
 ErrorPayload = Callable[[Exception], dict[str, Any]]
 RebuildError = Callable[[Any, str | None], Exception]
@@ -130,9 +131,25 @@ class _Request:
     serial: bool
     fields: dict[str, Any] | None
     kept: Kept = field(init=False)  # serial: find answers and key rows, patched
+    parsed: dict[str, Query] = field(default_factory=dict)  # plain finds' params, parsed
 
     def __post_init__(self) -> None:
         self.kept = Kept(self.fields)
+
+    def plain(self, method: str, params: Any) -> tuple[str, Query] | None:
+        """A find or count whose params are only a filter (``query``), parsed (once per
+        session): its canonical name and query. None for any other read."""
+        if method not in ("find", "count") or self.fields is None or not isinstance(params, dict):
+            return None
+        if not params.keys() <= {"query"}:
+            return None
+        name = canonical(method, params)
+        query = self.parsed.get(name)
+        if query is None:
+            query = self.parsed[name] = parse_find(self.fields, params)  # raises as find does
+            if len(self.parsed) > PARSED_KEPT:
+                del self.parsed[next(iter(self.parsed))]
+        return name, query
 
     def remember(self, params: Any, rows: Any) -> None:
         """Keep a find's answer for later calls, if it is a plain filter (no sort, paging or
@@ -275,48 +292,75 @@ def _rows_of(raw: Any) -> KeyRows | None:
     return KeyRows(raw["field"], raw.get("value"), rows)
 
 
+def serving() -> bool:
+    """Whether a call of :data:`CALL_MANY` runs here now (in this task)."""
+    return _SERVING.get() is not None
+
+
+async def answer_here(action: str, params: Any, meta: Any) -> Any:
+    """A read of the projector's aggregate made by a call of :data:`CALL_MANY` running here,
+    answered here (from the call's key rows, or in a serial request from the kept answers;
+    recorded there): then no request is made. :data:`NOT_HERE` when it must go to the
+    projector's node."""
+    call = _SERVING.get()
+    if call is None or not isinstance(meta, dict):
+        return NOT_HERE
+    aggregate = meta.get(AGGREGATE_KEY)
+    if not isinstance(aggregate, str) or not action.startswith(aggregate + "."):
+        return NOT_HERE
+    method = action[len(aggregate) + 1 :]
+    params = params or {}
+    request = call.request
+    answer: Any = NOT_HERE
+    plain = request.plain(method, params)
+    if call.rows is not None and request.fields is not None and method in ("find", "count"):
+        try:
+            rows = _KeyRows(aggregate, request.fields, call.rows)
+            if plain is None:
+                answer = await getattr(StoreActions(rows), method)(params)
+            elif method == "find":
+                answer = await rows.find(plain[1])
+            else:
+                answer = await rows.count(plain[1])
+        except _NotAnswerable:
+            pass
+    if not request.serial:
+        return answer
+    if answer is NOT_HERE and method == "find":
+        cached = request.kept.find(canonical(method, params) if plain is None else plain[0])
+        answer = NOT_HERE if cached is None else cached
+    if answer is not NOT_HERE and call.reads is not None:
+        call.reads.append([method, params, answer])
+    return answer
+
+
 async def around_read(action: str, ctx: Context, send: Callable[[], Awaitable[Any]]) -> Any:
     """An outgoing request of this node (``send`` sends it). A read of the projector's
     aggregate made by a call of :data:`CALL_MANY` running here is answered here when it can
-    be, and recorded in a serial request (see the module docstring)."""
+    be (:func:`answer_here`), and recorded in a serial request (see the module docstring)."""
     call = _SERVING.get()
+    if call is None:
+        return await send()
     meta = getattr(ctx, "meta", None)
-    if call is None or not isinstance(meta, dict):
-        return await send()
-    aggregate = meta.get(AGGREGATE_KEY)
-    if not isinstance(aggregate, str) or not action.startswith(aggregate + "."):
-        return await send()
-    method = action[len(aggregate) + 1 :]
     params = getattr(ctx, "params", None) or {}
-    request = call.request
-    if not request.serial:
-        if call.rows is not None and request.fields is not None and method in ("find", "count"):
-            rows = _KeyRows(aggregate, request.fields, call.rows)
-            try:
-                return await getattr(StoreActions(rows), method)(params)
-            except _NotAnswerable:
-                pass
+    answer = await answer_here(action, params, meta)
+    if answer is not NOT_HERE:
+        return answer
+    aggregate = meta.get(AGGREGATE_KEY) if isinstance(meta, dict) else None
+    if not (call.request.serial and isinstance(aggregate, str)):
         return await send()
-    answer: Any = _NONE
-    if call.rows is not None and request.fields is not None and method in ("find", "count"):
-        try:  # from the call's key rows (kept by the session)
-            answer = await getattr(
-                StoreActions(_KeyRows(aggregate, request.fields, call.rows)), method
-            )(params)
-        except _NotAnswerable:
-            pass
-    if answer is _NONE and method == "find":
-        cached = request.kept.find(canonical(method, params))
-        answer = _NONE if cached is None else cached
-    if answer is _NONE:
-        meta[RECORDED_KEY] = True
-        try:
-            answer = await send()
-        except BaseException:
-            call.reads = None  # a failed read: the call's answer cannot be checked
-            raise
-        if method == "find":
-            request.remember(params, answer)
+    if not action.startswith(aggregate + "."):
+        return await send()
+    assert isinstance(meta, dict)
+    meta[RECORDED_KEY] = True
+    try:
+        answer = await send()
+    except BaseException:
+        call.reads = None  # a failed read: the call's answer cannot be checked
+        raise
+    method = action[len(aggregate) + 1 :]
+    if method == "find":
+        call.request.remember(params, answer)
     if call.reads is not None:
         call.reads.append([method, params, answer])
     return answer
@@ -326,7 +370,7 @@ class _NotAnswerable(Exception):
     pass
 
 
-_NONE: Final = object()
+NOT_HERE: Final = object()
 
 
 class _KeyRows:

@@ -530,10 +530,10 @@ class Projector:
                     nodes.clear()  # that node may be gone: ask the balancer again
                 taken = 0
                 for first, its_reads in answers:
-                    trusted = head and taken == 0  # it read the batch as it is
-                    if not trusted and not await remote.still_true(view, its_reads):
+                    if head and taken == 0:  # it read the batch as it is
+                        self._reads.note(its_reads)
+                    elif not await self._reads.still_true(view, its_reads):
                         break
-                    self._reads.note(its_reads)
                     event, binding = units[len(failures)]
                     view.begin_event(event["id"])
                     failures.append(await self._unit(view, event, binding, token, size, first))

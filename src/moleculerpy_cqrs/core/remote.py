@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from moleculerpy_cqrs.core.joins import ITEM_KEY, BatchToken, OpenBatches
 from moleculerpy_cqrs.core.port import BrokerPort, KeyRows, ManyAnswers, ManyCall, Outcome, Read
 from moleculerpy_cqrs.stores.actions import StoreActions
-from moleculerpy_cqrs.stores.query import Compare, Query
+from moleculerpy_cqrs.stores.query import Compare, Query, parse_find
 
 if TYPE_CHECKING:
     from moleculerpy_cqrs.core.batch import BatchView
@@ -56,6 +56,7 @@ DEPTH: Final = 3  # serial requests to one node at once, for one batch
 FIRST_CHUNK: Final = 16  # calls in the first request of a session (then twice as many each)
 KNOWN_READS: Final = 64  # find params whose answers a serial request carries
 KNOWN_ROWS: Final = 100  # rows in one such answer at most (a larger one is left out)
+PARSED: Final = 1024  # plain find params kept parsed, for checking reads
 
 
 class KeyedCalls:
@@ -268,41 +269,59 @@ def _quiet(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: a dropped request's failure is of no interest
 
 
-async def still_true(view: BatchView, reads: list[Read] | None) -> bool:
-    """Whether every read a call made answers the same from ``view`` now: then its answer is
-    the one it would give now (a transformation is a function of its event and its reads)."""
-    if reads is None:
-        return False
-    if not reads:
-        return True
-    actions = StoreActions(view)
-    for method, params, answer in reads:
-        if method not in ("find", "count", "get"):
-            return False
-        try:
-            now = await getattr(actions, method)(params)
-        except Exception:
-            return False
-        if now != answer and _plain(now) != _plain(answer):
-            return False
-    return True
-
-
 class ReadSet:
-    """The find params the calls of one batch's keyless bindings read lately (at most
-    ``KNOWN_READS``): each serial request carries their answers as the batch holds them, so
-    that the serving node answers such reads itself."""
+    """The find params the calls of one projector's serial requests read lately (at most
+    ``KNOWN_READS``): the first request of each session carries their answers as the batch
+    holds them, so that the serving node answers such reads itself. Also checks a call's reads
+    against the batch (:meth:`still_true`), parsing each plain find's params once."""
 
     def __init__(self) -> None:
         self._recent: dict[str, dict[str, Any]] = {}
+        self._parsed: dict[str, Query] = {}  # plain finds' params, parsed (at most PARSED)
+
+    async def still_true(self, view: BatchView, reads: list[Read] | None) -> bool:
+        """Whether every read a call made answers the same from ``view`` now: then its
+        answer is the one it would give now (a transformation is a function of its event and
+        its reads). Notes the reads when they do."""
+        if reads is None:
+            return False
+        if not reads:
+            return True
+        actions = StoreActions(view)
+        names: list[str | None] = []
+        for method, params, answer in reads:
+            if method not in ("find", "count", "get"):
+                return False
+            name = canonical(method, params) if method == "find" else None
+            names.append(name)
+            try:
+                if name is not None and params.keys() <= {"query"}:  # a plain find
+                    query = self._parsed.get(name)
+                    if query is None:
+                        query = self._parsed[name] = parse_find(view.fields, params)
+                        if len(self._parsed) > PARSED:
+                            del self._parsed[next(iter(self._parsed))]
+                    now: Any = await view.find(query)
+                else:
+                    now = await getattr(actions, method)(params)
+            except Exception:
+                return False
+            if now != answer and _plain(now) != _plain(answer):
+                return False
+        self._note(reads, names)
+        return True
 
     def note(self, reads: list[Read] | None) -> None:
-        for method, params, _ in reads or ():
-            if method != "find":
+        """Note the reads of a call whose answer is used unchecked."""
+        if reads:
+            self._note(reads, [canonical(m, p) if m == "find" else None for m, p, _ in reads])
+
+    def _note(self, reads: list[Read], names: list[str | None]) -> None:
+        for (_, params, _), name in zip(reads, names, strict=True):
+            if name is None:
                 continue
-            key = canonical(method, params)
-            self._recent.pop(key, None)
-            self._recent[key] = params
+            self._recent.pop(name, None)
+            self._recent[name] = params
             if len(self._recent) > KNOWN_READS:
                 del self._recent[next(iter(self._recent))]
 
