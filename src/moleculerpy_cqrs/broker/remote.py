@@ -7,14 +7,17 @@ to serves it in its request handler, and says so in its node's INFO metadata
 (``cqrsCallMany``), which is how a projector knows it may send many calls at once; to a node
 without it (a Moleculer.js node, a plain MoleculerPy broker) it calls once per event.
 
-While a call runs on the serving node, a read it makes of the projector's aggregate goes
-through :func:`around_read`. In a non-serial (keyed) request, it is answered there from the
-rows the call carries when it asks for no more than them (equality on the binding's key
-field). In a serial request, every read is recorded with its answer (the projector checks
-them before it uses the call's answer); a find whose params the request's ``known`` answers
-cover, or that an earlier call of the request made, is answered there, patched by the answers
-of the calls since (a partial update of a row by id); any other read goes to the projector's
-node, marked as recorded.
+While a call runs on the serving node, a read it makes of the projector's aggregate is
+answered there when it can be: ``broker.call`` asks :func:`answer_here` first (before a
+context is made), and an outgoing request goes through :func:`around_read`. A read that asks
+for no more than the rows the call carries (equality on the binding's key field) is answered
+from them. In a serial request, every read is recorded with its answer (the projector checks
+them before it uses the call's answer); a find that the request's ``known`` answers cover, or
+that an earlier call of its session made, is answered from what the session kept
+(``broker/remote_kept.py``): those answers and the key rows, patched by the answers of the
+calls since; any other read goes to the projector's node, marked as recorded. The requests of
+one session (``session``: its id and the request's number) run one after another in the
+order they arrive, and each starts from what the earlier ones kept (:class:`Sessions`).
 """
 
 from __future__ import annotations

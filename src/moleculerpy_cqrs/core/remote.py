@@ -10,26 +10,31 @@ whole (the node died, a timeout) leaves its events unanswered, and each is then 
 own like any failed call. Nothing is written before the batch commits, so nothing is applied
 twice.
 
-What a request may hold keeps "a transformation sees the effect of every earlier event":
+How the answers keep "a transformation sees the effect of every earlier event":
 
-* **Keyed bindings** (:class:`KeyedCalls`): a call is made only once the earlier events of its
-  key are applied (as :class:`~.projector.KeyedRun` does for local calls), so calls that wait
-  together are independent and go in one request. With a key that is a field, each call
-  carries the rows of its key as the batch holds them then (:class:`~.port.KeyRows`): a read
-  of the aggregate that asks for no more than that key's rows is answered on the serving node
-  with no call back; any other read goes back to the projector's node as before.
-* **Bindings without a key** (:func:`serial_chunk`): each event may depend on every earlier
-  one. The serving node runs the calls one after another and records every read of the
-  aggregate each makes, with its answer. A read the request's ``known`` answers cover (the
-  find params read lately, :class:`ReadSet`, with their answers as the batch holds them when
-  the request leaves), or that an earlier call of the request made, is answered there,
-  patched by the answers of the calls since; any other goes back to the projector's node.
-  Such answers may be out of date, so the projector applies the answers in order and, before
-  each, asks its reads again of the batch (:func:`still_true`): if one answers differently,
-  that answer and all after it are dropped and sent again in the next request. A
-  transformation is a function of its event and its reads, so an answer whose reads still
-  hold is the answer it would give now: every transformation sees every earlier event's
-  effect, as when it runs here.
+* **Serial requests** (:class:`Pipeline`), for a batch whose bindings have no key, or whose
+  every binding another node serves so: the serving node runs a request's calls one after
+  another and records every read of the aggregate each makes, with its answer. Up to
+  ``DEPTH`` requests are out at once; those of one batch form a session, which the serving
+  node runs in the order sent, keeping from request to request the answers of the finds its
+  calls made and the rows of the keys they carried (:class:`~.port.KeyRows`, for an
+  ``update`` or ``remove`` binding whose key names an aggregate field), each patched by the
+  answers of the calls since as the projector will apply them. The first request of a
+  session also carries the answers of the finds read lately (:class:`ReadSet`), as the batch
+  holds them. A read that these answer is answered there; any other goes back to the
+  projector's node. Such answers may be out of date (the patching is a guess; a read that went
+  back was answered before the calls ahead of it were applied), so the projector applies the
+  answers in order and, before each but the first of a session, asks its reads again of the
+  batch (:meth:`ReadSet.still_true`): if one answers differently, that answer and every
+  answer after it (the requests still out too) are dropped, the session ends, and those events
+  go in a new one. A transformation is a function of its event and its reads, so an answer
+  whose reads still hold is the answer it would give now: every transformation sees every
+  earlier event's effect, as when it runs here.
+* **Keyed bindings in a batch that also has local ones** (:class:`KeyedCalls`): a call is made
+  only once the earlier events of its key are applied (as :class:`~.projector.KeyedRun` does
+  for local calls), so calls that wait together are independent and go in one request,
+  each with its key's rows as the batch holds them then; a read that asks for no more than
+  them is answered on the serving node with no call back.
 """
 
 from __future__ import annotations
