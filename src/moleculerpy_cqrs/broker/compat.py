@@ -628,8 +628,22 @@ class _Compat:
         if not task.cancelled() and (error := task.exception()) is not None:
             self.logger.error(f"Serving a request failed: {error!r}")
 
-    def _serves_here(self, name: str) -> bool:
-        return self._local_action(name) is not None
+    async def _run_many_call(
+        self, action_name: str, params: dict[str, Any], meta: dict[str, Any], context_id: str
+    ) -> Any:
+        """One call of ``$cqrs.callMany``, served as an incoming request of its own would be
+        (no balancing, and a context id made from the request's, not a new uuid)."""
+        endpoint = self._local_action(action_name)
+        if endpoint is None:
+            raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
+        ctx = self.broker.lifecycle.create_context(
+            context_id=context_id, action=action_name, params=params, meta=meta
+        )
+        try:
+            return await self._run_request(action_name, ctx, endpoint)
+        except Exception as error:
+            self._log_failure(action_name, error)
+            raise
 
     def _local_action(self, name: str) -> Action | None:
         for endpoint in self.broker.registry.get_all_actions(name):
@@ -674,7 +688,7 @@ class _Compat:
     async def _run_request(self, action_name: str, ctx: Context, endpoint: Action | None) -> Any:
         if action_name == remote.CALL_MANY:  # the toolkit's own: no service registers it
             return await remote.serve_many(
-                self.broker, ctx, self._serves_here, _error_payload, self.sessions
+                self.broker, ctx, self._run_many_call, _error_payload, self.sessions
             )
         handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
         if endpoint is None or handler is None:

@@ -29,8 +29,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from moleculerpy.errors import ServiceNotFoundError
-
 from moleculerpy_cqrs.broker.remote_kept import Kept
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, RECORDED_KEY
 from moleculerpy_cqrs.core.port import KeyRows, ManyAnswers, ManyCall, Outcome, Read
@@ -61,6 +59,9 @@ SESSIONS_KEPT: Final = 16  # serial sessions a serving node keeps (the least rec
 PARSED_KEPT: Final = 1024  # plain find params a session keeps parsed
 
 ErrorPayload = Callable[[Exception], dict[str, Any]]
+RunLocal = Callable[[str, dict[str, Any], dict[str, Any], str], Awaitable[Any]]
+"""Runs a local action (name, params, meta, a context id), as an incoming request would;
+raises ``ServiceNotFoundError`` when no local service serves it."""
 RebuildError = Callable[[Any, str | None], Exception]
 
 
@@ -207,7 +208,7 @@ class Sessions:
 async def serve_many(
     broker: ServiceBroker,
     ctx: Context,
-    is_local: Callable[[str], bool],
+    run_local: RunLocal,
     error_payload: ErrorPayload,
     sessions: Sessions,
 ) -> dict[str, Any]:
@@ -226,25 +227,25 @@ async def serve_many(
             if session[1] != kept.next:
                 kept.request = _Request(True, fields)
             kept.next = int(session[1]) + 1 if isinstance(session[1], int) else -1
-            return await _serve_serially(broker, kept.request, params, is_local, error_payload)
+            return await _serve_serially(ctx, kept.request, params, run_local, error_payload)
     request = _Request(serial, fields)
     if serial:
-        return await _serve_serially(broker, request, params, is_local, error_payload)
+        return await _serve_serially(ctx, request, params, run_local, error_payload)
     slots = asyncio.Semaphore(AT_ONCE)
 
     async def bounded(index: int, call: dict[str, Any]) -> dict[str, Any]:
         async with slots:
             state = _Call(request, index, _rows_of(call.get("rows")))
-            return await _run(broker, state, call, is_local, error_payload)
+            return await _run(f"{ctx.id}-{index}", state, call, run_local, error_payload)
 
     return {"answers": list(await asyncio.gather(*(bounded(i, c) for i, c in enumerate(calls))))}
 
 
 async def _serve_serially(
-    broker: ServiceBroker,
+    ctx: Context,
     request: _Request,
     params: dict[str, Any],
-    is_local: Callable[[str], bool],
+    run_local: RunLocal,
     error_payload: ErrorPayload,
 ) -> dict[str, Any]:
     for item in params.get("known") or ():
@@ -254,7 +255,7 @@ async def _serve_serially(
     for index, call in enumerate(params["calls"]):
         sent = _rows_of(call.get("rows"))
         state = _Call(request, index, None if sent is None else request.kept.key_rows(sent))
-        answer = await _run(broker, state, call, is_local, error_payload)
+        answer = await _run(f"{ctx.id}-{index}", state, call, run_local, error_payload)
         answer["reads"] = state.reads
         event = call.get("params")
         event_id = event.get("id") if isinstance(event, dict) else None
@@ -266,19 +267,23 @@ async def _serve_serially(
 
 
 async def _run(
-    broker: ServiceBroker,
+    context_id: str,
     state: _Call,
     call: dict[str, Any],
-    is_local: Callable[[str], bool],
+    run_local: RunLocal,
     error_payload: ErrorPayload,
 ) -> dict[str, Any]:
     reset = _SERVING.set(state)
     try:
         action = call.get("action")
-        if not isinstance(action, str) or not is_local(action):
-            raise ServiceNotFoundError(str(action), node_id=broker.nodeID)
-        meta = call.get("meta") if isinstance(call.get("meta"), dict) else {}
-        value = await broker.call(action, call.get("params") or {}, meta)
+        meta = call.get("meta")
+        params = call.get("params")
+        value = await run_local(
+            str(action),
+            params if isinstance(params, dict) else {},
+            meta if isinstance(meta, dict) else {},
+            context_id,
+        )
         return {"ok": True, "data": value}
     except Exception as error:
         return {"ok": False, "error": error_payload(error)}
