@@ -106,6 +106,11 @@ class Kept:
                 self._drop_key(next(iter(self._keys)))
         return KeyRows(kept.field, kept.value, list(kept.rows.values()))
 
+    def kept_key(self, field: str, value: Any) -> list[Record] | None:
+        """The rows kept for a key (None: none are)."""
+        kept = self._keys.get(_key_name(field, value))
+        return None if kept is None else [dict(r) for r in kept.rows.values()]
+
     def _drop_key(self, name: str) -> None:
         kept = self._keys.pop(name, None)
         if kept is None:
