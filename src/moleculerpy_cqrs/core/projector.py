@@ -108,7 +108,7 @@ class ProjectorStats:
     dead_letters: int = 0
     store_reads: int = 0  # reads of the aggregate's store made by batches (prefetches too)
     stale: int = 0
-    sent_again: int = 0  # calls to other nodes whose answers were dropped (reads changed)
+    sent_again: int = 0  # calls to other nodes sent again (answers dropped, requests failed)
     last_error: str | None = None
     halted_at: int | None = None
     started: float = field(default_factory=time.monotonic)
@@ -542,8 +542,8 @@ class Projector:
                         break
                 if failures and failures[-1] is not None and self.on_error == "halt":
                     break
-                self._chunk.answered(len(answers), taken)
-                if taken < len(answers) or failed:
+                self._chunk.answered(pipe.asked, taken)  # a failed request: all unanswered
+                if taken < pipe.asked:  # cut short, failed, or answered too few
                     self.stats.sent_again += sent - len(failures)
                     pipe.reset()  # the answers out were made on what is no longer so
                     sent = len(failures)

@@ -191,6 +191,7 @@ class Pipeline:
         self._seq = 0
         self._item = 0  # the last item number given (0 is a head's first call)
         self._ramp = FIRST_CHUNK
+        self.asked = 0  # how many calls the request :meth:`answers` last answered carried
 
     @property
     def out(self) -> int:
@@ -242,6 +243,7 @@ class Pipeline:
         call's outcome and reads, whether the request as a whole failed). A call that read
         the aggregate here unrecorded has its reads None."""
         sent = self._out.popleft()
+        self.asked = len(sent.items)
         try:
             answers = await sent.task
         except Exception as error:
