@@ -826,8 +826,11 @@ async def per_entity(store: StoreFactory, rows: int, events: int, cap: float) ->
 RemoteShape = Literal["create", "summary", "summary_keyed"]
 
 
-def remote_aggregate_name(shape: RemoteShape, where: str, call_many: bool = True) -> str:
-    return f"{shape.replace('_', '')}{where.title()}{'' if call_many else 'Before'}Aggregate"
+def remote_aggregate_name(
+    shape: RemoteShape, where: str, call_many: bool = True, round_: int = 0
+) -> str:
+    before = "" if call_many else "Before"
+    return f"{shape.replace('_', '')}{where.title()}{before}R{round_}Aggregate"
 
 
 def summarizer_service(shape: RemoteShape, aggregate: str) -> Service:
@@ -860,13 +863,14 @@ async def catch_up_over_nats(
     head: int,
     cap: float,
     call_many: bool = True,
+    round_: int = 0,
 ) -> Figures:
     """A new aggregate on a log of ``head`` events, its transformation ``summarizer.transform``
     served on the projector's node (``local``) or only by another node (``remote``, started by
     the harness: :func:`summarizer_node`); the projector's node is on NATS either way.
     Seconds from the broker's start until the checkpoint reaches ``head``."""
     events = event_store(store)
-    name = remote_aggregate_name(shape, where, call_many)
+    name = remote_aggregate_name(shape, where, call_many, round_)
     fields = PROFILE_FIELDS if shape == "create" else SUMMARY_FIELDS
     aggregate = Aggregate(name, stores.with_fields(store, fields), NoSnapshot).snapshot(EVENT_STORE)
     on = aggregate.on("profile.updated")
@@ -906,7 +910,12 @@ async def catch_up_over_nats(
 
 
 async def summarizer_node(
-    shape: RemoteShape, transporter: str, node_id: str, ready: Path, call_many: bool = True
+    shape: RemoteShape,
+    transporter: str,
+    node_id: str,
+    ready: Path,
+    call_many: bool = True,
+    round_: int = 0,
 ) -> Figures:
     """A node serving only ``summarizer.transform`` for the remote variant of ``shape``;
     touches ``ready`` once started and runs until its stdin has a line. Without
@@ -914,7 +923,7 @@ async def summarizer_node(
     once per event, as before)."""
     from moleculerpy_cqrs.broker import compat
 
-    service = summarizer_service(shape, remote_aggregate_name(shape, "remote", call_many))
+    service = summarizer_service(shape, remote_aggregate_name(shape, "remote", call_many, round_))
     async with running_broker(
         transporter=transporter, node_id=node_id, request_timeout=REQUEST_TIMEOUT
     ) as broker:

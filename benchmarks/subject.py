@@ -4,7 +4,9 @@
 
 Prints one line ``RESULT <json>``: the scenario's figures, the process's peak RSS, and the
 durability settings read back in this process (every SQLite connection's ``journal_mode`` and
-``synchronous`` as it closes; PostgreSQL's ``fsync`` and ``synchronous_commit``).
+``synchronous`` as it closes; PostgreSQL's ``fsync`` and ``synchronous_commit``). With
+``CQRS_BENCH_PROFILE=FOLDER`` in its environment, the process runs under cProfile and writes
+FOLDER/<scenario>-<pid>.prof.
 """
 
 from __future__ import annotations
@@ -109,9 +111,15 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 p["head"],
                 p["cap"],
                 p.get("call_many", True),
+                p.get("round", 0),
             ),
             "summarizer_node": lambda: ours.summarizer_node(
-                p["shape"], p["transporter"], p["node_id"], Path(p["ready"]), p["call_many"]
+                p["shape"],
+                p["transporter"],
+                p["node_id"],
+                Path(p["ready"]),
+                p["call_many"],
+                p.get("round", 0),
             ),
             "cluster_load": lambda: ours.cluster_load(
                 p["transporter"], p["callers"], p["seconds"], p["nodes"]
@@ -159,7 +167,16 @@ def report(figures: dict[str, Any]) -> None:
 def main() -> None:
     sqlite3.connect = _read_back_connect  # type: ignore[assignment]
     JOB.update(json.loads(sys.argv[1]))
-    report(run(JOB))
+    folder = os.environ.get("CQRS_BENCH_PROFILE")
+    if not folder:
+        report(run(JOB))
+    # Profiled (cProfile, this process only): the stats go to FOLDER/<scenario>-<pid>.prof.
+    import cProfile
+
+    profiler = cProfile.Profile()
+    figures = profiler.runcall(run, JOB)
+    profiler.dump_stats(Path(folder) / f"{JOB['scenario']}-{os.getpid()}.prof")
+    report(figures)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,11 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
 
 Not a workaround, but hooked in the same places: the request handler also serves the toolkit's
 own ``$cqrs.callMany`` (many transformation calls in one request, ``broker/remote.py``; no
-service registers it, and the node's INFO metadata says it is served), and an outgoing request
-made by one of those calls for a read of the projector's aggregate is answered on this node
-from the rows the call carries when it can be, and recorded (``remote.around_read``).
+service registers it, and the node's INFO metadata says it is served), and a read of the
+projector's aggregate made by one of those calls is answered on this node when it can be
+(from the rows the call carries, or what its session kept), and recorded: ``broker.call``
+answers it before making a context (``remote.answer_here``); an outgoing request for it is
+marked recorded (``remote.around_read``).
 
 Avoided on purpose rather than worked around: service ``hooks = {"before": ...}`` never fire and
 ``mixins = [...]`` (dict or class) lose their actions and events in 0.14.22, so the toolkit uses
@@ -388,6 +390,7 @@ class _Compat:
         self.transit = broker.transit
         self.repeats = _Repeats()
         self.logger = _BrokerLogger(broker.logger, self.repeats)
+        self.sessions = remote.Sessions()  # of $cqrs.callMany (serial requests) served here
         self.stopping = False
         # Keyed by id(); holding the service keeps a replaced one's id from being reused.
         self.started: dict[int, Service] = {}
@@ -415,6 +418,8 @@ class _Compat:
         transit._packet_handlers[Topic.REQUEST] = self.on_request_packet
         self._original_request: _AsyncFn = transit.request
         transit.request = self.request
+        self._original_call: _AsyncFn = broker.call
+        broker.call = self.call
         self._original_request_without_endpoint: _AsyncFn = transit.request_without_endpoint
         transit.request_without_endpoint = self.request_without_endpoint
         self._original_disconnect: _AsyncFn = transit.disconnect
@@ -707,8 +712,22 @@ class _Compat:
         if not task.cancelled() and (error := task.exception()) is not None:
             self.logger.error(f"Serving a request failed: {error!r}")
 
-    def _serves_here(self, name: str) -> bool:
-        return self._local_action(name) is not None
+    async def _run_many_call(
+        self, action_name: str, params: dict[str, Any], meta: dict[str, Any], context_id: str
+    ) -> Any:
+        """One call of ``$cqrs.callMany``, served as an incoming request of its own would be
+        (no balancing, and a context id made from the request's, not a new uuid)."""
+        endpoint = self._local_action(action_name)
+        if endpoint is None:
+            raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
+        ctx = self.broker.lifecycle.create_context(
+            context_id=context_id, action=action_name, params=params, meta=meta
+        )
+        try:
+            return await self._run_request(action_name, ctx, endpoint)
+        except Exception as error:
+            self._log_failure(action_name, error)
+            raise
 
     def _local_action(self, name: str) -> Action | None:
         for endpoint in self.broker.registry.get_all_actions(name):
@@ -752,7 +771,9 @@ class _Compat:
 
     async def _run_request(self, action_name: str, ctx: Context, endpoint: Action | None) -> Any:
         if action_name == remote.CALL_MANY:  # the toolkit's own: no service registers it
-            return await remote.serve_many(self.broker, ctx, self._serves_here, _error_payload)
+            return await remote.serve_many(
+                self.broker, ctx, self._run_many_call, _error_payload, self.sessions
+            )
         handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
         if endpoint is None or handler is None:
             raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
@@ -818,6 +839,27 @@ class _Compat:
     async def disconnect(self) -> None:
         await self.drain_requests(cancel=True)
         await self._original_disconnect()
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        action_name: Any,
+        params: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        parent_ctx: Context | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """``broker.call``; a read of the projector's aggregate that a transformation running
+        here for ``$cqrs.callMany`` makes is answered here when it can be, before a context
+        and a request are made for it (``remote.answer_here``)."""
+        if remote.serving():
+            answer = await remote.answer_here(str(action_name), params, meta)
+            if answer is not remote.NOT_HERE:
+                return answer
+        return await self._original_call(
+            action_name, params, meta, parent_ctx=parent_ctx, timeout=timeout
+        )
 
     # ------------------------------------------------------------------ timeouts
 

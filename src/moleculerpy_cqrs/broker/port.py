@@ -37,8 +37,11 @@ class MoleculerPort:
         serial: bool,
         fields: dict[str, Any] | None = None,
         known: Sequence[tuple[dict[str, Any], Any]] = (),
+        session: tuple[str, int] | None = None,
     ) -> ManyAnswers:
-        params = remote.request_params(calls, serial=serial, fields=fields, known=known)
+        params = remote.request_params(
+            calls, serial=serial, fields=fields, known=known, session=session
+        )
         answer = await compat.request_on_node(self.broker, node, remote.CALL_MANY, params)
         return remote.answers_of(answer, node, compat.remote_error)
 

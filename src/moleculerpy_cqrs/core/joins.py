@@ -28,11 +28,12 @@ TOKEN_KEY: Final = "$cqrsTx"
 AGGREGATE_KEY: Final = "$cqrsAggregate"
 NODE_KEY: Final = "$cqrsNode"
 ITEM_KEY: Final = "$cqrsItem"
-"""On the calls of a serial request to another node (core/remote.py): the call's place in it.
-The serving node records the reads of the aggregate such a call makes itself, and marks the
-ones it forwards here with ``RECORDED_KEY``; a read from a later call (place > 0) that arrives
-without the mark came another way (through a third service), unrecorded: its call's answer is
-not used (:meth:`OpenBatches.take_unrecorded`)."""
+"""On the calls of a serial request to another node (core/remote.py): the call's number in
+its batch, 0 for the first call of a session's first request (which reads the batch as it
+is). The serving node records the reads of the aggregate such a call makes itself, and marks
+the ones it forwards here with ``RECORDED_KEY``; a read of any other call (number > 0) that
+arrives without the mark came another way (through a third service), unrecorded: its call's
+answer is not used (:meth:`OpenBatches.unrecorded`)."""
 RECORDED_KEY: Final = "$cqrsRecorded"
 PRIVATE_META: Final = (TOKEN_KEY, AGGREGATE_KEY, NODE_KEY, ITEM_KEY, RECORDED_KEY, ORIGIN_KEY)
 
@@ -57,7 +58,7 @@ class OpenBatches:
         self.aggregate = aggregate
         self.node = node
         self._views: dict[str, BatchView] = {}
-        self._unrecorded: dict[str, int] = {}  # token -> first call that read unrecorded
+        self._unrecorded: dict[str, set[int]] = {}  # token -> calls that read unrecorded
 
     @contextmanager
     def open(self, view: BatchView) -> Iterator[BatchToken]:
@@ -72,10 +73,10 @@ class OpenBatches:
             del self._views[token.token]
             self._unrecorded.pop(token.token, None)
 
-    def take_unrecorded(self, token: BatchToken) -> int | None:
-        """The first call of the last serial request that read the aggregate here unrecorded
-        (see :data:`ITEM_KEY`); forgets it."""
-        return self._unrecorded.pop(token.token, None)
+    def unrecorded(self, token: BatchToken) -> set[int]:
+        """The numbers of the calls of serial requests that read the aggregate here
+        unrecorded (see :data:`ITEM_KEY`)."""
+        return self._unrecorded.get(token.token) or set()
 
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
@@ -92,7 +93,7 @@ class OpenBatches:
         if isinstance(meta, Mapping) and view is not None and not meta.get(RECORDED_KEY):
             item = meta.get(ITEM_KEY)
             if isinstance(item, int) and item > 0:
-                self._unrecorded[token.token] = min(item, self._unrecorded.get(token.token, item))
+                self._unrecorded.setdefault(token.token, set()).add(item)
         if view is None:
             where = f"node {token.node!r}" if token.node != self.node else "this node any more"
             raise Conflict(

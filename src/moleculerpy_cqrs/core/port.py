@@ -65,14 +65,18 @@ class BrokerPort(Protocol):
         serial: bool,
         fields: dict[str, Any] | None = None,
         known: Sequence[tuple[dict[str, Any], Any]] = (),
+        session: tuple[str, int] | None = None,
     ) -> ManyAnswers:
         """Make every call on ``node`` (which serves their actions) in one request.
         ``serial``: one after another, each read of the aggregate named in a call's meta
         recorded with its answer; a read whose params are in ``known`` (find params and their
         answer as the batch holds it), or that an earlier call of the request made, may be
-        answered on that node, patched by the answers of the calls since. Else all at once.
-        ``fields`` are the aggregate's. Raises when the request as a whole failed (the node is
-        gone, the request timed out): then no call was answered."""
+        answered on that node, patched by the answers of the calls since; so may a read of a
+        call's key rows (:class:`KeyRows`). ``session`` (an id, and this request's number in
+        it from 0): that node runs the requests of one session in that order and carries
+        those answers from one to the next. Else all at once. ``fields`` are the aggregate's.
+        Raises when the request as a whole failed (the node is gone, the request timed out):
+        then no call was answered."""
 
     async def emit(
         self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None = None

@@ -27,9 +27,9 @@ from moleculerpy_cqrs.core.batch import BatchView, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
-from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome, Read
+from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
-from moleculerpy_cqrs.core.slices import prefetch_keys
+from moleculerpy_cqrs.core.slices import key_field, prefetch_keys
 from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
@@ -110,6 +110,7 @@ class ProjectorStats:
     store_reads: int = 0  # reads of the aggregate's store made by batches (prefetches too)
     overlapped: int = 0  # batches transformed while the write of the one before was under way
     stale: int = 0
+    sent_again: int = 0  # calls to other nodes sent again (answers dropped, requests failed)
     last_error: str | None = None
     halted_at: int | None = None
     started: float = field(default_factory=time.monotonic)
@@ -533,9 +534,14 @@ class Projector:
         self, view: BatchView, units: list[Unit], token: BatchToken, size: int
     ) -> list[TransformFailed | None]:
         """Run every unit's transformation and apply its answer to ``view``, in log order
-        unless bindings declare keys; answers each unit's failure (None: applied)."""
-        if not any(b.key is not None for _, b in units):
+        unless bindings declare keys; answers each unit's failure (None: applied). A batch
+        whose transformations other nodes serve, many calls at once, goes there in requests
+        one after another (its keys then only choose the rows sent along)."""
+        bindings = {b for _, b in units}
+        if not any(b.key is not None for b in bindings):
             return await self._transform_serially(view, units, token, size)
+        if all(self._batch_node(b) is not None for b in bindings):
+            return await self._transform_elsewhere(view, units, token, size)
         return await KeyedRun(self, view, units, token, size).run()
 
     async def _transform_serially(
@@ -543,50 +549,89 @@ class Projector:
     ) -> list[TransformFailed | None]:
         """One unit after another; runs of units whose transformation another node serves
         go there several at a time (see core/remote.py)."""
-        bindings = {b for _, b in units}
-        if all(self._batch_node(b) is None for b in bindings):
+        if all(self._batch_node(b) is None for b in {b for _, b in units}):
             return await self._transform_locally(view, units, token, size)
+        return await self._transform_elsewhere(view, units, token, size)
+
+    async def _transform_elsewhere(
+        self, view: BatchView, units: list[Unit], token: BatchToken, size: int
+    ) -> list[TransformFailed | None]:
+        """The units in log order; runs of units another node serves go there in serial
+        requests, several out at once (:class:`~.remote.Pipeline`). Each answer is applied
+        only if the reads its call made answer the same now (the first of a session's first
+        request read the batch as it is); else it and the answers after it are dropped and
+        their units sent again."""
+        pipe = remote.Pipeline(self.port, view, self._reads, self._chunk, self.batches, token)
+        nodes: dict[Binding, str | None] = {}  # one node per binding (the balancer picks it)
+
+        def node_of(binding: Binding) -> str | None:
+            if binding not in nodes:
+                nodes[binding] = self._batch_node(binding)
+            return nodes[binding]
+
         failures: list[TransformFailed | None] = []
-        chunk, reads = self._chunk, self._reads
-        i = 0
-        while i < len(units):
-            # One choice of node per binding and request (the broker balances each choice).
-            nodes = {units[i][1]: self._batch_node(units[i][1])}
-            node = nodes[units[i][1]]
-            firsts: list[tuple[Outcome | None, list[Read] | None]] = [(None, [])]
-            asked = 0
-            if node is not None:
-                end = i + 1
-                while end < len(units) and end - i < chunk.size:
-                    binding = units[end][1]
-                    if binding not in nodes:
-                        nodes[binding] = self._batch_node(binding)
-                    if nodes[binding] != node:
+        sent = 0  # the units before this one are applied or out
+        try:
+            while len(failures) < len(units):
+                while sent < len(units) and (node := node_of(units[sent][1])) is not None:
+                    if not pipe.takes(node):
                         break
-                    end += 1
-                calls = [self._many_call(e, b, token, size) for e, b in units[i:end]]
-                asked = len(calls)
-                answers = await remote.serial_chunk(
-                    self.port, node, calls, view, reads, self.batches, token
-                )
-                firsts = list(answers)
-            taken = 0
-            for first, its_reads in firsts:
-                # The first answer's reads were answered as the batch holds them now.
-                if taken > 0 and not await remote.still_true(view, its_reads):
+                    end = sent + 1
+                    while end < len(units) and end - sent < pipe.size():
+                        if node_of(units[end][1]) != node:
+                            break
+                        end += 1
+                    calls = [
+                        await self._many_call_of(pipe, u, token, size) for u in units[sent:end]
+                    ]
+                    await pipe.send(node, sent, calls)
+                    sent = end
+                if not pipe.out:  # served here (or by no node that takes many): on its own
+                    event, binding = units[sent]
+                    view.begin_event(event["id"])
+                    failures.append(await self._unit(view, event, binding, token, size, None))
+                    sent += 1
+                    if failures[-1] is not None and self.on_error == "halt":
+                        break
+                    continue
+                start, head, answers, failed = await pipe.answers()
+                assert start == len(failures)
+                if failed:
+                    nodes.clear()  # that node may be gone: ask the balancer again
+                taken = 0
+                for first, its_reads in answers:
+                    if head and taken == 0:  # it read the batch as it is
+                        self._reads.note(its_reads)
+                    elif not await self._reads.still_true(view, its_reads):
+                        break
+                    event, binding = units[len(failures)]
+                    view.begin_event(event["id"])
+                    failures.append(await self._unit(view, event, binding, token, size, first))
+                    taken += 1
+                    if failures[-1] is not None and self.on_error == "halt":
+                        break
+                if failures and failures[-1] is not None and self.on_error == "halt":
                     break
-                reads.note(its_reads)
-                event, binding = units[i]
-                view.begin_event(event["id"])
-                failure = await self._unit(view, event, binding, token, size, first)
-                failures.append(failure)
-                i += 1
-                taken += 1
-                if failure is not None and self.on_error == "halt":
-                    return failures + [None] * (len(units) - len(failures))
-            if asked:
-                chunk.answered(asked, taken)
-        return failures
+                self._chunk.answered(pipe.asked, taken)  # a failed request: all unanswered
+                if taken < pipe.asked:  # cut short, failed, or answered too few
+                    self.stats.sent_again += sent - len(failures)
+                    pipe.reset()  # the answers out were made on what is no longer so
+                    sent = len(failures)
+        finally:
+            await pipe.close()
+        return failures + [None] * (len(units) - len(failures))
+
+    async def _many_call_of(
+        self, pipe: remote.Pipeline, unit: Unit, token: BatchToken, size: int
+    ) -> ManyCall:
+        """A unit's call, with its key's rows for a binding that changes them (a create adds
+        rows: its key's rows only grow, and its transformation seldom reads them)."""
+        event, binding = unit
+        rows = None
+        if binding.key is not None and binding.kind in ("update", "remove"):
+            field = key_field(binding, pipe.view.fields)
+            rows = await pipe.rows_for(field, binding.key_of(event))
+        return self._many_call(event, binding, token, size, rows)
 
     async def _transform_locally(
         self, view: BatchView, units: list[Unit], token: BatchToken, size: int
