@@ -950,8 +950,6 @@ def main() -> None:
     print(f"\nwrote {json_path} and {png_path} (whole run {elapsed:.0f} s)")
 
 
-
-
 def row_counts(text: str) -> tuple[int, ...]:
     """``--entity-rows``: table sizes, comma-separated (``1000,1000000``)."""
     try:

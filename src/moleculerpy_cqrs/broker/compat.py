@@ -418,8 +418,6 @@ class _Compat:
         transit._packet_handlers[Topic.REQUEST] = self.on_request_packet
         self._original_request: _AsyncFn = transit.request
         transit.request = self.request
-        self._original_call: _AsyncFn = broker.call
-        broker.call = self.call
         self._original_request_without_endpoint: _AsyncFn = transit.request_without_endpoint
         transit.request_without_endpoint = self.request_without_endpoint
         self._original_disconnect: _AsyncFn = transit.disconnect
@@ -450,7 +448,14 @@ class _Compat:
         timeout: float | None = None,  # noqa: ASYNC109 (broker.call's signature)
     ) -> Any:
         """``broker.call``: MoleculerPy's local branch, with a cheaper context (see the
-        module docstring); a call no local endpoint serves is MoleculerPy's own."""
+        module docstring); a call no local endpoint serves is MoleculerPy's own. A read of the
+        projector's aggregate that a transformation running here for ``$cqrs.callMany`` makes
+        is answered here when it can be, before a context and a request are made for it
+        (``remote.answer_here``)."""
+        if remote.serving():
+            answer = await remote.answer_here(str(action_name), params, meta)
+            if answer is not remote.NOT_HERE:
+                return answer
         broker = cast(Any, self.broker)
         registry = broker.registry
         if not registry.prefer_local or not any(
@@ -839,27 +844,6 @@ class _Compat:
     async def disconnect(self) -> None:
         await self.drain_requests(cancel=True)
         await self._original_disconnect()
-
-    # ------------------------------------------------------------------ calls
-
-    async def call(
-        self,
-        action_name: Any,
-        params: dict[str, Any] | None = None,
-        meta: dict[str, Any] | None = None,
-        parent_ctx: Context | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> Any:
-        """``broker.call``; a read of the projector's aggregate that a transformation running
-        here for ``$cqrs.callMany`` makes is answered here when it can be, before a context
-        and a request are made for it (``remote.answer_here``)."""
-        if remote.serving():
-            answer = await remote.answer_here(str(action_name), params, meta)
-            if answer is not remote.NOT_HERE:
-                return answer
-        return await self._original_call(
-            action_name, params, meta, parent_ctx=parent_ctx, timeout=timeout
-        )
 
     # ------------------------------------------------------------------ timeouts
 

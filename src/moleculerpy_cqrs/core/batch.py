@@ -173,7 +173,9 @@ class IdCounter:
 class BatchView:
     """Reads and writes of one batch over ``adapter`` (see the module docstring)."""
 
-    def __init__(self, adapter: ReadModel, ids: IdCounter, *, after: BatchView | None = None) -> None:
+    def __init__(
+        self, adapter: ReadModel, ids: IdCounter, *, after: BatchView | None = None
+    ) -> None:
         self.adapter = adapter
         # Where committed rows are read: the table, or the batch before this one while its
         # write may still be under way (the projector's pipeline; see :meth:`rebase`).

@@ -455,8 +455,8 @@ class Projector:
 
     async def _prepare(
         self,
-        target: Adapter,
-        dead_letters: Adapter,
+        target: ReadModel,
+        dead_letters: Table,
         events: list[Record],
         expected: int,
         ids: IdCounter,
@@ -812,8 +812,8 @@ Unit = tuple[Record, Binding]
 class _Batch:
     """A batch whose transformations have run: what :meth:`Projector._write` writes."""
 
-    target: Adapter
-    dead_letters: Adapter
+    target: ReadModel
+    dead_letters: Table
     ids: IdCounter
     view: BatchView
     units: list[Unit]
