@@ -30,6 +30,7 @@ UPCAST_ERROR: Final = "upcastError"
 """Set on an event that could not be read in its current shape (the stored form is kept)."""
 
 MAX_STEPS: Final = 1000  # one stored event read through more steps than this: a cycle
+_COMMAND: Final = int(EventType.COMMAND)  # a plain int: compared once per event read
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Upcasters:
         self._renames: dict[str, list[str]] = {}
         self._current: dict[str, int] = {}
         self._rename: dict[str, str] = {}  # the checked renames
+        # (event, stored version) -> the steps to its current version, for events no rename
+        # touches: the usual case, read without the general walk (made by check)
+        self._chains: dict[tuple[str, int], tuple[Upcaster, ...]] = {}
         self.active = False  # anything to do when reading: else reads are passed through
 
     # ------------------------------------------------------------------ declaring
@@ -152,7 +156,19 @@ class Upcasters:
             raise ConfigurationError(f"event store {self.store!r}: " + "; ".join(problems))
         self._current = current
         self._rename = renames
+        self._chains = self._same_name_chains()
         self.active = bool(self._steps or renames)
+
+    def _same_name_chains(self) -> dict[tuple[str, int], tuple[Upcaster, ...]]:
+        chains: dict[tuple[str, int], tuple[Upcaster, ...]] = {}
+        for event, version in self._steps:
+            if event in self._rename:
+                continue
+            fns: list[Upcaster] = []
+            while (step := self._steps.get((event, version + len(fns)))) is not None:
+                fns.append(step[0])
+            chains[(event, version)] = tuple(fns)
+        return chains
 
     def versions(self) -> dict[str, int]:
         """The current version of every event a mapping stores or an upcaster reaches."""
@@ -195,12 +211,31 @@ class Upcasters:
 
     def _read_one(self, row: Record) -> Record | list[Record]:
         """The event read from ``row``: one record, or the pieces of a split. The usual case,
-        steps that answer a payload under the same name, runs without building any list (it
-        is paid per event by every reader of the log)."""
-        if row.get("eventType", 0) != EventType.COMMAND:
+        steps that answer a payload under the same name, runs a precomputed chain without
+        building any list (it is paid per event by every reader of the log)."""
+        if row.get("eventType", 0) != _COMMAND:
             return row
         name = row["event"]
         version = row.get("version") or EVENT_VERSION
+        chain = self._chains.get((name, version))
+        if chain is None:  # renamed, or nothing to do
+            return self._read_renamed(row, name, version)
+        payload = row.get("payload")
+        for fn in chain:
+            try:
+                answer = fn(payload)
+            except Exception as error:
+                raise UpcastFailed(name, version, error) from error
+            if type(answer) is not dict:  # a rename or a split: the general walk
+                return self._pieces(row, self._walk(name, version, payload, answer))
+            payload = answer
+            version += 1
+        read = row.copy()
+        read["version"] = version
+        read["payload"] = payload
+        return read
+
+    def _read_renamed(self, row: Record, name: str, version: int) -> Record | list[Record]:
         renames, steps = self._rename, self._steps
         payload = row.get("payload")
         start = (name, version)
