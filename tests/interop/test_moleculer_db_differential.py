@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
-import subprocess
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from moleculerpy.errors import MoleculerError
 from moleculerpy_cqrs import Aggregate, EventStore, stores
 from moleculerpy_cqrs.stores.base import StoreFactory
 from moleculerpy_cqrs.testing.brokers import running_broker
+from tests.interop.node_script import run_node_script
 from tests.interop.test_http_gateway import Node, http, node, summary_once
 
 __all__ = ["node"]  # the web example's node, a fixture
@@ -449,15 +448,7 @@ async def _reference(
     data.write_text(
         json.dumps({"rows": rows, "users": users, "populates": populates, "calls": calls})
     )
-    process = await asyncio.create_subprocess_exec(
-        "node", str(script), str(data),
-        env={**os.environ, "NODE_PATH": str(node_modules)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    answers: list[Answer] = json.loads(out.decode().strip().splitlines()[-1])
+    answers: list[Answer] = await run_node_script(node_modules, script, str(data))
     return answers
 
 
@@ -582,15 +573,7 @@ async def test_a_moleculer_db_service_populates_from_an_aggregate(
     async with running_broker(Orders(), transporter=nats_url, node_id="py-node") as broker:
         await broker.call("orders.insert", {"entities": ROWS[:5]})
         row = {r["id"]: r for r in await broker.call("orders.find", {})}
-        process = await asyncio.create_subprocess_exec(
-            "node", str(script), nats_url,
-            env={**os.environ, "NODE_PATH": str(node_modules)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    answer = json.loads(out.decode().strip().splitlines()[-1])
+        answer = await run_node_script(node_modules, script, nats_url)
     fine = {"_id": 1, "text": "fine", "orders": [2, 999, 1]}
     assert answer["find"] == [
         {**fine, "order": row[3], "orderList": [{"key": 2}, {"key": 1}]},

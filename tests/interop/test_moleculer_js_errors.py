@@ -6,10 +6,7 @@ Moleculer.js comes from ``tests/interop/node`` (``npm ci`` by the interop fixtur
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from moleculerpy import Service, ServiceBroker, Settings
 
 from moleculerpy_cqrs import Aggregate, EventStore, stores
 from moleculerpy_cqrs.testing.nats_server import NatsServer
+from tests.interop.node_script import run_node_script
 
 CLIENT = """
 const { ServiceBroker } = require("moleculer");
@@ -74,15 +72,7 @@ async def _from_moleculer_js(
 ) -> dict[str, Any]:
     script = tmp_path / "client.js"
     script.write_text(CLIENT)
-    process = await asyncio.create_subprocess_exec(
-        "node", str(script), url, json.dumps(calls),
-        env={**os.environ, "NODE_PATH": str(node_modules)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    answer: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    answer: dict[str, Any] = await run_node_script(node_modules, script, url, json.dumps(calls))
     return answer
 
 
