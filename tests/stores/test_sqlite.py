@@ -21,7 +21,7 @@ from moleculerpy_cqrs import stores
 from moleculerpy_cqrs.errors import ConfigurationError, StoreError
 from moleculerpy_cqrs.stores.backends.sqlite import SqliteAdapter, glob_pattern
 from moleculerpy_cqrs.stores.base import Adapter, StoreFactory
-from moleculerpy_cqrs.stores.fields import Declarations
+from moleculerpy_cqrs.stores.fields import Declarations, FieldType
 from moleculerpy_cqrs.stores.query import ALL, parse_find
 from moleculerpy_cqrs.testing.conformance import ITEM_FIELDS, LOG_FIELDS, AdapterConformance
 
@@ -367,3 +367,148 @@ async def test_keys_are_looked_up_through_the_unique_index(tmp_path: Path) -> No
     details = " ".join(str(row[-1]) for row in plan)
     assert "USING INDEX log$key$ux" in details, details  # the unique index
     assert "SCAN" not in details, details
+
+
+# ---------------------------------------------------------------------- statements, not rows
+# sqlite3 lets go of the GIL around every step of a statement, and a worker thread then waits
+# for the busy event loop to give it back (up to 5 ms each time): a write or read that steps
+# once per row took seconds while the loop was busy. So many rows go in one statement (a
+# write) or come back as one JSON document made in one step (a read).
+
+
+async def _traced(adapter: SqliteAdapter, statements: list[str]) -> None:
+    """Record the SQL every one of ``adapter``'s connections runs from now on (a callback
+    set on the connection's own thread, by a job)."""
+
+    def trace(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(statements.append)
+
+    await adapter._write(trace)
+    await adapter._read(trace)
+
+
+def _row_statements(statements: list[str], verb: str) -> list[str]:
+    return [s for s in statements if s.lstrip().upper().startswith(verb)]
+
+
+async def test_a_batch_write_runs_a_few_statements_not_one_a_row(tmp_path: Path) -> None:
+    from moleculerpy_cqrs.stores.ports import Changes
+
+    fields = {"n": "integer", "name": "string", "tags": "json"}
+    adapter = stores.sqlite(tmp_path)("things", fields)
+    assert isinstance(adapter, SqliteAdapter)
+    await adapter.connect()
+    try:
+        await adapter.insert_many([{"n": i, "name": f"x{i}", "tags": [i]} for i in range(1200)])
+        statements: list[str] = []
+        await _traced(adapter, statements)
+        changes = Changes(
+            inserts=[
+                {"id": 5000 + i, "n": i, "name": "new", "tags": {"i": i}} for i in range(1200)
+            ],
+            updates={i: {"n": -i, "tags": ["u"]} for i in range(1, 601)},
+            deletes=list(range(601, 1201)),
+        )
+        await adapter.apply(changes)
+        # 1,200 inserts, 600 updates, 600 deletes: 500 rows a statement at most.
+        assert len(_row_statements(statements, 'INSERT INTO "THINGS"')) == 3
+        assert len(_row_statements(statements, 'UPDATE "THINGS"')) == 2
+        assert len(_row_statements(statements, 'DELETE FROM "THINGS"')) == 2
+        assert await adapter.count(ALL) == 1800
+        assert await adapter.get(7) == {"id": 7, "n": -7, "name": "x6", "tags": ["u"]}
+        assert await adapter.get(601) is None
+        last = {"id": 6199, "n": 1199, "name": "new", "tags": {"i": 1199}}
+        assert await adapter.get(6199) == last
+    finally:
+        await adapter.close()
+
+
+async def test_a_duplicate_among_many_rows_names_its_value_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    from moleculerpy_cqrs.errors import ConflictError
+
+    adapter = stores.sqlite(tmp_path)("things", {"code": {"type": "string", "unique": True}})
+    assert isinstance(adapter, SqliteAdapter)
+    await adapter.connect()
+    try:
+        await adapter.insert_many([{"code": "taken"}])
+        rows = [{"code": f"c{i}"} for i in range(700)]
+        rows[450] = {"code": "taken"}
+        with pytest.raises(ConflictError) as raised:
+            await adapter.insert_many(rows)
+        assert raised.value.data["field"] == "code"
+        assert raised.value.data["value"] == "taken"
+        assert await adapter.count(ALL) == 1
+    finally:
+        await adapter.close()
+
+
+async def test_a_read_of_many_rows_is_one_step_and_reads_back_every_value(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    fields: dict[str, FieldType] = {
+        "name": "string",
+        "n": "integer",
+        "ok": "boolean",
+        "at": "datetime",
+        "doc": "json",
+    }
+    adapter = stores.sqlite(tmp_path)("things", dict(fields))
+    assert isinstance(adapter, SqliteAdapter)
+    await adapter.connect()
+    try:
+        odd = ["", "tab\there", 'quote " and \\ back', "ünï €𝄞", "line\nbreak", "\x01\x1f", "null"]
+        records = [
+            {
+                "name": odd[i % len(odd)] if i % 5 else None,
+                "n": (2**63 - 1 - i) if i % 2 else -(2**62) + i,
+                "ok": bool(i % 3) if i % 4 else None,
+                "at": datetime(2026, 1, 1, 12, 0, i % 60, 123456, tzinfo=UTC),
+                "doc": {"x": [i, 0.1 + 0.2, None, True, odd[i % len(odd)]], "y": 1e300},
+            }
+            for i in range(3000)
+        ]
+        inserted = await adapter.insert_many(records)
+        # Some gaps, so that id order is not insertion position.
+        for entity_id in range(10, 3000, 7):
+            await adapter.remove(entity_id)
+        statements: list[str] = []
+        await _traced(adapter, statements)
+        found = await adapter.find(parse_find(fields, {}))
+        want = [r for r in inserted if r["id"] % 7 != 3 or r["id"] < 10]
+        assert found == want
+        selects = _row_statements(statements, "SELECT")
+        assert len(selects) == 1
+        assert "json_group_array" in selects[0]
+        # A sort asked for (or a float column) is read row by row, with the same values.
+        statements.clear()
+        by_name = await adapter.find(parse_find(fields, {"sort": "-n"}))
+        assert by_name == sorted(want, key=lambda r: -r["n"])
+        assert "json_group_array" not in " ".join(statements)
+    finally:
+        await adapter.close()
+
+
+async def test_floats_and_long_results_are_read_row_by_row_exactly(tmp_path: Path) -> None:
+    from moleculerpy_cqrs.stores.backends.sqlite import _ONE_STEP_ROWS
+
+    adapter = stores.sqlite(tmp_path)("things", {"x": "float", "n": "integer"})
+    assert isinstance(adapter, SqliteAdapter)
+    await adapter.connect()
+    try:
+        values = [0.1 + 0.2, 1 / 3, 2.2250738585072014e-308, 123456789.12345679, -1e-300]
+        await adapter.insert_many([{"x": v, "n": i} for i, v in enumerate(values)])
+        assert [r["x"] for r in await adapter.find(ALL)] == values  # 17 digits kept
+        more = _ONE_STEP_ROWS + 1 - len(values)
+        await adapter.insert_many([{"x": None, "n": i} for i in range(more)])
+        statements: list[str] = []
+        await _traced(adapter, statements)
+        ns = await adapter.find(parse_find({"x": "float", "n": "integer"}, {"fields": ["id", "n"]}))
+        assert len(ns) == _ONE_STEP_ROWS + 1  # more than one step takes: read again by rows
+        assert [r["id"] for r in ns] == list(range(1, _ONE_STEP_ROWS + 2))
+        assert sum("json_group_array" in s for s in statements) == 1
+    finally:
+        await adapter.close()

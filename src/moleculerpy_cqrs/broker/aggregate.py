@@ -211,6 +211,7 @@ class Aggregate:
         except ConfigurationError as error:
             raise ConfigurationError(f"aggregate {self.name!r}: {error}") from None
         self._runtimes[broker] = runtime
+        compat.answer_batch_finds(broker, runtime.batches)
         service = _aggregate_service(self, runtime, self._event_store_for(broker), populates)
         await broker.register(service)
 

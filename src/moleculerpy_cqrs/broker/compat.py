@@ -106,7 +106,7 @@ from moleculerpy.validator import validate_params
 
 from moleculerpy_cqrs import errors
 from moleculerpy_cqrs.broker import remote
-from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY
+from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY, TOKEN_KEY, OpenBatches
 
 if TYPE_CHECKING:
     from moleculerpy.broker import ServiceBroker
@@ -141,6 +141,15 @@ def install(broker: ServiceBroker) -> None:
     compat = _Compat(broker)
     setattr(broker, _STATE_ATTR, compat)
     compat.apply()
+
+
+def answer_batch_finds(broker: ServiceBroker, batches: OpenBatches) -> None:
+    """Let ``broker.call`` answer a transformation's ``find {key: value}`` of the aggregate
+    whose open batches these are from the batch itself, without a context or the action,
+    when the batch prefetched that value (:meth:`~moleculerpy_cqrs.core.batch.BatchView.
+    find_by_key`): the answer the aggregate's ``find`` action would give. Needs
+    :func:`install` first."""
+    _state(broker).batch_finds[f"{batches.aggregate}.find"] = batches
 
 
 def is_installed(broker: ServiceBroker) -> bool:
@@ -401,6 +410,8 @@ class _Compat:
         # Local calls' context ids: "xxxxxxxx-xxxx-4xxx-yxxx-" (random, per broker) + counter.
         self.id_prefix = str(uuid.uuid4())[:24]
         self.id_counter = itertools.count()
+        # "<aggregate>.find" -> that aggregate's open batches, for each aggregate served here
+        self.batch_finds: dict[str, OpenBatches] = {}
 
     def apply(self) -> None:
         broker = cast(Any, self.broker)
@@ -456,6 +467,12 @@ class _Compat:
             answer = await remote.answer_here(str(action_name), params, meta)
             if answer is not remote.NOT_HERE:
                 return answer
+        elif type(meta) is dict and TOKEN_KEY in meta:
+            batches = self.batch_finds.get(action_name)
+            view = None if batches is None else batches.open_view(meta)
+            found = None if view is None else view.find_by_key(params)
+            if found is not None:
+                return found
         broker = cast(Any, self.broker)
         registry = broker.registry
         if not registry.prefer_local or not any(

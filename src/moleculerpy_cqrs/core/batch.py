@@ -111,6 +111,10 @@ class _OverlayIndex:
                 return union
         return None
 
+    def equal(self, name: str, value: Any) -> Iterable[int] | None:
+        """Ids of every row whose ``name`` equals ``value``; None if ``name`` is not indexable."""
+        return self._equal(name, (value,))
+
     def _equal(self, name: str, values: tuple[Any, ...]) -> Iterable[int] | None:
         if name == ID:
             return [v for v in dict.fromkeys(values) if v in self._rows]
@@ -141,12 +145,25 @@ def _matching(
     ids = index.candidates(where)
     if ids is None:
         return [r for r in rows.values() if r is not None and matches(where, r)]
+    if _exact(where):  # the index answered exactly these rows: no need to test each
+        found = (rows.get(entity_id) for entity_id in ids)
+        return [row for row in found if row is not None]
     out = []
     for entity_id in ids:
         row = rows.get(entity_id)
         if row is not None and matches(where, row):
             out.append(row)
     return out
+
+
+def _exact(where: Condition | None) -> bool:
+    """Whether the overlay index's candidates for ``where`` are exactly its matches: an
+    equality or a plain ``in`` on one field (the index keys rows by the value itself, and
+    ``matches`` tests these with ``==`` as a dict lookup does)."""
+    match where:
+        case Compare(_, "=", _) | In(_, _, False):
+            return True
+    return False
 
 
 class IdCounter:
@@ -243,7 +260,7 @@ class BatchView:
         changed = self._rows
         rows = [r for r in held if r[ID] not in changed] if changed else list(held)
         if changed:
-            for entity_id in self._now.candidates(Compare(name, "=", checked)) or ():
+            for entity_id in self._now.equal(name, checked) or ():
                 row = changed.get(entity_id)
                 if row is not None:
                     rows.append(row)

@@ -78,14 +78,23 @@ class OpenBatches:
         unrecorded (see :data:`ITEM_KEY`)."""
         return self._unrecorded.get(token.token) or set()
 
+    def open_view(self, meta: dict[str, Any]) -> BatchView | None:
+        """The common case of :meth:`view_for`, and nothing else: the view of a batch open
+        here that ``meta`` names, for a read no serial request made. None otherwise (never
+        raises)."""
+        held = meta.get(TOKEN_KEY)
+        if type(held) is str and meta.get(AGGREGATE_KEY) == self.aggregate:
+            found = self._views.get(held)
+            if found is not None and ITEM_KEY not in meta:
+                return found
+        return None
+
     def view_for(self, meta: Any) -> BatchView | None:
         """The open view a read of this aggregate must answer from; None for a plain read."""
         if isinstance(meta, dict):  # the common case first: a transformation's read, here
-            held = meta.get(TOKEN_KEY)
-            if type(held) is str and meta.get(AGGREGATE_KEY) == self.aggregate:
-                found = self._views.get(held)
-                if found is not None and ITEM_KEY not in meta:
-                    return found
+            found = self.open_view(meta)
+            if found is not None:
+                return found
         token = _from_meta(meta) or _CURRENT.get()
         if token is None or token.aggregate != self.aggregate:
             return None

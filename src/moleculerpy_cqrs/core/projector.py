@@ -41,6 +41,7 @@ CHECKPOINT_KEY: Final = "checkpoint"
 LEASE_KEY: Final = "projector.lease"
 CONCURRENCY: Final = 16
 BATCH_SIZE: Final = 1000  # events per batch; a batch is one short transaction
+_PLAIN_KEYS: Final = frozenset({str, int, float, bool, type(None)})  # hashable: no ABC check
 LINGER: Final = 0.005  # after a wake-up from idle, so that one batch takes several commits
 PIPELINE_SECONDS: Final = 0.5  # a step's batches overlap their writes for this long at most
 WARN_AFTER: Final = 3.0  # seconds a projector waits for its transformations before it warns
@@ -70,7 +71,9 @@ class Binding:
             value = payload.get(self.key) if isinstance(payload, dict) else None
         else:
             value = self.key(delivered(event, 1))
-        return value if isinstance(value, Hashable) else repr(value)
+        if type(value) in _PLAIN_KEYS or isinstance(value, Hashable):
+            return value
+        return repr(value)
 
     @property
     def handler_name(self) -> str:
@@ -397,8 +400,13 @@ class Projector:
             seconds = min(seconds, self.lease.ttl / 4)
         until = time.monotonic() + seconds
         writing: _Writing | None = None
+        ahead: asyncio.Future[list[Record]] | None = None
         try:
             while events:
+                # The next batch's events are read while this one's transformations run.
+                ahead = asyncio.ensure_future(
+                    self.source.read_after(int(events[-1]["id"]), self.batch_size)
+                )
                 after = None if writing is None else writing.batch.view
                 expected = self.checkpoint if writing is None else writing.batch.last
                 batch = await self._prepare(
@@ -412,7 +420,7 @@ class Projector:
                 writing = self._start_write(batch)
                 if batch.halted is not None or time.monotonic() > until:
                     break
-                events = await self.source.read_after(batch.last, self.batch_size)
+                events, ahead = await ahead, None
             last, writing = writing, None
             assert last is not None
             await self._landed(last)
@@ -421,6 +429,9 @@ class Projector:
                 with suppress(Exception):
                     await self._landed(writing)
             raise
+        finally:
+            if ahead is not None:  # not needed after all (halted, time to let others in, failed)
+                _drop(ahead)
         return True
 
     def _start_write(self, batch: _Batch) -> _Writing:
@@ -932,6 +943,14 @@ class KeyedRun:
             if failure is not None and self.p.on_error == "halt":
                 self.halted = True
         self.applied[i].set()
+
+
+def _drop(future: asyncio.Future[Any]) -> None:
+    """Cancel ``future``, or take its outcome if it has one (so no error goes unretrieved)."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
 
 
 async def apply_result(view: BatchView, kind: Kind, result: Any, event_id: int) -> None:

@@ -92,6 +92,11 @@ def answer(row: Record, extras: tuple[str, ...]) -> dict[str, Any]:
 
 def delivered(row: Record, batch_size: int) -> dict[str, Any]:
     """An event as the dispatcher emits it and transformations receive it."""
-    out = {k: v for k, v in row.items() if k not in ("meta", "attempts", "error", IDEMPOTENCY_KEY)}
+    out = dict(row)
+    for hidden in _NOT_DELIVERED:
+        out.pop(hidden, None)
     out["batchSize"] = batch_size
     return out
+
+
+_NOT_DELIVERED: Final = ("meta", "attempts", "error", IDEMPOTENCY_KEY)
