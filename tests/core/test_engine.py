@@ -7,8 +7,9 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,8 +18,9 @@ from moleculerpy import Context, Service, ServiceBroker, Settings, action
 
 from moleculerpy_cqrs import Aggregate, EventStore, StoreBackup, stores
 from moleculerpy_cqrs.core.aggregate import AggregateRuntime
-from moleculerpy_cqrs.core.batch import BatchView, IdCounter
+from moleculerpy_cqrs.core.batch import BatchView, EarlyRows, IdCounter
 from moleculerpy_cqrs.core.joins import AGGREGATE_KEY, NODE_KEY, TOKEN_KEY
+from moleculerpy_cqrs.core.slices import read_keys_early
 from moleculerpy_cqrs.errors import ConfigurationError, Conflict
 from moleculerpy_cqrs.examples import profile
 from moleculerpy_cqrs.face.demo import random_profile
@@ -178,6 +180,8 @@ async def _run_ops(
     rebased=st.booleans(),
     asked=queries,
     early=queries,
+    # before one of the earlier batch's first ops, or (99) after its write landed
+    read_early_at=st.one_of(st.none(), st.integers(0, 4), st.just(99)),
 )
 def test_a_batch_after_an_unwritten_one_reads_what_the_table_will_hold(
     initial: list[tuple[str | None, int | None]],
@@ -188,29 +192,48 @@ def test_a_batch_after_an_unwritten_one_reads_what_the_table_will_hold(
     rebased: bool,
     asked: list[dict[str, Any]],
     early: list[dict[str, Any]],
+    read_early_at: int | None,
 ) -> None:
     """The projector's pipeline: a batch's view opened after an earlier batch whose write may
     land at any point of it (before any of its changes, between two, after its reads, or not
     before its own write) answers every read as the table will once both are written; the
     earlier view, its write landed, still answers as the table does (its counts too); and
     after the earlier write has landed the later view may read the table directly
-    (``rebase``)."""
+    (``rebase``). With ``read_early_at``, the later batch's keys were read from the table
+    while the earlier one was still being transformed (before its op ``read_early_at``;
+    past its last op, after its write landed), and are taken from that read, the earlier
+    view laid over it (``EarlyRows``)."""
 
     async def check() -> None:
         async with stores.sqlite(":memory:")("t", FIELDS) as table:
             await table.insert_many([{"k": k, "n": n} for k, n in initial])
             ids = IdCounter()
             one = BatchView(table, ids)
-            await _run_ops(one, first, early)
+            taken: list[EarlyRows] = []
+            land_at = landed_at
+
+            async def read_early(i: int) -> None:
+                if read_early_at == i and prefetched is not None and not taken:
+                    units = [({"payload": {"k": k}}, KEYED_ON_K) for k in prefetched]
+                    read = (await read_keys_early(table, units, lambda: [one])).get("k")
+                    taken.extend([read] if read is not None else [])
+
+            await _run_ops(one, first, early, read_early)
+            await read_early(len(first))
             one.writing = True
+            if read_early_at is not None and read_early_at > len(first):
+                await table.apply(one.changes())  # landed before the read: laid over again
+                one.written()
+                land_at = -1
+                await read_early(read_early_at)
             two = BatchView(table, ids, after=one)
             if prefetched is not None:
-                await two.prefetch("k", prefetched)
-            landed = False
+                await two.prefetch("k", prefetched, taken[0] if taken else None)
+            landed = land_at == -1
 
             async def land(i: int) -> None:
                 nonlocal landed
-                if i == landed_at and not landed:
+                if i == land_at and not landed:
                     await table.apply(one.changes())
                     one.written()
                     landed = True
@@ -232,6 +255,21 @@ def test_a_batch_after_an_unwritten_one_reads_what_the_table_will_hold(
             assert seen == [await _answers(table, q) for q in asked_too]
 
     asyncio.run(check())
+
+
+@dataclass(frozen=True)
+class _KeyedOnK:
+    """A binding keyed by ``payload.k`` (``read_keys_early`` needs only this much of one)."""
+
+    key: str = "k"
+    key_field: str | None = None
+    handler_name: str = "t"
+
+    def key_of(self, event: dict[str, Any]) -> Any:
+        return event["payload"]["k"]
+
+
+KEYED_ON_K: Final = _KeyedOnK()
 
 
 PROBES: list[dict[str, Any]] = [

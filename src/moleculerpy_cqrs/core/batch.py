@@ -166,6 +166,66 @@ def _exact(where: Condition | None) -> bool:
     return False
 
 
+def checked_values(fields: dict[str, FieldType], field: str, values: Iterable[Any]) -> list[Any]:
+    """``values`` as ``field`` holds them (checked), without repeats; a value not valid for
+    the field is left out (a read for it would be refused anyway)."""
+    kind = fields.get(field)
+    if kind is None or kind == "json":
+        raise InvalidInput(f"cannot prefetch by {field!r}: not a declared field", field=field)
+    wanted: dict[Any, None] = {}
+    for value in values:
+        try:
+            checked = check_value(field, kind, value)
+        except (InvalidInput, TypeError):
+            continue
+        if checked is not None:
+            wanted[checked] = None
+    return list(wanted)
+
+
+class EarlyRows:
+    """The table's rows for a later batch's keys, read while the batches before it were
+    still being transformed or written (the projector reads them beside the next batch's
+    events, so the read does not wait in line).
+
+    The read may miss the effects of ``over`` — the views of the batches whose writes had not
+    landed when it began, in log order. :meth:`as_seen` lays each of them over the rows read,
+    as a read through the chain of views would have answered: a row one of them touched is
+    replaced by its version there (or dropped), and its rows holding a key are added. A view
+    whose write landed before the read began is not in ``over``; one that landed during the
+    read is laid over again, which changes nothing (its rows are the table's now)."""
+
+    def __init__(
+        self,
+        field: str,
+        values: Iterable[Any],
+        rows: list[Record],
+        over: list[BatchView],
+        reads: int,
+    ) -> None:
+        self.field = field
+        self.values = frozenset(values)
+        self._rows = rows
+        self._over = over
+        self.reads = reads  # queries it took
+
+    def as_seen(self, values: Iterable[Any]) -> list[Record]:
+        """The rows holding one of ``values`` (all read here), as the last view in ``over``
+        sees the table."""
+        wanted = tuple(v for v in values if v in self.values)
+        if not wanted:
+            return []
+        chosen = frozenset(wanted)
+        rows = {r[ID]: r for r in self._rows if r[self.field] in chosen}
+        where = In(self.field, wanted)
+        for view in self._over:
+            for entity_id in view._rows:
+                rows.pop(entity_id, None)
+            for row in _matching(view._rows, view._now, where):
+                rows[row[ID]] = dict(row)
+        return sorted(rows.values(), key=_by_id)
+
+
 class IdCounter:
     """The last id the projector gave a row of its aggregate.
 
@@ -309,33 +369,34 @@ class BatchView:
         rows = [await self.get(i) for i in ids]
         return [r for r in rows if r is not None]
 
-    async def prefetch(self, field: str, values: Iterable[Any]) -> None:
+    async def prefetch(
+        self, field: str, values: Iterable[Any], early: EarlyRows | None = None
+    ) -> None:
         """Read every committed row whose ``field`` holds one of ``values``, a few thousand
         values per query, so that later reads pinned to them (``{field: v}``, or ``in``)
         need no round trip. Values that are not valid for the field are left out (a read
-        for them would be refused anyway)."""
-        kind = self.fields.get(field)
-        if kind is None or kind == "json":
-            raise InvalidInput(f"cannot prefetch by {field!r}: not a declared field", field=field)
+        for them would be refused anyway). The values ``early`` read already (for this
+        field) are taken from it instead (:meth:`EarlyRows.as_seen`)."""
         known = self._prefetched.setdefault(field, {})
-        wanted: dict[Any, None] = {}
-        for value in values:
-            try:
-                checked = check_value(field, kind, value)
-                if checked is not None and checked not in known:
-                    wanted[checked] = None
-            except (InvalidInput, TypeError):
-                continue
-        keys = list(wanted)
+        keys = [v for v in checked_values(self.fields, field, values) if v not in known]
+        if early is not None and early.field == field:
+            covered = early.values
+            self._take(field, [v for v in keys if v in covered], early.as_seen(keys))
+            keys = [v for v in keys if v not in covered]
+            self.store_reads += early.reads
         for start in range(0, len(keys), PREFETCH_CHUNK):
             chunk = tuple(keys[start : start + PREFETCH_CHUNK])
-            rows = await self._source.find(Query(where=In(field, chunk)))
+            self._take(field, chunk, await self._source.find(Query(where=In(field, chunk))))
             self.store_reads += 1
-            for value in chunk:
-                known[value] = []
-            for row in rows:
-                known.setdefault(row[field], []).append(row)
-                self._got.setdefault(row[ID], row)
+
+    def _take(self, field: str, values: Iterable[Any], rows: Iterable[Record]) -> None:
+        """``rows``: every committed row whose ``field`` holds one of ``values``."""
+        known = self._prefetched[field]
+        for value in values:
+            known[value] = []
+        for row in rows:
+            known.setdefault(row[field], []).append(row)
+            self._got.setdefault(row[ID], row)
 
     # ------------------------------------------------------------------ writes
 

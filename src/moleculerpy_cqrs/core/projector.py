@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from moleculerpy_cqrs.core import remote
-from moleculerpy_cqrs.core.batch import BatchView, IdCounter
+from moleculerpy_cqrs.core.batch import BatchView, EarlyRows, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
 from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
-from moleculerpy_cqrs.core.slices import key_field, prefetch_keys
+from moleculerpy_cqrs.core.slices import key_field, prefetch_keys, read_keys_early
 from moleculerpy_cqrs.core.states import ProjectorState
 from moleculerpy_cqrs.core.upcast import UPCAST_ERROR
 from moleculerpy_cqrs.errors import InvalidInput
@@ -400,18 +400,22 @@ class Projector:
             seconds = min(seconds, self.lease.ttl / 4)
         until = time.monotonic() + seconds
         writing: _Writing | None = None
-        ahead: asyncio.Future[list[Record]] | None = None
+        ahead: asyncio.Future[tuple[list[Record], dict[str, EarlyRows]]] | None = None
+        early: dict[str, EarlyRows] = {}
         try:
             while events:
-                # The next batch's events are read while this one's transformations run.
-                ahead = asyncio.ensure_future(
-                    self.source.read_after(int(events[-1]["id"]), self.batch_size)
-                )
                 after = None if writing is None else writing.batch.view
                 expected = self.checkpoint if writing is None else writing.batch.last
-                batch = await self._prepare(
-                    self.adapter, self.dead_letters, events, expected, self.ids, after=after
+                view = BatchView(self.adapter, self.ids, after=after)
+                # The next batch's events, and the rows its keys name, are read while this
+                # one's transformations run.
+                ahead = asyncio.ensure_future(
+                    self._read_ahead(int(events[-1]["id"]), writing, view)
                 )
+                batch = await self._prepare(
+                    self.adapter, self.dead_letters, events, expected, self.ids, view=view,
+                    early=early,
+                )  # fmt: skip
                 if writing is not None:
                     self.stats.overlapped += 1
                     landing, writing = writing, None
@@ -420,7 +424,7 @@ class Projector:
                 writing = self._start_write(batch)
                 if batch.halted is not None or time.monotonic() > until:
                     break
-                events, ahead = await ahead, None
+                (events, early), ahead = await ahead, None
             last, writing = writing, None
             assert last is not None
             await self._landed(last)
@@ -433,6 +437,24 @@ class Projector:
             if ahead is not None:  # not needed after all (halted, time to let others in, failed)
                 _drop(ahead)
         return True
+
+    async def _read_ahead(
+        self, position: int, writing: _Writing | None, view: BatchView
+    ) -> tuple[list[Record], dict[str, EarlyRows]]:
+        """The events after ``position``, and the table's rows their keyed bindings will look
+        up, read before their batch begins: ``view``'s batch (being transformed) and the one
+        before it (``writing``, if its write has not landed when the rows are read) may change
+        those rows, so they are laid over them when the batch takes them (:class:`EarlyRows`)."""
+        events = await self.source.read_after(position, self.batch_size)
+        if not events:
+            return events, {}
+        units = [(e, b) for e in events for b in self._relevant(e)]
+
+        def missed() -> list[BatchView]:
+            unlanded = writing is not None and not writing.task.done()
+            return [writing.batch.view, view] if writing is not None and unlanded else [view]
+
+        return events, await read_keys_early(self.adapter, units, missed)
 
     def _start_write(self, batch: _Batch) -> _Writing:
         batch.view.writing = True
@@ -472,13 +494,16 @@ class Projector:
         expected: int,
         ids: IdCounter,
         *,
-        after: BatchView | None = None,
+        view: BatchView | None = None,
+        early: Mapping[str, EarlyRows] | None = None,
     ) -> _Batch:
-        """Run the transformations of ``events`` (no transaction open) on a new view (opened
-        ``after`` an unwritten batch, if given); answers what :meth:`_write` writes."""
-        view = BatchView(target, ids, after=after)
+        """Run the transformations of ``events`` (no transaction open) on ``view`` (a new one
+        if not given); answers what :meth:`_write` writes. ``early``: rows their keys name,
+        read already (:meth:`_read_ahead`)."""
+        if view is None:
+            view = BatchView(target, ids)
         units = [(e, b) for e in events for b in self._relevant(e)]
-        await prefetch_keys(view, units)  # the rows keyed bindings will read, in one query
+        await prefetch_keys(view, units, early)  # the rows keyed bindings will read, in one query
         with self.batches.open(view) as token:
             failures = await self._transform_all(view, units, token, len(events))
         halted = next((i for i, f in enumerate(failures) if f and self.on_error == "halt"), None)

@@ -19,12 +19,14 @@ Which aggregate field a key is matched against (:func:`key_field`):
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
-from moleculerpy_cqrs.core.batch import BatchView
+from moleculerpy_cqrs.core.batch import PREFETCH_CHUNK, BatchView, EarlyRows, checked_values
 from moleculerpy_cqrs.errors import ConfigurationError
 from moleculerpy_cqrs.stores.fields import FieldType, Record
+from moleculerpy_cqrs.stores.ports import ReadModel
+from moleculerpy_cqrs.stores.query import In, Query
 
 
 class KeyedBinding(Protocol):
@@ -68,18 +70,50 @@ def check_key_fields(bindings: Sequence[KeyedBinding], fields: Mapping[str, Fiel
             )
 
 
-async def prefetch_keys(view: BatchView, units: Sequence[tuple[Record, KeyedBinding]]) -> None:
-    """Read every committed row the keyed bindings of ``units`` will look up: one query per
-    aggregate field (per few thousand keys)."""
+def keys_by_field(
+    units: Sequence[tuple[Record, KeyedBinding]], fields: Mapping[str, FieldType]
+) -> dict[str, list[Hashable]]:
+    """The keys the keyed bindings of ``units`` will look up, by aggregate field."""
     wanted: dict[str, dict[Hashable, None]] = {}
-    fields: dict[int, str | None] = {}
+    slots: dict[int, str | None] = {}
     for event, binding in units:
         slot = id(binding)
-        if slot not in fields:
-            fields[slot] = key_field(binding, view.fields)
-        name = fields[slot]
+        if slot not in slots:
+            slots[slot] = key_field(binding, fields)
+        name = slots[slot]
         if name is None:
             continue
         wanted.setdefault(name, {})[binding.key_of(event)] = None
-    for name, keys in wanted.items():
-        await view.prefetch(name, keys)
+    return {name: list(keys) for name, keys in wanted.items()}
+
+
+async def prefetch_keys(
+    view: BatchView,
+    units: Sequence[tuple[Record, KeyedBinding]],
+    early: Mapping[str, EarlyRows] | None = None,
+) -> None:
+    """Read every committed row the keyed bindings of ``units`` will look up: one query per
+    aggregate field (per few thousand keys), or none for the keys ``early`` read already."""
+    for name, keys in keys_by_field(units, view.fields).items():
+        await view.prefetch(name, keys, None if early is None else early.get(name))
+
+
+async def read_keys_early(
+    table: ReadModel,
+    units: Sequence[tuple[Record, KeyedBinding]],
+    over: Callable[[], list[BatchView]],
+) -> dict[str, EarlyRows]:
+    """The table's rows for the keys of ``units`` (a batch not begun yet), read now; ``over``
+    answers, as the read begins, the views whose effects it may miss (:class:`EarlyRows`)."""
+    fields = dict(table.fields)
+    wanted = {n: checked_values(fields, n, k) for n, k in keys_by_field(units, fields).items()}
+    missed = over()
+    out: dict[str, EarlyRows] = {}
+    for name, values in wanted.items():
+        rows: list[Record] = []
+        chunks = range(0, len(values), PREFETCH_CHUNK)
+        for start in chunks:
+            chunk = tuple(values[start : start + PREFETCH_CHUNK])
+            rows += await table.find(Query(where=In(name, chunk)))
+        out[name] = EarlyRows(name, values, rows, missed, len(chunks))
+    return out
