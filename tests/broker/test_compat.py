@@ -468,6 +468,38 @@ async def test_a_local_call_keeps_moleculerpys_context_and_skips_the_uuid(
         await broker.call("chain.outer", {"n": -1})
 
 
+@pytest.mark.parametrize("empty", [False, True])
+async def test_a_local_calls_context_is_the_one_moleculerpys_constructor_makes(
+    memory: Cluster, empty: bool
+) -> None:
+    broker = await memory.node("host")
+    params, meta = ({}, {}) if empty else ({"n": 1}, {"m": 2})
+    args = dict(
+        context_id="ctx-1", action="a.b", params=params, meta=meta, level=2,
+        request_id="req-1", parent_id="parent-1", timeout=3.0, caller="svc", tracing=True,
+    )  # fmt: skip
+    fast = compat.local_context(broker, **args)  # type: ignore[arg-type]
+    made = Context(
+        id="ctx-1", action="a.b", params=params, meta=meta, broker=broker, level=2,
+        request_id="req-1", parent_id="parent-1", timeout=3.0, node_id=broker.nodeID,
+        caller="svc", tracing=True,
+    )  # fmt: skip
+    assert type(fast) is Context
+    for name in Context.__slots__:
+        got, want = getattr(fast, name), getattr(made, name)
+        if name == "_broker":
+            assert got() is want() is broker
+        else:
+            assert got == want, name
+            assert type(got) is type(want), name
+    # An empty dict is replaced by a new one, as the constructor does: the callee's changes
+    # to its meta never reach the caller's dict.
+    assert (fast.meta is meta) is (made.meta is meta) is (not empty)
+    assert fast.broker is broker
+    fast.parent_span = "span"  # beyond the slots: kept aside, as on any Context
+    assert fast.parent_span == "span"
+
+
 async def test_a_local_call_is_refused_past_the_max_call_level(memory: Cluster) -> None:
     class Loop(Service):
         name = "loop"

@@ -573,6 +573,46 @@ async def test_keys_transform_concurrently_and_each_key_in_log_order(
         assert 2 <= probe["most"] <= 3  # one per key at most (and at most concurrency=4)
 
 
+async def test_no_more_keys_transform_at_once_than_the_concurrency(tmp_path: Path) -> None:
+    """Ten keys, concurrency 4: four transformations wait at once (each until four do), never
+    a fifth; each finished one lets the next in, until every event is applied."""
+    factory = stores.sqlite(tmp_path)
+    events = EventStore("slotEventStore", factory)
+    totals = Aggregate(
+        "slotTotals", stores.with_fields(factory, FIELDS), concurrency=4, batch_size=1000
+    ).snapshot("slotEventStore")
+    probe: dict[str, Any] = {"running": 0, "most": 0, "full": asyncio.Event()}
+
+    @action(name="count")
+    async def count(service: Service, ctx: Context) -> dict[str, Any]:
+        probe["running"] += 1
+        probe["most"] = max(probe["most"], probe["running"])
+        try:
+            if probe["running"] == 4:
+                probe["full"].set()
+            await asyncio.sleep(0)  # each lets the others start, if slots allow
+            await probe["full"].wait()  # set once four run together, and never cleared
+        finally:
+            probe["running"] -= 1
+        return {"k": ctx.params["payload"]["k"], "n": 1}
+
+    totals.on("slot.seen").create("slots.count", key="k")
+
+    class Slots(events.mixin(), totals.mixin(), Service):  # type: ignore[misc]
+        name = "slots"
+        add = events.map_action("add", "slot.seen")
+        count_action = count
+
+    async with running_broker(Slots()) as broker:
+        runtime = totals.runtime(broker)
+        async with held(runtime):
+            for i in range(10):
+                await broker.call("slots.add", {"k": f"k{i}"})
+        await asyncio.wait_for(runtime.wait_caught_up(), 20)
+        assert await broker.call("slotTotals.count", {}) == 10
+    assert probe["most"] == 4
+
+
 async def test_keyed_summary_equals_the_recomputation(make_store: MakeStore) -> None:
     _, summary, service = profile.build(make_store(), batch_size=500, key="country")
     rng = random.Random(7)

@@ -53,9 +53,12 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   (the same context fields: level, request id, parent id, caller, tracing and parent span
   from ``parent_ctx``; the max call level; endpoint selection with that context, so the batch
   routing below still applies; params validation; the error logged and raised), but the
-  context is built directly, with an id made from a per-broker random prefix and a counter in
-  UUID form instead of a fresh ``uuid4`` each (two of them per read-then-update event, about a
-  quarter of a local call's cost). Every other call is MoleculerPy's own.
+  context is built directly (:func:`local_context`: the same slots the constructor sets, set
+  in one C loop), with an id made from a per-broker random prefix and a counter in UUID form
+  instead of a fresh ``uuid4`` each (a uuid4 was about a quarter of a local call's cost). A
+  transformation's ``find {key: value}`` of its own aggregate, for a value its batch
+  prefetched, is answered from the batch before any context is made
+  (:func:`answer_batch_finds`). Every other call is MoleculerPy's own.
 * **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
   and raised the builtin ``TimeoutError``; now ``x`` applies and
   :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
@@ -86,9 +89,12 @@ import sys
 import time
 import traceback
 import uuid
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, cast
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from moleculerpy.context import Context
 from moleculerpy.errors import (
@@ -236,6 +242,55 @@ class _NodeEndpoint:
         self.name = name
         self.timeout: float | None = None
         self.is_local = False
+
+
+# Context's slots in the order its __init__ sets them, and what a local call sets them to
+# beyond the values it passes (see local_context).
+_CONTEXT_SLOTS: Final = (
+    "id", "level", "request_id", "action", "params", "meta", "parent_id", "timeout", "_broker",
+    "node_id", "caller", "tracing", "event", "stream", "service", "need_ack", "ack_id", "seq",
+    "span", "_span_stack", "cached_result", "options", "fallback_result", "_params", "_extra",
+)  # fmt: skip
+_CONTEXT_REST: Final = (None, False, None, None, None, None, None)  # event .. span
+_CONTEXT_TAIL: Final = (False, None, False, None, None)  # cached_result .. _extra
+_FAST_CONTEXT: Final = frozenset(_CONTEXT_SLOTS) == frozenset(Context.__slots__)
+
+
+def local_context(
+    broker: Any,
+    context_id: str,
+    action: Any,
+    params: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
+    level: int,
+    request_id: str,
+    parent_id: str | None,
+    timeout: float | None,
+    caller: str | None,
+    tracing: bool | None,
+) -> Context:
+    """The context ``Context(id=context_id, action=action, params=params, meta=meta,
+    broker=broker, level=level, request_id=request_id, parent_id=parent_id, timeout=timeout,
+    node_id=broker.nodeID, caller=caller, tracing=tracing)`` makes, its 25 slots set in one
+    C loop (``map``) rather than one bytecode call each: a third cheaper, and made once per
+    local call. (MoleculerPy's NewType wrappers are the identity; ``level`` is at least 1
+    here.) If MoleculerPy's Context ever has other slots, its own constructor is used."""
+    if not _FAST_CONTEXT:
+        return Context(
+            id=context_id, action=action, params=params, meta=meta, broker=broker, level=level,
+            request_id=request_id, parent_id=parent_id, timeout=timeout,
+            node_id=broker.nodeID, caller=caller, tracing=tracing,
+        )  # fmt: skip
+    context: Context = object.__new__(Context)
+    values: tuple[Any, ...] = (
+        context_id, level, request_id, action, params or {}, meta or {}, parent_id, timeout,
+        weakref.ref(broker), broker.nodeID, caller, tracing, *_CONTEXT_REST, [], *_CONTEXT_TAIL,
+    )  # fmt: skip
+    _consume(map(object.__setattr__, repeat(context, len(values)), _CONTEXT_SLOTS, values))
+    return context
+
+
+_consume: Final = deque[Any](maxlen=0).extend
 
 
 def _state(broker: ServiceBroker) -> _Compat:
@@ -497,19 +552,18 @@ class _Compat:
         if max_level > 0 and level >= max_level:
             raise MaxCallLevelError(broker.nodeID, level)
         context_id = f"{self.id_prefix}{next(self.id_counter) & 0xFFFFFFFFFFFF:012x}"
-        context = Context(
-            id=context_id,
-            action=action_name,
-            params=params,
-            meta=meta,
-            broker=broker,
-            level=level,
-            request_id=context_id if request_id is None else request_id,
-            parent_id=parent_id,
-            timeout=timeout,
-            node_id=broker.nodeID,
-            caller=caller,
-            tracing=tracing,
+        context = local_context(
+            broker,
+            context_id,
+            action_name,
+            params,
+            meta,
+            level,
+            context_id if request_id is None else request_id,
+            parent_id,
+            timeout,
+            caller,
+            tracing,
         )
         if parent_span is not None:
             context.parent_span = parent_span

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -867,6 +868,42 @@ class _Writing:
     task: asyncio.Future[int]
 
 
+class _Slots:
+    """At most ``size`` holders at once: ``asyncio.Semaphore``'s job without the check it makes
+    on every acquire (whether any waiter is still waiting, walking them); a free slot is taken
+    at once, and a released one is handed to the longest waiter."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, but cancelled before taking it: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
 class KeyedRun:
     """One batch whose bindings declare keys.
 
@@ -888,7 +925,7 @@ class KeyedRun:
         self.applied = [asyncio.Event() for _ in units]
         self.failures: list[TransformFailed | None] = [None] * len(units)
         self.halted = False
-        self.slots = asyncio.Semaphore(max(projector.concurrency, 1))
+        self.slots = _Slots(max(projector.concurrency, 1))
         self.remote = remote.KeyedCalls(projector.port, view.fields)
         self.local: set[Binding] = set()  # bindings no other node serves, in this batch
 
