@@ -24,7 +24,7 @@ from moleculerpy_cqrs.errors import ConflictError, StoreError
 from moleculerpy_cqrs.stores.backends.postgres import _DATABASES, PostgresAdapter
 from moleculerpy_cqrs.stores.base import Adapter, CheckedRow
 from moleculerpy_cqrs.stores.fields import Declarations, Record
-from moleculerpy_cqrs.stores.query import fold_case, matches, parse_find
+from moleculerpy_cqrs.stores.query import In, Query, fold_case, matches, parse_find
 from moleculerpy_cqrs.testing.conformance import AdapterConformance
 from moleculerpy_cqrs.testing.postgres_server import PostgresServer, remove_stale
 
@@ -578,3 +578,54 @@ async def test_a_unique_field_not_in_lower_case_refuses_with_a_conflict_naming_i
         assert await adapter.count() == 2
     finally:
         await adapter.close()
+
+
+async def test_a_restored_or_swapped_in_table_is_analyzed_so_a_batchs_keys_use_the_index(
+    postgres_dsn: str, pg_schema: str, tmp_path: Path
+) -> None:
+    # Without statistics the planner takes "k = ANY(many keys)" (a batch's prefetch) to match
+    # much of the table and scans it; a restore and a replay's swap analyze first.
+    fields: Declarations = {"k": {"type": "string", "index": True}, "n": "integer"}
+
+    def adapter(name: str) -> PostgresAdapter:
+        return PostgresAdapter(name, fields, dsn=postgres_dsn, options={"schema": pg_schema})
+
+    async def plan_and_analyzed(table: PostgresAdapter) -> tuple[str, bool]:
+        keys = tuple(f"k{i * 37}" for i in range(100))
+        sql, params = table._compiler.select(Query(where=In("k", keys)))
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            cur = await conn.execute(f"EXPLAIN {sql}".encode(), params)
+            plan = " ".join(str(row[0]) for row in await cur.fetchall())
+            cur = await conn.execute(
+                "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables "
+                "WHERE schemaname = %s AND relname = %s",
+                [pg_schema, table.name],
+            )
+            row = await cur.fetchone()
+        return plan, bool(row and row[0])
+
+    source, target, shadow = adapter("source"), adapter("target"), adapter("shadow")
+    for table in (source, target, shadow):
+        await table.connect()
+    try:
+        rows = [{"k": f"k{i}", "n": i} for i in range(50_000)]
+        for table in (source, shadow):
+            for first in range(0, len(rows), 10_000):
+                await table.insert_many(rows[first : first + 10_000])
+        plan, analyzed = await plan_and_analyzed(source)
+        assert not analyzed
+        assert "Seq Scan" in plan, plan  # no statistics yet (autovacuum not come by)
+        await source.backup(str(tmp_path / "b"))
+        await source.restore(str(tmp_path / "b"))
+        plan, analyzed = await plan_and_analyzed(source)
+        assert analyzed
+        assert "Seq Scan" not in plan, plan
+        assert "source$k$ix" in plan, plan
+        await target.replace_with(shadow)
+        plan, analyzed = await plan_and_analyzed(target)
+        assert analyzed
+        assert "Seq Scan" not in plan, plan
+    finally:
+        for table in (source, target, shadow):
+            await table.close()
