@@ -754,8 +754,9 @@ UPCAST_ROUNDS: Final = 3
 def upcast_shares(r: dict[str, dict[str, Any]], what: str) -> list[float]:
     """Each round's rate with one upcast step over the rate without (the runs of a round were
     made one after the other)."""
-    with_step = r.get(f"ours.upcast.{what}.True", {}).get("rounds", [])
-    without = r.get(f"ours.upcast.{what}.False", {}).get("rounds", [])
+    entries = (r.get(f"ours.upcast.{what}.{step}") or {} for step in (True, False))
+    # A result made without rounds (one run of each) is one round.
+    with_step, without = (e.get("rounds") or ([e] if e else []) for e in entries)
     return [
         float(a["per_second"]) / float(b["per_second"])
         for a, b in zip(with_step, without, strict=False)
