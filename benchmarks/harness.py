@@ -253,7 +253,7 @@ def measure(
     # runs made back to back, which the machine's drift between rounds cancels out of); then a
     # version bump
     for round_ in range(UPCAST_ROUNDS if want("upcast") else 0):
-        for upcast in (False, True) if round_ == 0 else (True, False):
+        for upcast in (False, True) if round_ % 2 == 0 else (True, False):
             best(f"ours.upcast.catch_up.{upcast}", run_job(
                 "ours", "catch_up", log, shape="create", as_action=False, head=head,
                 cap=s.catch_up_cap, upcast=upcast, round=round_,
