@@ -216,14 +216,11 @@ class EarlyRows:
         if not wanted:
             return []
         chosen = frozenset(wanted)
-        rows = {r[ID]: r for r in self._rows if r[self.field] in chosen}
+        rows = [r for r in self._rows if r[self.field] in chosen]
         where = In(self.field, wanted)
         for view in self._over:
-            for entity_id in view._rows:
-                rows.pop(entity_id, None)
-            for row in _matching(view._rows, view._now, where):
-                rows[row[ID]] = dict(row)
-        return sorted(rows.values(), key=_by_id)
+            rows = view.laid_over(rows, where)
+        return sorted((dict(r) for r in rows), key=_by_id)
 
 
 class IdCounter:
@@ -295,9 +292,14 @@ class BatchView:
             return [self._out(r, query.fields) for r in await self._committed(query)]
         limit = None if query.limit is None else query.offset + query.limit + self._displaced
         wide = Query(where=where, sort=query.sort, limit=limit)
-        rows = [r for r in await self._committed(wide) if r[ID] not in self._rows]
-        rows += _matching(self._rows, self._now, where)
-        return self._page(rows, query)
+        return self._page(self.laid_over(await self._committed(wide), where), query)
+
+    def laid_over(self, rows: Iterable[Record], where: Condition | None) -> list[Record]:
+        """``rows`` — rows matching ``where`` as the table held them before this batch — as
+        the batch leaves them: a row it touched is replaced by its version there, if that still
+        matches (not a copy: never hand it out), and its other matching rows are added."""
+        changed = self._rows
+        return [r for r in rows if r[ID] not in changed] + _matching(changed, self._now, where)
 
     def find_by_key(self, params: Any) -> list[Record] | None:
         """``find {field: value}`` (a transformation looking up its row by a key) when the

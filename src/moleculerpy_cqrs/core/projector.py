@@ -401,21 +401,21 @@ class Projector:
             seconds = min(seconds, self.lease.ttl / 4)
         until = time.monotonic() + seconds
         writing: _Writing | None = None
-        ahead: asyncio.Future[tuple[list[Record], dict[str, EarlyRows]]] | None = None
-        early: dict[str, EarlyRows] = {}
+        ahead: asyncio.Future[_Ahead] | None = None
+        read = _Ahead(events, None, {})
         try:
-            while events:
+            while read.events:
                 after = None if writing is None else writing.batch.view
                 expected = self.checkpoint if writing is None else writing.batch.last
                 view = BatchView(self.adapter, self.ids, after=after)
                 # The next batch's events, and the rows its keys name, are read while this
                 # one's transformations run.
                 ahead = asyncio.ensure_future(
-                    self._read_ahead(int(events[-1]["id"]), writing, view)
+                    self._read_ahead(int(read.events[-1]["id"]), writing, view)
                 )
                 batch = await self._prepare(
-                    self.adapter, self.dead_letters, events, expected, self.ids, view=view,
-                    early=early,
+                    self.adapter, self.dead_letters, read.events, expected, self.ids, view=view,
+                    units=read.units, early=read.early,
                 )  # fmt: skip
                 if writing is not None:
                     self.stats.overlapped += 1
@@ -425,7 +425,7 @@ class Projector:
                 writing = self._start_write(batch)
                 if batch.halted is not None or time.monotonic() > until:
                     break
-                (events, early), ahead = await ahead, None
+                read, ahead = await ahead, None
             last, writing = writing, None
             assert last is not None
             await self._landed(last)
@@ -439,23 +439,24 @@ class Projector:
                 _drop(ahead)
         return True
 
-    async def _read_ahead(
-        self, position: int, writing: _Writing | None, view: BatchView
-    ) -> tuple[list[Record], dict[str, EarlyRows]]:
+    async def _read_ahead(self, position: int, writing: _Writing | None, view: BatchView) -> _Ahead:
         """The events after ``position``, and the table's rows their keyed bindings will look
         up, read before their batch begins: ``view``'s batch (being transformed) and the one
         before it (``writing``, if its write has not landed when the rows are read) may change
         those rows, so they are laid over them when the batch takes them (:class:`EarlyRows`)."""
         events = await self.source.read_after(position, self.batch_size)
-        if not events:
-            return events, {}
-        units = [(e, b) for e in events for b in self._relevant(e)]
+        units = self._units(events)
 
         def missed() -> list[BatchView]:
             unlanded = writing is not None and not writing.task.done()
             return [writing.batch.view, view] if writing is not None and unlanded else [view]
 
-        return events, await read_keys_early(self.adapter, units, missed)
+        early = await read_keys_early(self.adapter, units, missed) if units else {}
+        return _Ahead(events, units, early)
+
+    def _units(self, events: list[Record]) -> list[Unit]:
+        """Each of ``events`` with each binding it feeds, in log order."""
+        return [(e, b) for e in events for b in self._relevant(e)]
 
     def _start_write(self, batch: _Batch) -> _Writing:
         batch.view.writing = True
@@ -496,14 +497,16 @@ class Projector:
         ids: IdCounter,
         *,
         view: BatchView | None = None,
+        units: list[Unit] | None = None,
         early: Mapping[str, EarlyRows] | None = None,
     ) -> _Batch:
         """Run the transformations of ``events`` (no transaction open) on ``view`` (a new one
-        if not given); answers what :meth:`_write` writes. ``early``: rows their keys name,
-        read already (:meth:`_read_ahead`)."""
+        if not given); answers what :meth:`_write` writes. ``units`` and ``early``: their
+        units and the rows their keys name, made already (:meth:`_read_ahead`)."""
         if view is None:
             view = BatchView(target, ids)
-        units = [(e, b) for e in events for b in self._relevant(e)]
+        if units is None:
+            units = self._units(events)
         await prefetch_keys(view, units, early)  # the rows keyed bindings will read, in one query
         with self.batches.open(view) as token:
             failures = await self._transform_all(view, units, token, len(events))
@@ -860,6 +863,15 @@ class _Batch:
     errors: list[tuple[Record, TransformFailed]]
     expected: int  # the checkpoint the write moves from
     last: int  # ... and to
+
+
+@dataclass
+class _Ahead:
+    """The next batch, read while one is transformed (:meth:`Projector._read_ahead`)."""
+
+    events: list[Record]
+    units: list[Unit] | None  # None: not made yet
+    early: dict[str, EarlyRows]
 
 
 @dataclass

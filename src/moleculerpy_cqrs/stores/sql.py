@@ -205,16 +205,10 @@ class Compiler:
         key = ("update", names)
         sql = self._statements.get(key)
         if sql is None:
-            sql = self._statements[key] = self.update_by_id_sql(
-                self.table, names, self.dialect.placeholder
-            )
+            p = self.dialect.placeholder
+            sets = ", ".join(f"{quote(n)} = {p}" for n in names)
+            sql = self._statements[key] = f"UPDATE {self.table} SET {sets} WHERE id = {p}"
         return sql
-
-    @staticmethod
-    def update_by_id_sql(table: str, names: tuple[str, ...], placeholder: str) -> str:
-        """:meth:`update_by_id` of the (quoted) ``table``."""
-        sets = ", ".join(f"{quote(n)} = {placeholder}" for n in names)
-        return f"UPDATE {table} SET {sets} WHERE id = {placeholder}"
 
     def row_params(self, rows: Iterable[Record]) -> list[list[Any]]:
         """Whole rows as :meth:`insert` of ``[id, *fields]`` binds them (a missing id is

@@ -199,10 +199,10 @@ class _RowsStatement:
         return _RowsStatement(one, head + " VALUES ")
 
     @staticmethod
-    def update(table: str, names: tuple[str, ...]) -> _RowsStatement:
-        """``names`` then the id, per row (as :meth:`Compiler.grouped_updates` binds them)."""
+    def update(table: str, names: tuple[str, ...], one: str) -> _RowsStatement:
+        """``one``, :meth:`Compiler.update_by_id` of ``names`` (the values, then the id, per
+        row, as :meth:`Compiler.grouped_updates` binds them)."""
         sets = ", ".join(f"{quote(n)} = v.column{i + 1}" for i, n in enumerate(names))
-        one = Compiler.update_by_id_sql(table, names, "?")
         head = f"UPDATE {table} SET {sets} FROM (VALUES "
         return _RowsStatement(one, head, f") AS v WHERE {table}.id = v.column{len(names) + 1}")
 
@@ -809,8 +809,8 @@ class SqliteAdapter(Adapter):
         insert = _RowsStatement.insert(self._sql.insert(list(self._columns))) if inserts else None
         insert_columns = self._columns
         updates = [
-            (names, _RowsStatement.update(self._sql.table, names), rows)
-            for names, _, rows in self._sql.grouped_updates(changes.updates)
+            (names, _RowsStatement.update(self._sql.table, names, one), rows)
+            for names, one, rows in self._sql.grouped_updates(changes.updates)
         ]
         deletes = changes.deletes
         metas = [(k, check_meta(k, v)) for k, v in changes.meta.items()]
