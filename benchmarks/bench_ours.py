@@ -479,6 +479,46 @@ async def dispatch(store: StoreFactory, count: int, upcast: bool) -> Figures:
     }
 
 
+async def upcast_pairs(
+    log: StoreFactory,
+    head: int,
+    dispatch_stores: list[StoreFactory],
+    count: int,
+    cap: float,
+    pairs: int,
+) -> Figures:
+    """One upcast step against none, ``pairs`` times, each pair's two runs back to back in
+    this process (seconds apart, not a process start and minutes apart: the machine's load
+    moves less between them than a 10 % difference), the first run of each pair alternating:
+    a catch-up of the create-only callable aggregate on ``log`` (``head`` events; each run an
+    aggregate of its own), then the dispatch of ``count`` events (each run a store of its own,
+    two per pair from ``dispatch_stores``). Answers each job's runs in order, with and without
+    the step, and each pair's ratio."""
+    runs: dict[str, dict[str, list[Figures]]] = {
+        job: {"with": [], "without": []} for job in ("catch_up", "dispatch")
+    }
+    for pair in range(pairs):
+        order = (False, True) if pair % 2 == 0 else (True, False)
+        for upcast in order:
+            side = "with" if upcast else "without"
+            figures = await catch_up(log, "create", False, head, cap, upcast, pair)
+            runs["catch_up"][side].append(figures)
+        for upcast in order:
+            side = "with" if upcast else "without"
+            store = dispatch_stores[2 * pair + int(upcast)]
+            runs["dispatch"][side].append(await dispatch(store, count, upcast))
+    return {
+        job: {
+            **sides,
+            "ratios": [
+                float(a["per_second"]) / float(b["per_second"])
+                for a, b in zip(sides["with"], sides["without"], strict=True)
+            ],
+        }
+        for job, sides in runs.items()
+    }
+
+
 @dataclass
 class Reads:
     latencies: list[float] = field(default_factory=list)

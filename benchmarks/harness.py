@@ -248,20 +248,15 @@ def measure(
         )  # fmt: skip
     if want("catch_up"):
         r["ours.replay"] = run_job("ours", "replay", log, head=head, cap=s.catch_up_cap)
-    # ---- versions: one upcast step against none, in turn, on the same log (UPCAST_ROUNDS
-    # rounds in alternating order; the share is the median of each round's ratio of the two
-    # runs made back to back, which the machine's drift between rounds cancels out of); then a
-    # version bump
-    for round_ in range(UPCAST_ROUNDS if want("upcast") else 0):
-        for upcast in (False, True) if round_ % 2 == 0 else (True, False):
-            best(f"ours.upcast.catch_up.{upcast}", run_job(
-                "ours", "catch_up", log, shape="create", as_action=False, head=head,
-                cap=s.catch_up_cap, upcast=upcast, round=round_,
-            ))  # fmt: skip
-            best(f"ours.upcast.dispatch.{upcast}", run_job(
-                "ours", "dispatch", stores.fresh(f"dispatch{int(upcast)}r{round_}"),
-                count=s.catch_up_events, upcast=upcast,
-            ))  # fmt: skip
+    # ---- versions: one upcast step against none, UPCAST_PAIRS pairs of runs in one process,
+    # each pair back to back (see bench_ours.upcast_pairs); then a version bump
+    if want("upcast"):
+        paired = run_job(
+            "ours", "upcast_pairs", log, head=head, count=s.catch_up_events,
+            cap=s.catch_up_cap, pairs=UPCAST_PAIRS,
+            dispatch_stores=[stores.fresh(f"dispatch{i}") for i in range(2 * UPCAST_PAIRS)],
+        )  # fmt: skip
+        r.update(upcast_results(paired))
     if want("rebuild"):
         r["ours.rebuild"] = run_job("ours", "rebuild", log, head=head)
     if want("per_entity"):
@@ -627,9 +622,9 @@ def build_rows(backend: str, r: dict[str, dict[str, Any]], sizes: Sizes) -> list
         share = statistics.median(shares) if shares else None
         rows.append(Row(
             f"{label} {n:,} ev, one upcast step, as a share of none (median of "
-            f"{len(shares)} rounds)", "x", share,
+            f"{len(shares)} pairs)", "x", share,
             targets=[(">= 0.9x", lambda row: None if row.ours is None else row.ours >= 0.9)],
-            note="rounds " + " ".join(fmt_ratio(x) for x in shares) + "; best "
+            note="pairs " + " ".join(fmt_ratio(x) for x in shares) + "; best "
             f"{fmt(get(r, f'ours.upcast.{what}.True', 'per_second'), '/s')} vs "
             f"{fmt(get(r, f'ours.upcast.{what}.False', 'per_second'), '/s')}",
         ))  # fmt: skip
@@ -748,14 +743,27 @@ def rebuild_rows(r: dict[str, dict[str, Any]], key: str) -> list[Row]:
     ]  # fmt: skip
 
 
-UPCAST_ROUNDS: Final = 3
+UPCAST_PAIRS: Final = 7
+
+
+def upcast_results(paired: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``upcast_pairs`` job's runs as results by job key (``ours.upcast.<job>.<step>``):
+    the fastest run, with every run of that side in ``rounds`` (pair by pair)."""
+    out: dict[str, dict[str, Any]] = {}
+    for job in ("catch_up", "dispatch"):
+        for step, side in ((True, "with"), (False, "without")):
+            runs = (paired.get(job) or {}).get(side) or []
+            if runs:
+                kept = max(runs, key=lambda x: float(x.get("per_second") or 0.0))
+                out[f"ours.upcast.{job}.{step}"] = {**kept, "rounds": runs}
+    return out
 
 
 def upcast_shares(r: dict[str, dict[str, Any]], what: str) -> list[float]:
-    """Each round's rate with one upcast step over the rate without (the runs of a round were
-    made one after the other)."""
+    """Each pair's rate with one upcast step over the rate without (the two runs of a pair
+    were made back to back in one process)."""
     entries = (r.get(f"ours.upcast.{what}.{step}") or {} for step in (True, False))
-    # A result made without rounds (one run of each) is one round.
+    # A result made without rounds (one run of each) is one pair.
     with_step, without = (e.get("rounds") or ([e] if e else []) for e in entries)
     return [
         float(a["per_second"]) / float(b["per_second"])

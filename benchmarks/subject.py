@@ -92,6 +92,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 p.get("round", 0),
             ),
             "dispatch": lambda: ours.dispatch(factory, p["count"], p["upcast"]),
+            "upcast_pairs": lambda: ours.upcast_pairs(
+                factory,
+                p["head"],
+                [store_factory(each) for each in p["dispatch_stores"]],
+                p["count"],
+                p["cap"],
+                p["pairs"],
+            ),
             "rebuild": lambda: ours.rebuild(factory, p["head"]),
             "replay": lambda: ours.replay(factory, p["head"], p["cap"], report),
             "replay_large": lambda: ours.replay_large(

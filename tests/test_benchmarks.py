@@ -67,14 +67,18 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert r["ours.replay"]["events"] == 60
     assert r["ours.replay"]["complete"]
 
-    for upcast in (False, True):
-        key = f"ours.upcast.catch_up.{upcast}"
-        r[key] = await ours.catch_up(log, "create", False, head=60, cap=60, upcast=upcast)
-        assert r[key]["correct"], key
-        key = f"ours.upcast.dispatch.{upcast}"
-        r[key] = await ours.dispatch(stores.sqlite(tmp_path / key), 40, upcast)
-        assert r[key]["heard"] == 40, key
-        assert r[key]["per_second"] > 0, key
+    pairs = await ours.upcast_pairs(
+        log, 60, [stores.sqlite(tmp_path / f"dispatch{i}") for i in range(4)], 40, 60, 2
+    )
+    for job in ("catch_up", "dispatch"):
+        assert len(pairs[job]["ratios"]) == 2, job
+        assert all(ratio > 0 for ratio in pairs[job]["ratios"]), job
+    sides = ("with", "without")
+    assert all(run["correct"] for side in sides for run in pairs["catch_up"][side])
+    assert all(run["heard"] == 40 for side in sides for run in pairs["dispatch"][side])
+    r.update(harness.upcast_results(pairs))
+    for job in ("catch_up", "dispatch"):
+        assert harness.upcast_shares(r, job) == pytest.approx(pairs[job]["ratios"]), job
     r["ours.rebuild"] = await ours.rebuild(log, head=60)
     assert r["ours.rebuild"]["reads_failed"] == 0
     assert r["ours.rebuild"]["rebuild_seconds"] > 0
@@ -113,6 +117,7 @@ async def test_benchmark_scenarios_run_and_fill_the_table(tmp_path: Path) -> Non
     assert "catch-up 60 ev, read-then-update, callable" in text
     assert "version-bump rebuild 60 ev, as a share of replay" in text
     assert "ack -> visible p99" in text
+    assert "dispatch 60 ev, one upcast step, as a share of none (median of 2 pairs)" in text
     assert "per-entity 300 rows, 120 deposits" in text
     assert "appends with idempotency keys, 64 callers" in text
     assert "keyed appends into a log of 25,000, 1 caller" in text
