@@ -53,12 +53,12 @@ What it fixes (each has a regression test in ``tests/broker/test_compat.py``):
   (the same context fields: level, request id, parent id, caller, tracing and parent span
   from ``parent_ctx``; the max call level; endpoint selection with that context, so the batch
   routing below still applies; params validation; the error logged and raised), but the
-  context is built directly (:func:`local_context`: the same slots the constructor sets, set
-  in one C loop), with an id made from a per-broker random prefix and a counter in UUID form
-  instead of a fresh ``uuid4`` each (a uuid4 was about a quarter of a local call's cost). A
-  transformation's ``find {key: value}`` of its own aggregate, for a value its batch
-  prefetched, is answered from the batch before any context is made
-  (:func:`answer_batch_finds`). Every other call is MoleculerPy's own.
+  context is built directly (:func:`local_context`: the same slots the constructor sets,
+  stored on an object of Context's layout that then becomes a Context), with an id made from
+  a per-broker random prefix and a counter in UUID form instead of a fresh ``uuid4`` each (a
+  uuid4 was about a quarter of a local call's cost). A transformation's ``find {key: value}``
+  of its own aggregate, for a value its batch prefetched, is answered from the batch before
+  any context is made (:func:`answer_batch_finds`). Every other call is MoleculerPy's own.
 * **timeouts** — ``broker.call(..., timeout=x)`` ignored ``x`` for a remote call (30 s default)
   and raised the builtin ``TimeoutError``; now ``x`` applies and
   :class:`moleculerpy.errors.RequestTimeoutError` (code 504) is raised. A local call's
@@ -90,10 +90,8 @@ import time
 import traceback
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import lru_cache
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from moleculerpy.context import Context
@@ -244,16 +242,49 @@ class _NodeEndpoint:
         self.is_local = False
 
 
-# Context's slots in the order its __init__ sets them, and what a local call sets them to
-# beyond the values it passes (see local_context).
-_CONTEXT_SLOTS: Final = (
+# Context's slots, as local_context sets them (any other set of slots: the constructor).
+_CONTEXT_SLOTS: Final = frozenset((
     "id", "level", "request_id", "action", "params", "meta", "parent_id", "timeout", "_broker",
     "node_id", "caller", "tracing", "event", "stream", "service", "need_ack", "ack_id", "seq",
     "span", "_span_stack", "cached_result", "options", "fallback_result", "_params", "_extra",
-)  # fmt: skip
-_CONTEXT_REST: Final = (None, False, None, None, None, None, None)  # event .. span
-_CONTEXT_TAIL: Final = (False, None, False, None, None)  # cached_result .. _extra
-_FAST_CONTEXT: Final = frozenset(_CONTEXT_SLOTS) == frozenset(Context.__slots__)
+))  # fmt: skip
+_FAST_CONTEXT: Final = frozenset(Context.__slots__) == _CONTEXT_SLOTS
+
+
+class _ContextLayout:
+    """Context's slots in Context's layout (its own ``__slots__``), without the
+    ``__setattr__`` Context has (which sends every store through a Python call): an instance
+    is filled by plain attribute stores, then made a Context by ``__class__`` assignment,
+    which CPython allows between two classes of one layout. Measured here: 0.9 us, against
+    4.9 us for the same 25 slots set through ``object.__setattr__`` and 9 us for the
+    constructor."""
+
+    __slots__ = Context.__slots__
+    id: Any
+    level: int
+    request_id: Any
+    action: Any
+    params: Any
+    meta: Any
+    parent_id: Any
+    timeout: Any
+    _broker: Any
+    node_id: Any
+    caller: Any
+    tracing: Any
+    event: Any
+    stream: bool
+    service: Any
+    need_ack: Any
+    ack_id: Any
+    seq: Any
+    span: Any
+    _span_stack: list[Any]
+    cached_result: bool
+    options: Any
+    fallback_result: Any
+    _params: Any
+    _extra: Any
 
 
 def local_context(
@@ -271,26 +302,44 @@ def local_context(
 ) -> Context:
     """The context ``Context(id=context_id, action=action, params=params, meta=meta,
     broker=broker, level=level, request_id=request_id, parent_id=parent_id, timeout=timeout,
-    node_id=broker.nodeID, caller=caller, tracing=tracing)`` makes, its 25 slots set in one
-    C loop (``map``) rather than one bytecode call each: a third cheaper, and made once per
-    local call. (MoleculerPy's NewType wrappers are the identity; ``level`` is at least 1
-    here.) If MoleculerPy's Context ever has other slots, its own constructor is used."""
+    node_id=broker.nodeID, caller=caller, tracing=tracing)`` makes, its 25 slots set as plain
+    attribute stores (:class:`_ContextLayout`): made once per local call. (MoleculerPy's
+    NewType wrappers are the identity; ``level`` is at least 1 here.) If MoleculerPy's Context
+    ever has other slots, its own constructor is used."""
     if not _FAST_CONTEXT:
         return Context(
             id=context_id, action=action, params=params, meta=meta, broker=broker, level=level,
             request_id=request_id, parent_id=parent_id, timeout=timeout,
             node_id=broker.nodeID, caller=caller, tracing=tracing,
         )  # fmt: skip
-    context: Context = object.__new__(Context)
-    values: tuple[Any, ...] = (
-        context_id, level, request_id, action, params or {}, meta or {}, parent_id, timeout,
-        weakref.ref(broker), broker.nodeID, caller, tracing, *_CONTEXT_REST, [], *_CONTEXT_TAIL,
-    )  # fmt: skip
-    _consume(map(object.__setattr__, repeat(context, len(values)), _CONTEXT_SLOTS, values))
-    return context
-
-
-_consume: Final = deque[Any](maxlen=0).extend
+    context = _ContextLayout()
+    context.id = context_id
+    context.level = level
+    context.request_id = request_id
+    context.action = action
+    context.params = params or {}
+    context.meta = meta or {}
+    context.parent_id = parent_id
+    context.timeout = timeout
+    context._broker = weakref.ref(broker)
+    context.node_id = broker.nodeID
+    context.caller = caller
+    context.tracing = tracing
+    context.event = None
+    context.stream = False
+    context.service = None
+    context.need_ack = None
+    context.ack_id = None
+    context.seq = None
+    context.span = None
+    context._span_stack = []
+    context.cached_result = False
+    context.options = None
+    context.fallback_result = False
+    context._params = None
+    context._extra = None
+    object.__setattr__(context, "__class__", Context)
+    return cast(Context, context)
 
 
 def _state(broker: ServiceBroker) -> _Compat:

@@ -410,8 +410,10 @@ class Projector:
                 view = BatchView(self.adapter, self.ids, after=after)
                 # The next batch's events, and the rows its keys name, are read while this
                 # one's transformations run.
-                ahead = asyncio.ensure_future(
-                    self._read_ahead(int(read.events[-1]["id"]), writing, view)
+                ahead = asyncio.Task(
+                    self._read_ahead(int(read.events[-1]["id"]), writing, view),
+                    loop=asyncio.get_running_loop(),
+                    eager_start=True,
                 )
                 batch = await self._prepare(
                     self.adapter, self.dead_letters, read.events, expected, self.ids, view=view,
@@ -460,7 +462,8 @@ class Projector:
 
     def _start_write(self, batch: _Batch) -> _Writing:
         batch.view.writing = True
-        return _Writing(batch, asyncio.ensure_future(self._write(batch)))
+        task = asyncio.Task(self._write(batch), loop=asyncio.get_running_loop(), eager_start=True)
+        return _Writing(batch, task)
 
     async def _landed(self, writing: _Writing) -> None:
         self.checkpoint = await writing.task
@@ -535,7 +538,6 @@ class Projector:
         the events before a halting one."""
         view, ids, dead, failures = batch.view, batch.ids, batch.dead, batch.failures
         also = [(batch.dead_letters, Changes(inserts=dead))] if dead else []
-        await asyncio.sleep(0)  # a backend that never suspends (memory) still lets others in
         try:
             await batch.target.apply(
                 view.changes(), advance=(CHECKPOINT_KEY, batch.expected, batch.last), also=also
@@ -934,7 +936,8 @@ class KeyedRun:
         self.units = units
         self.token = token
         self.size = size
-        self.applied = [asyncio.Event() for _ in units]
+        self.applied = 0  # units before this one have been applied (a prefix: log order)
+        self._waiting: dict[int, list[asyncio.Future[None]]] = {}  # unit -> who waits for it
         self.failures: list[TransformFailed | None] = [None] * len(units)
         self.halted = False
         self.slots = _Slots(max(projector.concurrency, 1))
@@ -1003,20 +1006,31 @@ class KeyedRun:
 
     async def _one(self, i: int, dep: int) -> None:
         event, binding = self.units[i]
-        if dep >= 0:
-            await self.applied[dep].wait()
+        if dep >= self.applied:
+            await self._until_applied(dep)
         first: Outcome | None = None
         if not self.halted:
             first = await self._first_try(event, binding)
-        if i > 0:
-            await self.applied[i - 1].wait()
+        if i > self.applied:
+            await self._until_applied(i - 1)
         if not self.halted:
             self.view.begin_event(event["id"])
             failure = await self.p._unit(self.view, event, binding, self.token, self.size, first)
             self.failures[i] = failure
             if failure is not None and self.p.on_error == "halt":
                 self.halted = True
-        self.applied[i].set()
+        # Unit i is applied after unit i - 1 (it waited above): the applied units stay a prefix.
+        self.applied = i + 1
+        for waiter in self._waiting.pop(i, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until_applied(self, i: int) -> None:
+        """Until unit ``i`` has been applied (a future per waiter, as ``asyncio.Event`` has:
+        one waiter cancelled leaves the others waiting)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(i, []).append(waiter)
+        await waiter
 
 
 def _drop(future: asyncio.Future[Any]) -> None:
