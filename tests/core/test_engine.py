@@ -741,7 +741,7 @@ async def test_a_batchs_write_is_handed_to_the_store_before_the_next_batch_trans
             return await transform(binding, event, *args)
 
         projector.adapter.apply = recorded_write  # type: ignore[method-assign]
-        projector._transform = recorded_transform  # type: ignore[method-assign]
+        projector._transform = recorded_transform  # type: ignore[method-assign, assignment]
         async with held(runtime):
             projector.batch_size = 40
             projector.pipeline_seconds = 3600.0  # one step for the whole log
