@@ -492,8 +492,8 @@ async def upcast_pairs(
     moves less between them than a 10 % difference), the first run of each pair alternating:
     a catch-up of the create-only callable aggregate on ``log`` (``head`` events; each run an
     aggregate of its own), then the dispatch of ``count`` events (each run a store of its own,
-    two per pair from ``dispatch_stores``). Answers each job's runs in order, with and without
-    the step, and each pair's ratio."""
+    two per pair from ``dispatch_stores``). Answers each job's runs in pair order, with and
+    without the step (``harness.upcast_shares`` divides them)."""
     runs: dict[str, dict[str, list[Figures]]] = {
         job: {"with": [], "without": []} for job in ("catch_up", "dispatch")
     }
@@ -507,16 +507,7 @@ async def upcast_pairs(
             side = "with" if upcast else "without"
             store = dispatch_stores[2 * pair + int(upcast)]
             runs["dispatch"][side].append(await dispatch(store, count, upcast))
-    return {
-        job: {
-            **sides,
-            "ratios": [
-                float(a["per_second"]) / float(b["per_second"])
-                for a, b in zip(sides["with"], sides["without"], strict=True)
-            ],
-        }
-        for job, sides in runs.items()
-    }
+    return runs
 
 
 @dataclass

@@ -402,7 +402,7 @@ class Projector:
         until = time.monotonic() + seconds
         writing: _Writing | None = None
         ahead: asyncio.Future[_Ahead] | None = None
-        read = _Ahead(events, None, {})
+        read = _Ahead(events, self._units(events), {})
         try:
             while read.events:
                 after = None if writing is None else writing.batch.view
@@ -872,7 +872,7 @@ class _Ahead:
     """The next batch, read while one is transformed (:meth:`Projector._read_ahead`)."""
 
     events: list[Record]
-    units: list[Unit] | None  # None: not made yet
+    units: list[Unit]
     early: dict[str, EarlyRows]
 
 
