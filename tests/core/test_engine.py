@@ -714,50 +714,6 @@ async def test_batches_overlap_their_writes_and_see_each_others_effects(
     assert len(rows) == len(totals)
 
 
-async def test_a_batchs_write_is_handed_to_the_store_before_the_next_batch_transforms(
-    make_store: MakeStore,
-) -> None:
-    """The pipeline overlaps a batch's write with the next batch's transformations only if the
-    write is under way as they run: it is handed to the store as the batch ends, not at the
-    event loop's next turn (which a keyed batch whose reads are all prefetched, and so never
-    waits, does not take until it ends)."""
-    accounts, service = _accounts_service(make_store, "accountId", None)
-    order: list[tuple[str, int]] = []
-    async with running_broker(service()) as broker:
-        runtime = accounts.runtime(broker)
-        for i in range(200):  # the accounts, each row there before the timed deposits
-            await broker.call("bank.deposit", {"accountId": f"acc{i}", "amount": 1})
-        await asyncio.wait_for(runtime.wait_caught_up(200), 30)
-        projector = runtime.projector
-        assert projector is not None
-        write, transform = projector.adapter.apply, projector._transform
-
-        async def recorded_write(changes: Any, **kwargs: Any) -> None:
-            order.append(("write", kwargs["advance"][2]))
-            await write(changes, **kwargs)
-
-        async def recorded_transform(binding: Any, event: dict[str, Any], *args: Any) -> Any:
-            order.append(("transform", int(event["id"])))
-            return await transform(binding, event, *args)
-
-        projector.adapter.apply = recorded_write  # type: ignore[method-assign]
-        projector._transform = recorded_transform  # type: ignore[method-assign, assignment]
-        async with held(runtime):
-            projector.batch_size = 40
-            projector.pipeline_seconds = 3600.0  # one step for the whole log
-            for i in range(200):
-                await broker.call("bank.deposit", {"accountId": f"acc{i}", "amount": 2})
-        await asyncio.wait_for(runtime.wait_caught_up(400), 30)
-        balances = {r["accountId"]: r["balance"] for r in await broker.call("accounts.find", {})}
-    assert balances == {f"acc{i}": 3 for i in range(200)}
-    writes = [position for kind, position in order if kind == "write"]
-    assert writes == [240, 280, 320, 360, 400]
-    for written in writes[:-1]:
-        handed = order.index(("write", written))
-        # Every transformation of the batch after it comes later.
-        assert all(("transform", e) in order[handed:] for e in range(written + 1, written + 41))
-
-
 async def test_a_key_field_must_be_a_declared_field(tmp_path: Path) -> None:
     factory = stores.sqlite(tmp_path / "db")
     accounts = Aggregate("accounts", stores.with_fields(factory, ACCOUNT_FIELDS))

@@ -428,14 +428,6 @@ class MemoryAdapter(Adapter):
         if not isinstance(other, MemoryAdapter) or other._database is not self._database:
             raise ConfigurationError(f"{other.name!r} is not a table of {self.name!r}'s database")
 
-    async def _apply(
-        self, work: list[tuple[Adapter, Changes]], advance: tuple[str, int, int] | None
-    ) -> None:
-        # On every other backend a write is a trip away (a thread, a server), and the caller's
-        # other tasks run meanwhile: here too, so that they interleave as they do there.
-        await asyncio.sleep(0)
-        await super()._apply(work, advance)
-
     async def _apply_rows(self, changes: Changes) -> None:
         async with self._unit() as tx:
             work = tx.work(self.name)
