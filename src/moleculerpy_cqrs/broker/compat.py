@@ -841,13 +841,16 @@ class _Compat:
         self, action_name: str, params: dict[str, Any], meta: dict[str, Any], context_id: str
     ) -> Any:
         """One call of ``$cqrs.callMany``, served as an incoming request of its own would be
-        (no balancing, and a context id made from the request's, not a new uuid)."""
+        (no balancing, and a context id made from the request's, not a new uuid): its context
+        is the one ``Lifecycle.create_context`` makes for a root call, made the cheap way
+        (:func:`local_context`)."""
         endpoint = self._local_action(action_name)
         if endpoint is None:
             raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
-        ctx = self.broker.lifecycle.create_context(
-            context_id=context_id, action=action_name, params=params, meta=meta
-        )
+        ctx = local_context(
+            self.broker, context_id, action_name, params, meta, 1, context_id, None, None, None,
+            None,
+        )  # fmt: skip
         try:
             return await self._run_request(action_name, ctx, endpoint)
         except Exception as error:

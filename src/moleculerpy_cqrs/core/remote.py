@@ -231,12 +231,18 @@ class Pipeline:
         self._seq += 1
         self._ramp = min(self._ramp * 2, MAX_CALLS)
         self.node = node
-        task = asyncio.create_task(
+        # Sent now (an eager task: its request is made and handed to the transporter before
+        # this returns), then one turn of the event loop, so that the transporter's writer
+        # puts it on the wire: the projector may run answers for a while without letting the
+        # loop turn, and the serving node would wait for the request all that time.
+        task = asyncio.Task(
             self.port.call_many(
                 node, numbered, serial=True, fields=self.view.fields, known=known, session=session
-            )
-        )
+            ),
+            loop=asyncio.get_running_loop(), eager_start=True,
+        )  # fmt: skip
         self._out.append(_Sent(start, items, head, task))
+        await asyncio.sleep(0)
 
     async def answers(self) -> tuple[int, bool, list[tuple[Outcome, list[Read] | None]], bool]:
         """The oldest request's answers: (its first unit's place, whether it is a head, each
