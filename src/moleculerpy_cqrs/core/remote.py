@@ -211,7 +211,8 @@ class Pipeline:
         return None if field is None else await key_rows(self.view, field, value)
 
     async def send(self, node: str, start: int, calls: Sequence[ManyCall]) -> None:
-        """Send ``calls`` (the units from ``start`` on) to ``node``."""
+        """Send ``calls`` (the units from ``start`` on, each made for this send: its meta
+        gets its number here) to ``node``."""
         head = not self._out
         if head:  # nothing before ``start`` is unapplied: a new session
             self._session, self._seq, self._ramp = secrets.token_hex(8), 0, FIRST_CHUNK
@@ -222,10 +223,8 @@ class Pipeline:
             else:
                 self._item += 1
                 items.append(self._item)
-        numbered = [
-            ManyCall(c.action, c.params, {**c.meta, ITEM_KEY: n}, c.rows, c.kind)
-            for c, n in zip(calls, items, strict=True)
-        ]
+        for call, n in zip(calls, items, strict=True):
+            call.meta[ITEM_KEY] = n
         known = await self.reads.known(self.view) if head else []
         session = (self._session, self._seq)
         self._seq += 1
@@ -237,7 +236,7 @@ class Pipeline:
         # loop turn, and the serving node would wait for the request all that time.
         task = asyncio.Task(
             self.port.call_many(
-                node, numbered, serial=True, fields=self.view.fields, known=known, session=session
+                node, calls, serial=True, fields=self.view.fields, known=known, session=session
             ),
             loop=asyncio.get_running_loop(), eager_start=True,
         )  # fmt: skip
