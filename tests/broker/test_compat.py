@@ -500,6 +500,31 @@ async def test_a_local_calls_context_is_the_one_moleculerpys_constructor_makes(
     assert fast.parent_span == "span"
 
 
+async def test_a_batch_caller_calls_the_local_handler_as_broker_call_would(
+    memory: Cluster,
+) -> None:
+    chain = Chain()
+    broker = await memory.node("host", chain)
+    caller = compat.batch_caller(broker, "chain.inner")
+    assert caller is not None
+    assert await caller({"n": 3}, {"m": 1}) == {"n": 3, "meta": {"m": 1}}
+    assert await caller({"n": 4}, {}) == {"n": 4, "meta": {}}
+    first, second = chain.seen
+    assert (first.level, second.level) == (1, 1)  # root calls, each with a context of its own
+    assert str(first.request_id) == str(first.id) != str(second.id)
+    assert first.node_id == broker.nodeID
+    assert first.parent_id is None
+    await broker.call("chain.inner", {"n": 5})
+    assert chain.seen[-1].id[:24] == first.id[:24]  # ids made as broker.call makes them
+    with pytest.raises(ValidationError):  # the action's params schema still applies
+        await caller({"n": "three"}, {})
+    with pytest.raises(ConflictError):  # and a handler's error arrives as raised
+        await caller({"n": -1}, {})
+    assert compat.batch_caller(broker, "nobody.here") is None  # served here by nobody
+    broker.settings.max_call_level = 1  # even a root call is refused: left to broker.call
+    assert compat.batch_caller(broker, "chain.inner") is None
+
+
 async def test_a_local_call_is_refused_past_the_max_call_level(memory: Cluster) -> None:
     class Loop(Service):
         name = "loop"

@@ -342,6 +342,46 @@ def local_context(
     return cast(Context, context)
 
 
+def batch_caller(
+    broker: ServiceBroker, action_name: str
+) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]] | None:
+    """A function that calls ``action_name`` as ``broker.call(action_name, params, meta)``
+    does for a projector's batch (``meta`` names it), when this node serves the action: the
+    registry sends such a call here whatever ``prefer_local`` says (:class:`_BatchReadRouting`),
+    so the endpoint is found once, not per call. Each call gets a root context of its own
+    (:func:`local_context`), its params are checked as the action declares, and an error is
+    logged as a local call's is. None when no local service serves it."""
+    install(broker)
+    state = _state(broker)
+    max_level = cast(Any, broker).settings.max_call_level
+    if 0 < max_level <= 1:  # even a root call is refused: broker.call says so
+        return None
+    endpoint = state._local_action(action_name)
+    handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
+    if endpoint is None or handler is None:
+        return None
+    checker = endpoint._compiled_checker
+    schema = endpoint.params_schema
+    validator = cast(Any, broker)._validator
+
+    async def call(params: dict[str, Any], meta: dict[str, Any]) -> Any:
+        context_id = f"{state.id_prefix}{next(state.id_counter) & 0xFFFFFFFFFFFF:012x}"
+        ctx = local_context(
+            broker, context_id, action_name, params, meta, 1, context_id, None, None, None, None
+        )
+        try:
+            if checker is not None:
+                checker(ctx.params)
+            elif schema and validator is not None:
+                validator.validate(ctx.params, schema)
+            return await handler(ctx)
+        except Exception as e:
+            state.logger.error(f"Error in local action {action_name}: {e}")
+            raise
+
+    return call
+
+
 def _state(broker: ServiceBroker) -> _Compat:
     return cast(_Compat, getattr(broker, _STATE_ATTR))
 

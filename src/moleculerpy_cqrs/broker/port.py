@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from moleculerpy import ServiceBroker
 
 from moleculerpy_cqrs.broker import compat, remote
-from moleculerpy_cqrs.core.port import ManyAnswers, ManyCall
+from moleculerpy_cqrs.core.port import BatchCaller, ManyAnswers, ManyCall
 
 
 class MoleculerPort:
@@ -20,6 +21,10 @@ class MoleculerPort:
         self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Any:
         return await self.broker.call(action, params, meta or {})
+
+    def batch_caller(self, action: str) -> BatchCaller:
+        local = compat.batch_caller(self.broker, action)
+        return partial(self.call, action) if local is None else local
 
     def batch_node(self, action: str) -> str | None:
         endpoints = self.broker.registry.get_all_actions(action)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,11 +46,21 @@ class ManyAnswers:
     reads: list[list[Read] | None] = field(default_factory=list)
 
 
+BatchCaller = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
+"""Calls one action with (params, meta): see :meth:`BrokerPort.batch_caller`."""
+
+
 class BrokerPort(Protocol):
     async def call(
         self, action: str, params: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Any:
         """Call an action; raise its error."""
+
+    def batch_caller(self, action: str) -> BatchCaller:
+        """A function that calls ``action`` for a projector's batch (``meta`` names the
+        batch) as :meth:`call` would, resolved now: when this node serves the action, its
+        handler, called with a new context each time, with no look-up per call; else
+        :meth:`call`. Good for one batch (services may come and go between batches)."""
 
     def batch_node(self, action: str) -> str | None:
         """The other node that would serve ``action`` and runs many calls in one request

@@ -28,7 +28,7 @@ from moleculerpy_cqrs.core.batch import BatchView, EarlyRows, IdCounter
 from moleculerpy_cqrs.core.joins import BatchToken, OpenBatches
 from moleculerpy_cqrs.core.lease import Lease
 from moleculerpy_cqrs.core.log import EventLog, Wakeup
-from moleculerpy_cqrs.core.port import BrokerPort, ManyCall, Outcome
+from moleculerpy_cqrs.core.port import BatchCaller, BrokerPort, ManyCall, Outcome
 from moleculerpy_cqrs.core.records import EventType, delivered, now_ms
 from moleculerpy_cqrs.core.slices import key_field, prefetch_keys, read_keys_early
 from moleculerpy_cqrs.core.states import ProjectorState
@@ -176,6 +176,9 @@ class Projector:
         # Serial requests to other nodes: their size, and the reads they answer there.
         self._chunk = remote.ChunkSizer()
         self._reads = remote.ReadSet()
+        # The transformation actions' callers, found for the batch whose token this is.
+        self._callers_for: BatchToken | None = None
+        self._callers: dict[str, BatchCaller] = {}
 
     # ------------------------------------------------------------------ control
 
@@ -743,8 +746,18 @@ class Projector:
     ) -> Any:
         if isinstance(binding.transform, str):
             call_meta = {**meta, **token.meta()}
-            return await self.port.call(binding.transform, event, call_meta)
+            return await self._caller(binding.transform, token)(event, call_meta)
         return await binding.transform(event)
+
+    def _caller(self, action: str, token: BatchToken) -> BatchCaller:
+        """The function that calls ``action`` for ``token``'s batch, found once per batch
+        (:meth:`BrokerPort.batch_caller`)."""
+        if self._callers_for is not token:
+            self._callers_for, self._callers = token, {}
+        caller = self._callers.get(action)
+        if caller is None:
+            caller = self._callers[action] = self.port.batch_caller(action)
+        return caller
 
     async def _report(self, event: Record, failure: TransformFailed) -> None:
         kind = "create" if failure.binding.kind == "create_many" else failure.binding.kind
