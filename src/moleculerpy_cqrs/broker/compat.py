@@ -342,6 +342,16 @@ def local_context(
     return cast(Context, context)
 
 
+def root_context(
+    broker: Any, context_id: str, action: Any, params: dict[str, Any], meta: dict[str, Any]
+) -> Context:
+    """The context ``Lifecycle.create_context`` makes for a root call (level 1, its own id
+    as its request id), made the cheap way (:func:`local_context`)."""
+    return local_context(
+        broker, context_id, action, params, meta, 1, context_id, None, None, None, None
+    )
+
+
 def batch_caller(
     broker: ServiceBroker, action_name: str
 ) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]] | None:
@@ -349,35 +359,21 @@ def batch_caller(
     does for a projector's batch (``meta`` names it), when this node serves the action: the
     registry sends such a call here whatever ``prefer_local`` says (:class:`_BatchReadRouting`),
     so the endpoint is found once, not per call. Each call gets a root context of its own
-    (:func:`local_context`), its params are checked as the action declares, and an error is
-    logged as a local call's is. None when no local service serves it."""
+    (:func:`root_context`) and runs as a local ``broker.call`` runs it (:meth:`_Compat.run_local`:
+    params checked, an error logged and raised). None when no local service serves it."""
     install(broker)
     state = _state(broker)
     max_level = cast(Any, broker).settings.max_call_level
     if 0 < max_level <= 1:  # even a root call is refused: broker.call says so
         return None
-    endpoint = state._local_action(action_name)
-    handler = None if endpoint is None else endpoint.wrapped_handler or endpoint.handler
-    if endpoint is None or handler is None:
+    found = state._local_action(action_name)
+    if found is None or (found.wrapped_handler or found.handler) is None:
         return None
-    checker = endpoint._compiled_checker
-    schema = endpoint.params_schema
-    validator = cast(Any, broker)._validator
 
     async def call(params: dict[str, Any], meta: dict[str, Any]) -> Any:
-        context_id = f"{state.id_prefix}{next(state.id_counter) & 0xFFFFFFFFFFFF:012x}"
-        ctx = local_context(
-            broker, context_id, action_name, params, meta, 1, context_id, None, None, None, None
-        )
-        try:
-            if checker is not None:
-                checker(ctx.params)
-            elif schema and validator is not None:
-                validator.validate(ctx.params, schema)
-            return await handler(ctx)
-        except Exception as e:
-            state.logger.error(f"Error in local action {action_name}: {e}")
-            raise
+        context_id = state.context_id()
+        context = root_context(broker, context_id, action_name, params, meta)
+        return await state.run_local(action_name, found, context)
 
     return call
 
@@ -640,7 +636,7 @@ class _Compat:
         max_level = broker.settings.max_call_level
         if max_level > 0 and level >= max_level:
             raise MaxCallLevelError(broker.nodeID, level)
-        context_id = f"{self.id_prefix}{next(self.id_counter) & 0xFFFFFFFFFFFF:012x}"
+        context_id = self.context_id()
         context = local_context(
             broker,
             context_id,
@@ -659,6 +655,16 @@ class _Compat:
         endpoint = registry.get_action_endpoint(action_name, context)
         if endpoint is None or not endpoint.is_local:  # routed elsewhere (a batch's reads)
             return await self._original_call(action_name, params, meta, parent_ctx, timeout)
+        return await self.run_local(action_name, endpoint, context)
+
+    def context_id(self) -> str:
+        """A new context id: the per-broker random prefix and a counter, in UUID form."""
+        return f"{self.id_prefix}{next(self.id_counter) & 0xFFFFFFFFFFFF:012x}"
+
+    async def run_local(self, action_name: Any, endpoint: Action, context: Context) -> Any:
+        """Run ``endpoint`` (a local one) on ``context`` as MoleculerPy's local call does: its
+        params checked as it declares, its error logged and raised."""
+        broker = cast(Any, self.broker)
         handler = endpoint.wrapped_handler or endpoint.handler
         try:
             if endpoint._compiled_checker is not None:
@@ -881,16 +887,12 @@ class _Compat:
         self, action_name: str, params: dict[str, Any], meta: dict[str, Any], context_id: str
     ) -> Any:
         """One call of ``$cqrs.callMany``, served as an incoming request of its own would be
-        (no balancing, and a context id made from the request's, not a new uuid): its context
-        is the one ``Lifecycle.create_context`` makes for a root call, made the cheap way
-        (:func:`local_context`)."""
+        (no balancing, and a context id made from the request's, not a new uuid), with a root
+        context (:func:`root_context`)."""
         endpoint = self._local_action(action_name)
         if endpoint is None:
             raise ServiceNotFoundError(action_name, node_id=self.broker.nodeID)
-        ctx = local_context(
-            self.broker, context_id, action_name, params, meta, 1, context_id, None, None, None,
-            None,
-        )  # fmt: skip
+        ctx = root_context(self.broker, context_id, action_name, params, meta)
         try:
             return await self._run_request(action_name, ctx, endpoint)
         except Exception as error:
