@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from moleculerpy import Context, Service, action, event
 
 from moleculerpy_cqrs import Aggregate, ConfigurationError, EventStore, Status, Upcasted
-from moleculerpy_cqrs.core.upcast import Upcasters
+from moleculerpy_cqrs.core.upcast import UPCAST_ERROR, Upcasters, UpcastFailed
 from moleculerpy_cqrs.stores import StoreFactory, with_fields
 from moleculerpy_cqrs.testing.brokers import running_broker
 from tests.core.conftest import MakeStore
@@ -110,6 +113,69 @@ def test_a_step_may_rename_and_reads_are_idempotent() -> None:
     past.check()
     failed = past.read_all([{**stored, "event": "a"}])
     assert "'b' at version 2, past that event's current version 1" in failed[0]["upcastError"]
+
+
+def _mixed_upcasters() -> Upcasters:
+    """Every kind of reading: a two-step chain (``a``, which raises for ``boom``), a rename
+    into it (``b``), a step that renames (``e``), a split (``c``) and an event with no steps."""
+
+    def step(to: int) -> Any:
+        def upcast(payload: dict[str, Any]) -> dict[str, Any]:
+            if payload["n"] == "boom":
+                raise ValueError("cannot read boom")
+            return {**payload, "v": to}
+
+        return upcast
+
+    upcasters = Upcasters("s")
+    upcasters.declare("a", 3)
+    upcasters.add("a", 1, step(2))
+    upcasters.add("a", 2, step(3))
+    upcasters.rename("b", "a")
+    upcasters.add("e", 1, lambda p: Upcasted("a", p))
+    upcasters.declare("c", 2)
+    upcasters.add("c", 1, lambda p: [{**p, "piece": 0}, {**p, "piece": 1}])
+    upcasters.declare("d", 1)
+    upcasters.check()
+    return upcasters
+
+
+_MIXED = _mixed_upcasters()
+
+_stored_rows = st.lists(
+    st.builds(
+        lambda i, event, version, kind, n: {
+            "id": i,
+            "event": event,
+            "version": version,
+            "eventType": kind,
+            "payload": {"n": n},
+            "meta": {},
+        },
+        st.integers(1, 1000),
+        st.sampled_from("abcde"),
+        st.sampled_from([1, 2, 3, 4, None]),
+        st.sampled_from([0, 0, 0, 1]),  # mostly commands; 1: a snapshot event, never upcast
+        st.sampled_from([1, 2, "boom"]),
+    ),
+    max_size=12,
+)
+
+
+@given(_stored_rows)
+def test_reading_many_rows_is_reading_each_in_turn(rows: list[dict[str, Any]]) -> None:
+    # read_all keeps the previous row's chain and may change rows in place: neither may
+    # change what any row reads as, nor (unless asked) touch the rows it was given.
+    expected: list[dict[str, Any]] = []
+    for row in rows:
+        try:
+            expected += _MIXED.read(copy.deepcopy(row))
+        except UpcastFailed as failed:
+            expected.append({**row, UPCAST_ERROR: str(failed)})
+    given_rows = copy.deepcopy(rows)
+    assert _MIXED.read_all(given_rows) == expected
+    assert given_rows == rows  # copied where read, not changed
+    assert _MIXED.read_all(copy.deepcopy(rows), in_place=True) == expected
 
 
 async def test_a_broken_chain_stops_the_node_from_starting() -> None:

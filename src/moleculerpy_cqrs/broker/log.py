@@ -37,9 +37,10 @@ class LocalEventLog:
         self._runtime = runtime
 
     async def read_after(self, position: int, limit: int) -> list[Record]:
-        # Read as the event store's ``read`` action answers a node elsewhere: upcast.
+        # Read as the event store's ``read`` action answers a node elsewhere: upcast (in
+        # place: the adapter's rows are fresh, this reader's alone).
         return self._runtime.upcasters.read_all(
-            await self._runtime.adapter.read_after(position, limit)
+            await self._runtime.adapter.read_after(position, limit), in_place=True
         )
 
     async def head(self) -> int:

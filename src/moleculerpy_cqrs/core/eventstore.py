@@ -242,7 +242,7 @@ class EventStoreRuntime:
         name and version, split ones as their pieces — or as stored (``raw``)."""
         events = await self.adapter.read_after(after, limit) if limit else []
         if not raw:
-            events = self.upcasters.read_all(events)
+            events = self.upcasters.read_all(events, in_place=True)  # fresh rows, ours
         return {"events": events, "head": await self.adapter.head()}
 
     async def count(self, query: Mapping[str, Any]) -> int:

@@ -182,16 +182,42 @@ class Upcasters:
 
     # ------------------------------------------------------------------ reading
 
-    def read_all(self, rows: Iterable[Record]) -> list[Record]:
+    def read_all(self, rows: Iterable[Record], *, in_place: bool = False) -> list[Record]:
         """``rows`` as read: each in its current shape, a split one as its pieces, one that
-        cannot be upcast in its stored form with ``upcastError``."""
+        cannot be upcast in its stored form with ``upcastError``. ``in_place``: the rows are
+        the caller's alone (fresh from the adapter), and one read as a single event under its
+        stored name is changed where it is rather than copied.
+
+        This is paid per event by every reader of the log. The chain of a name and version is
+        looked up once for a run of rows that share them, and an event that no rename touches
+        runs its chain here (:meth:`_run_chain`) without the general walk."""
         if not self.active:
             return rows if isinstance(rows, list) else list(rows)
         out: list[Record] = []
         append = out.append
+        chains, renames, run_chain = self._chains, self._rename, self._run_chain
+        last_name: str | None = None
+        last_version = 0
+        chain: tuple[Upcaster, ...] | None = None
         for row in rows:
+            if row.get("eventType", 0) != _COMMAND:
+                append(row)
+                continue
+            name = row["event"]
+            version = row.get("version") or EVENT_VERSION
+            if name != last_name or version != last_version:
+                last_name, last_version = name, version
+                chain = chains.get((name, version))
+                if chain is None and name not in renames:
+                    chain = _AS_STORED  # no step from this version
+            if chain is _AS_STORED:
+                append(row)
+                continue
             try:
-                read = self._read_one(row)
+                if chain is None:  # renamed
+                    read = self._read_renamed(row, name, version)
+                else:
+                    read = run_chain(row, name, version, chain, in_place)
             except UpcastFailed as failed:
                 append({**row, UPCAST_ERROR: str(failed)})
                 continue
@@ -204,22 +230,27 @@ class Upcasters:
     def read(self, row: Record) -> list[Record]:
         """One event (stored, or read already: reading is idempotent) in its current shape;
         raises :class:`UpcastFailed`."""
-        if not self.active:
+        if not self.active or row.get("eventType", 0) != _COMMAND:
             return [row]
-        read = self._read_one(row)
-        return read if type(read) is list else [read]  # type: ignore[list-item]
-
-    def _read_one(self, row: Record) -> Record | list[Record]:
-        """The event read from ``row``: one record, or the pieces of a split. The usual case,
-        steps that answer a payload under the same name, runs a precomputed chain without
-        building any list (it is paid per event by every reader of the log)."""
-        if row.get("eventType", 0) != _COMMAND:
-            return row
         name = row["event"]
         version = row.get("version") or EVENT_VERSION
         chain = self._chains.get((name, version))
         if chain is None:  # renamed, or nothing to do
-            return self._read_renamed(row, name, version)
+            read = self._read_renamed(row, name, version)
+        else:
+            read = self._run_chain(row, name, version, chain, in_place=False)
+        return read if type(read) is list else [read]  # type: ignore[list-item]
+
+    def _run_chain(
+        self,
+        row: Record,
+        name: str,
+        version: int,
+        chain: tuple[Upcaster, ...],
+        in_place: bool,
+    ) -> Record | list[Record]:
+        """``row`` read through ``chain``, the steps from ``version`` of an event no rename
+        touches; a step that renames or splits goes on in the general walk."""
         payload = row.get("payload")
         for fn in chain:
             try:
@@ -230,7 +261,7 @@ class Upcasters:
                 return self._pieces(row, self._walk(name, version, payload, answer))
             payload = answer
             version += 1
-        read = row.copy()
+        read = row if in_place else row.copy()
         read["version"] = version
         read["payload"] = payload
         return read
@@ -323,6 +354,7 @@ class Upcasters:
 
 
 _NOT_YET: Final = object()  # a piece whose next step has not run yet
+_AS_STORED: Final[tuple[Upcaster, ...]] = ()  # read_all: an event read as it is stored
 
 
 def _check_version(version: Any, what: str) -> None:
